@@ -1,0 +1,1 @@
+"""Image references, manifests and blob sources (local layouts and archives today)."""

@@ -1,0 +1,163 @@
+"""Decode manifests, indexes and configs, and pick a platform (image-spec manifest.md,
+image-index.md, config.md). Bytes in, frozen values out: no I/O here."""
+
+from __future__ import annotations
+
+import json
+import platform as host_platform
+from dataclasses import dataclass
+from typing import Any
+
+from registry.digest import Digest
+from registry.errors import ManifestError
+from registry.media_types import INDEXES, MANIFESTS, OCI_INDEX, OCI_MANIFEST
+
+
+@dataclass(frozen=True, slots=True)
+class Platform:
+    """An os/architecture[/variant] triple, as `--platform` spells it."""
+
+    os: str
+    architecture: str
+    variant: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> Platform:
+        parts = text.split("/")
+        if len(parts) not in (2, 3) or not all(parts):
+            raise ManifestError(f"invalid platform {text!r}: expected os/arch[/variant]")
+        return cls(*parts)
+
+    @classmethod
+    def host(cls) -> Platform:
+        """Returns the platform of this machine, named as Go (and so docker) names it."""
+        machine = host_platform.machine().lower()
+        arch, variant = _GO_ARCH.get(machine, (machine, ""))
+        return cls("linux", arch, variant)
+
+    def matches(self, other: Platform) -> bool:
+        """True if `other` (an index entry) can run where `self` is wanted."""
+        if (self.os, self.architecture) != (other.os, other.architecture):
+            return False
+        return not self.variant or not other.variant or self.variant == other.variant
+
+    def __str__(self) -> str:
+        return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
+
+
+_GO_ARCH = {
+    "x86_64": ("amd64", ""),
+    "amd64": ("amd64", ""),
+    "aarch64": ("arm64", ""),
+    "arm64": ("arm64", ""),
+    "armv7l": ("arm", "v7"),
+    "armv6l": ("arm", "v6"),
+    "i686": ("386", ""),
+    "ppc64le": ("ppc64le", ""),
+    "s390x": ("s390x", ""),
+    "riscv64": ("riscv64", ""),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Descriptor:
+    """A typed, sized, digested pointer to a blob (image-spec descriptor.md)."""
+
+    media_type: str
+    digest: Digest
+    size: int
+    annotations: tuple[tuple[str, str], ...] = ()
+    platform: Platform | None = None
+
+    def annotation(self, key: str) -> str | None:
+        return dict(self.annotations).get(key)
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """An image manifest: its config and its layers, bottom first."""
+
+    config: Descriptor
+    layers: tuple[Descriptor, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Index:
+    """An image index or manifest list."""
+
+    manifests: tuple[Descriptor, ...]
+
+
+def decode(data: bytes, media_type: str | None = None) -> Manifest | Index:
+    """Returns the manifest or index that `data` holds.
+
+    The media type comes from the document itself, else from `media_type` (a registry's
+    Content-Type or the descriptor that pointed here), else from its shape.
+    """
+    doc = _json_object(data, "manifest")
+    kind = doc.get("mediaType") or media_type or (OCI_INDEX if "manifests" in doc else OCI_MANIFEST)
+    if kind in INDEXES:
+        return Index(tuple(_descriptor(d) for d in _list(doc, "manifests")))
+    if kind in MANIFESTS:
+        return Manifest(_descriptor(doc.get("config")), tuple(_descriptor(d) for d in _list(doc, "layers")))
+    raise ManifestError(f"unsupported manifest media type {kind!r}")
+
+
+def select_platform(index: Index, wanted: Platform) -> Descriptor:
+    """Returns the first index entry that runs on `wanted`, as docker picks it."""
+    candidates = [d for d in index.manifests if d.platform is not None and wanted.matches(d.platform)]
+    if candidates:
+        return candidates[0]
+    if len(index.manifests) == 1 and index.manifests[0].platform is None:
+        return index.manifests[0]
+    available = ", ".join(sorted({str(d.platform) for d in index.manifests if d.platform})) or "none"
+    raise ManifestError(f"no image for platform {wanted} (available: {available})")
+
+
+def diff_ids(config: bytes) -> tuple[Digest, ...]:
+    """Returns the uncompressed-layer digests that an image config lists (rootfs.diff_ids)."""
+    doc = _json_object(config, "image config")
+    rootfs = doc.get("rootfs")
+    if not isinstance(rootfs, dict) or not isinstance(rootfs.get("diff_ids"), list):
+        raise ManifestError("image config has no rootfs.diff_ids")
+    return tuple(Digest.parse(str(d)) for d in rootfs["diff_ids"])
+
+
+def _json_object(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{what} is not valid JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise ManifestError(f"{what} is not a JSON object")
+    return doc
+
+
+def _list(doc: dict[str, Any], key: str) -> list[Any]:
+    value = doc.get(key)
+    if not isinstance(value, list):
+        raise ManifestError(f"manifest field {key!r} is missing or not a list")
+    return value
+
+
+def _descriptor(doc: Any) -> Descriptor:
+    if not isinstance(doc, dict):
+        raise ManifestError("descriptor is not a JSON object")
+    try:
+        size = int(doc["size"])
+        media_type = str(doc["mediaType"])
+        digest = Digest.parse(str(doc["digest"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ManifestError(f"descriptor lacks a valid mediaType, digest or size: {exc}") from exc
+    if size < 0:
+        raise ManifestError(f"descriptor {digest} has a negative size")
+    annotations = doc.get("annotations") or {}
+    if not isinstance(annotations, dict):
+        raise ManifestError(f"descriptor {digest} has malformed annotations")
+    return Descriptor(media_type, digest, size, tuple(sorted(annotations.items())), _platform(doc.get("platform")))
+
+
+def _platform(doc: Any) -> Platform | None:
+    if not isinstance(doc, dict):
+        return None
+    return Platform(str(doc.get("os", "")), str(doc.get("architecture", "")), str(doc.get("variant", "")))

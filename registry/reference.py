@@ -1,0 +1,63 @@
+"""Parse the IMAGE argument: a transport-prefixed local path, or a bare path.
+
+Spelled as skopeo spells them: `oci:PATH[:TAG]`, `docker-archive:FILE[:NAME]`. The first
+colon after the transport ends the path, as in skopeo, so paths cannot contain ':'.
+Registry references (`host/repo:tag`, `docker://...`) are recognised and refused for now.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from registry.errors import InvalidReferenceError
+
+OCI = "oci"
+DOCKER_ARCHIVE = "docker-archive"
+REGISTRY = "docker"
+
+
+@dataclass(frozen=True, slots=True)
+class ImageReference:
+    """A parsed IMAGE argument; `str()` gives the canonical spelling back."""
+
+    transport: str
+    path: str
+    tag: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ImageReference:
+        """Returns the reference that `text` names; raises InvalidReferenceError."""
+        if not text:
+            raise InvalidReferenceError("empty image reference")
+        transport, sep, rest = text.partition(":")
+        if sep and transport in (OCI, DOCKER_ARCHIVE):
+            return cls._with_tag(transport, rest)
+        if sep and transport == REGISTRY and rest.startswith("//"):
+            return cls(REGISTRY, rest[2:])
+        if os.path.isdir(text):
+            return cls(OCI, text)
+        if os.path.isfile(text):
+            return cls(DOCKER_ARCHIVE, text)
+        if text.startswith(("/", "./", "../")) or os.sep in text and not _looks_like_registry(text):
+            raise InvalidReferenceError(f"{text}: no such file or directory")
+        return cls(REGISTRY, text)
+
+    @classmethod
+    def _with_tag(cls, transport: str, rest: str) -> ImageReference:
+        path, sep, tag = rest.partition(":")
+        if not path:
+            raise InvalidReferenceError(f"{transport}: reference has no path")
+        if sep and not tag:
+            raise InvalidReferenceError(f"{transport}:{rest}: empty tag after ':'")
+        return cls(transport, path, tag or None)
+
+    def __str__(self) -> str:
+        if self.transport == REGISTRY:
+            return f"docker://{self.path}"
+        return f"{self.transport}:{self.path}" + (f":{self.tag}" if self.tag else "")
+
+
+def _looks_like_registry(text: str) -> bool:
+    first = text.split("/", 1)[0]
+    return "." in first or ":" in first or first == "localhost"

@@ -1,0 +1,163 @@
+"""The crfs-merge command: mount an image as one merged read-only tree, or export it.
+
+    crfs-merge [options] IMAGE DIR       mount; returns once DIR is ready
+    crfs-merge --export DEST IMAGE       write the merged tree to a directory or a tar
+
+Caveats:
+- Without -f the command starts a second crfs-merge process that serves the mount and
+  reports back through a pipe once the kernel has the mount; the first one then exits 0.
+  Forking this process instead would be unsafe once threads exist (libfuse's daemonize
+  forks after setup), so the server is a fresh interpreter.
+- Registry references are parsed but not yet served (see README, Roadmap).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from registry.errors import ImageError
+from registry.local import resolve_image
+from registry.manifest import Platform
+from registry.reference import ImageReference
+from unionfs.build import MountedImage, build
+from unionfs.layer_store import LayerStore, default_cache_dir
+
+log = logging.getLogger("crfs-merge")
+READY = b"ready\n"
+MOUNT_APPEAR_SECONDS = 10.0
+
+
+class UsageError(Exception):
+    """A problem with the command line or the machine, found before any work."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the command; returns its exit status (0 ok, 1 failure, 2 usage)."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser().parse_args(argv)
+    logging.basicConfig(format="crfs-merge: %(message)s", level=logging.DEBUG if args.verbose else logging.WARNING)
+    try:
+        if args.export:
+            return _export(args)
+        return _mount(args, argv)
+    except UsageError as exc:
+        print(f"crfs-merge: {exc}", file=sys.stderr)
+        return 2
+    except (ImageError, OSError) as exc:
+        print(f"crfs-merge: {exc}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crfs-merge",
+        description="Mount a container image as one merged, read-only tree (OCI whiteouts applied).",
+        epilog="IMAGE: oci:PATH[:TAG], docker-archive:FILE[:NAME], or a path to either.",
+    )
+    parser.add_argument("operands", nargs="+", metavar="IMAGE [DIR]", help="image to mount, and where")
+    parser.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground")
+    parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
+                        help="FUSE mount options, e.g. allow_other")  # fmt: skip
+    parser.add_argument("--export", metavar="DEST", help="write the merged tree to DEST (directory, .tar, or -)")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="default: $XDG_CACHE_HOME/crfs-merge")
+    parser.add_argument("--platform", default=None, help="os/arch[/variant] of a multi-platform image")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every step")
+    parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def _open_image(args: argparse.Namespace, image_text: str) -> MountedImage:
+    platform = Platform.parse(args.platform) if args.platform else Platform.host()
+    image = resolve_image(ImageReference.parse(image_text), platform)
+    store = LayerStore(args.cache_dir or default_cache_dir(), log.warning)
+    return build(image, store)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from unionfs.export import export
+
+    if len(args.operands) != 1:
+        raise UsageError("--export DEST takes exactly one IMAGE")
+    export(_open_image(args, args.operands[0]), args.export)
+    return 0
+
+
+def _mount(args: argparse.Namespace, argv: list[str]) -> int:
+    if len(args.operands) != 2:
+        raise UsageError("usage: crfs-merge [options] IMAGE DIR (or --export DEST IMAGE)")
+    image_text, mountpoint = args.operands
+    ImageReference.parse(image_text)  # a bad reference fails here, before any process starts
+    options = parse_options(args.options)
+    _preflight(mountpoint)
+    if not args.foreground:
+        return _spawn_server(argv, mountpoint)
+    return _serve(args, image_text, mountpoint, options)
+
+
+def parse_options(values: list[str]) -> dict[str, str | bool]:
+    """Returns `-o a,b=c` values as {'a': True, 'b': 'c'}; 'ro' is implied, 'rw' refused."""
+    options: dict[str, str | bool] = {}
+    for item in (o for value in values for o in value.split(",") if o):
+        key, sep, value = item.partition("=")
+        if key == "rw":
+            raise UsageError("the mount is read-only; -o rw is not supported")
+        options[key] = value if sep else True
+    return options
+
+
+def _preflight(mountpoint: str) -> None:
+    if not os.path.isdir(mountpoint):
+        raise UsageError(f"{mountpoint}: mountpoint is not an existing directory")
+    if os.path.ismount(mountpoint):
+        raise UsageError(f"{mountpoint}: something is already mounted there")
+    if not os.path.exists("/dev/fuse"):
+        raise UsageError("/dev/fuse is missing: load the fuse module, or use --export")
+    if os.geteuid() != 0 and shutil.which("fusermount3") is None:
+        raise UsageError("fusermount3 is not installed (Debian/Ubuntu: apt-get install fuse3), or use --export")
+
+
+def _spawn_server(argv: list[str], mountpoint: str) -> int:
+    """Starts `crfs-merge -f` in its own session and waits until its mount is ready."""
+    read_end, write_end = os.pipe()
+    command = [sys.executable, "-m", "unionfs.cli", "--foreground", "--ready-fd", str(write_end), *argv]
+    child = subprocess.Popen(command, pass_fds=(write_end,), stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        ready = pipe.readline() == READY
+    if not ready:
+        return child.wait() or 1
+    deadline = time.monotonic() + MOUNT_APPEAR_SECONDS
+    while not os.path.ismount(mountpoint) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return 0
+
+
+def _serve(args: argparse.Namespace, image_text: str, mountpoint: str, options: dict[str, str | bool]) -> int:
+    from unionfs.fuse_ops import mount
+
+    image = _open_image(args, image_text)
+    mount(image, mountpoint, options, on_ready=lambda: _report_ready(args.ready_fd))
+    return 0
+
+
+def _report_ready(ready_fd: int | None) -> None:
+    if ready_fd is None:
+        return
+    os.write(ready_fd, READY)
+    os.close(ready_fd)
+    # The parent has exited and its terminal may be gone: stop writing to it.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""The one entry model: a tar header's metadata plus where the entry's bytes live."""
+
+from __future__ import annotations
+
+import stat
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Entry:
+    """One member of one layer.
+
+    `mode` holds the file-type bits as well as the permission bits (st_mode). A hardlink
+    keeps the S_IFREG type and names its target in `link`. The bytes of a regular file are
+    `size` bytes at `offset` of layer `layer`'s uncompressed tar.
+    """
+
+    path: str
+    mode: int
+    uid: int = 0
+    gid: int = 0
+    size: int = 0
+    mtime_ns: int = 0
+    link: str = ""
+    hardlink: bool = False
+    rdev: int = 0
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+    layer: int = 0
+    offset: int = 0
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_regular(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+    @property
+    def hardlink_to(self) -> str | None:
+        return self.link if self.hardlink else None
+
+
+IMPLIED_DIRECTORY = Entry(path="", mode=stat.S_IFDIR | 0o755)
+"""Metadata of a directory that no layer has a header for (containerd uses 0755, root)."""

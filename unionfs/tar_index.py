@@ -1,0 +1,118 @@
+"""Index an uncompressed layer tar: one Entry per member, with the offset of its data."""
+
+from __future__ import annotations
+
+import os
+import stat
+import tarfile
+from collections.abc import Callable
+from decimal import Decimal, InvalidOperation
+from typing import BinaryIO
+
+from registry.errors import LayerFormatError
+from unionfs.entry import Entry
+from whiteout.paths import clean_path
+
+XATTR_PAX_PREFIX = "SCHILY.xattr."
+_TYPE_BITS = {
+    tarfile.DIRTYPE: stat.S_IFDIR,
+    tarfile.SYMTYPE: stat.S_IFLNK,
+    tarfile.CHRTYPE: stat.S_IFCHR,
+    tarfile.BLKTYPE: stat.S_IFBLK,
+    tarfile.FIFOTYPE: stat.S_IFIFO,
+}
+_REGULAR_TYPES = {tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, tarfile.LNKTYPE}
+
+
+def index_tar(
+    fileobj: BinaryIO, length: int, layer: int, warn: Callable[[str], None]
+) -> list[Entry]:
+    """Returns the entries of the tar in `fileobj` (seekable, `length` bytes), in tar order.
+
+    Raises LayerFormatError for a tar that is malformed or whose data runs past its end.
+    Members with a path outside the root are skipped with a warning.
+    """
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r:", errorlevel=2) as archive:
+            return [e for m in _members(archive) if (e := _entry(m, length, layer, warn))]
+    except (tarfile.TarError, EOFError, UnicodeError) as exc:
+        raise LayerFormatError(f"layer {layer}: malformed tar: {exc}") from exc
+
+
+def _members(archive: tarfile.TarFile):  # type: ignore[no-untyped-def]
+    # Iterate with next() rather than getmembers(): it yields while reading and keeps
+    # tarfile from building a second name index we do not need.
+    while (member := archive.next()) is not None:
+        yield member
+
+
+def _entry(member: tarfile.TarInfo, length: int, layer: int, warn: Callable[[str], None]) -> Entry | None:
+    path = clean_path(member.name)
+    if path is None:
+        warn(f"layer {layer}: {member.name!r} escapes the image root, entry skipped")
+        return None
+    if member.issparse():
+        raise LayerFormatError(f"layer {layer}: {member.name!r} is a GNU sparse file, not supported")
+    mode = _file_type(member) | (member.mode & 0o7777)
+    link = _link(member, layer, warn)
+    if link is None:
+        return None
+    size = member.size if member.isreg() else 0
+    if member.offset_data + size > length:
+        raise LayerFormatError(f"layer {layer}: {member.name!r} runs past the end of the tar (truncated)")
+    return Entry(
+        path=path,
+        mode=mode,
+        uid=member.uid,
+        gid=member.gid,
+        size=size,
+        mtime_ns=_mtime_ns(member),
+        link=link,
+        hardlink=member.islnk(),
+        rdev=os.makedev(member.devmajor, member.devminor) if member.ischr() or member.isblk() else 0,
+        xattrs=_xattrs(member),
+        layer=layer,
+        offset=member.offset_data if size else 0,
+    )
+
+
+def _file_type(member: tarfile.TarInfo) -> int:
+    if member.type in _REGULAR_TYPES:
+        return stat.S_IFREG
+    if member.type in _TYPE_BITS:
+        return _TYPE_BITS[member.type]
+    raise LayerFormatError(f"{member.name!r}: unsupported tar entry type {member.type!r}")
+
+
+def _link(member: tarfile.TarInfo, layer: int, warn: Callable[[str], None]) -> str | None:
+    """Returns the symlink target as written, the hardlink target as a clean path, or ''."""
+    if member.issym():
+        return member.linkname
+    if not member.islnk():
+        return ""
+    target = clean_path(member.linkname)
+    if not target:
+        warn(f"layer {layer}: hardlink {member.name!r} -> {member.linkname!r} leaves the root, skipped")
+        return None
+    return target
+
+
+def _mtime_ns(member: tarfile.TarInfo) -> int:
+    # PAX mtimes carry sub-second digits; going through float would round them.
+    text = member.pax_headers.get("mtime")
+    if text is not None:
+        try:
+            return int(Decimal(text).scaleb(9))
+        except InvalidOperation:
+            pass
+    return int(member.mtime) * 1_000_000_000
+
+
+def _xattrs(member: tarfile.TarInfo) -> dict[str, bytes]:
+    # tarfile decodes PAX values as UTF-8 with surrogateescape; encoding back that way
+    # restores binary values such as security.capability byte for byte.
+    return {
+        key[len(XATTR_PAX_PREFIX) :]: value.encode("utf-8", "surrogateescape")
+        for key, value in member.pax_headers.items()
+        if key.startswith(XATTR_PAX_PREFIX)
+    }

@@ -1,0 +1,82 @@
+"""Freeze a merged tree into inodes addressed by FUSE path: built once, then read-only.
+
+Being immutable, the tree is shared by mfusepy's worker threads without locks.
+"""
+
+from __future__ import annotations
+
+import stat
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from unionfs.entry import IMPLIED_DIRECTORY, Entry
+from whiteout.apply import Node
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Inode:
+    """A file of the mount. Hardlinked paths share one Inode object."""
+
+    ino: int
+    entry: Entry
+    nlink: int
+    children: tuple[str, ...] | None  # sorted names; None for non-directories
+
+
+@dataclass(frozen=True, slots=True)
+class MergedTree:
+    """The merged image, keyed by absolute path ('/', '/etc/hosts')."""
+
+    by_path: dict[str, Inode]
+    inode_count: int
+    total_bytes: int
+
+    def lookup(self, path: str) -> Inode:
+        """Returns the inode at `path`; raises KeyError if there is none."""
+        return self.by_path[path]
+
+
+def freeze(root: Node[Entry]) -> MergedTree:
+    """Returns the merged tree with inode numbers assigned in sorted depth-first order,
+    so they are the same on every mount of the same image."""
+    walk = list(_walk(root))
+    links = Counter(id(node.entry) for _, node in walk if not node.is_dir)
+    by_path: dict[str, Inode] = {}
+    by_entry: dict[int, Inode] = {}
+    inodes = 0
+    for path, node in walk:
+        if node.is_dir:
+            inodes += 1
+            by_path[path] = _directory_inode(inodes, node)
+            continue
+        assert node.entry is not None
+        inode = by_entry.get(id(node.entry))
+        if inode is None:
+            inodes += 1
+            inode = by_entry[id(node.entry)] = Inode(inodes, node.entry, links[id(node.entry)], None)
+        by_path[path] = inode
+    total = sum(i.entry.size for i in by_entry.values())
+    return MergedTree(by_path, inodes, total)
+
+
+def _walk(root: Node[Entry]) -> Iterator[tuple[str, Node[Entry]]]:
+    stack: list[tuple[str, Node[Entry]]] = [("/", root)]
+    while stack:
+        path, node = stack.pop()
+        yield path, node
+        if node.children:
+            prefix = path if path == "/" else path + "/"
+            stack.extend((prefix + name, node.children[name]) for name in sorted(node.children, reverse=True))
+
+
+def _directory_inode(ino: int, node: Node[Entry]) -> Inode:
+    assert node.children is not None
+    subdirectories = sum(1 for child in node.children.values() if child.is_dir)
+    entry = node.entry or IMPLIED_DIRECTORY
+    return Inode(ino, entry, 2 + subdirectories, tuple(sorted(node.children)))
+
+
+def is_directory(inode: Inode) -> bool:
+    """True if the inode is a directory."""
+    return stat.S_ISDIR(inode.entry.mode)

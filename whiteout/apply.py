@@ -1,0 +1,164 @@
+"""Apply image layers bottom to top into one tree, following image-spec layer.md.
+
+Rules, and where they come from:
+- layer.md "Whiteouts": `.wh.NAME` hides NAME (and its whole subtree) of the layers below;
+  `.wh..wh..opq` hides every lower child of its directory. Both apply to lower layers only:
+  entries of the same layer are kept whatever their order in the tar. So each layer is
+  applied in two passes: its whiteouts on the lower view, then its entries in tar order.
+- layer.md "Changesets": an entry replaces what the lower view has at its path. A
+  directory over a directory keeps the lower children and takes the upper metadata; any
+  other replacement drops the lower subtree (containerd removes it before extracting).
+- A parent with no header of its own is created as an implied directory (containerd's
+  `mkdirAll`); a non-directory in the way of a child is replaced by one.
+- The same path twice in one layer: the later entry wins, as tar extraction does.
+- A hardlink is resolved when its layer is applied, against the view at that point
+  (extraction calls link(2) on what is on disk): the link node shares the target's
+  entry object, so later whiteouts or replacements of either path leave the other intact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+from whiteout.markers import Marker, classify
+from whiteout.paths import parent_and_name
+
+
+class LayerEntry(Protocol):
+    """What the merge needs to know of an entry: its clean path, and its kind."""
+
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def is_dir(self) -> bool: ...
+
+    @property
+    def hardlink_to(self) -> str | None: ...
+
+
+E = TypeVar("E", bound=LayerEntry)
+Warn = Callable[[str], None]
+
+
+@dataclass(slots=True, eq=False)
+class Node(Generic[E]):
+    """One path of the merged tree.
+
+    `entry` is None for a directory implied by its children. `children` is None for
+    anything that is not a directory. Two nodes holding the same entry object are
+    hardlinks of one file.
+    """
+
+    entry: E | None
+    children: dict[str, Node[E]] | None
+
+    @property
+    def is_dir(self) -> bool:
+        return self.children is not None
+
+
+def merge_layers(layers: Iterable[Iterable[E]], warn: Warn = lambda _msg: None) -> Node[E]:
+    """Returns the root of the tree that layers, applied bottom to top, produce.
+
+    Entry paths must already be clean (see whiteout.paths.clean_path). The entries are
+    shared, never changed; the nodes are new.
+    """
+    root: Node[E] = Node(None, {})
+    for number, layer in enumerate(layers):
+        root = _apply_layer(root, list(layer), lambda msg, n=number: warn(f"layer {n}: {msg}"))
+    return root
+
+
+def _apply_layer(root: Node[E], entries: list[E], warn: Warn) -> Node[E]:
+    ordinary: list[E] = []
+    for entry in entries:
+        marker, target = classify(entry.path)
+        if marker is Marker.WHITEOUT:
+            _remove(root, target)
+        elif marker is Marker.OPAQUE:
+            root = _make_opaque(root, target)
+        elif marker is Marker.NONE:
+            ordinary.append(entry)
+    for entry in ordinary:
+        root = _add(root, entry, warn)
+    return root
+
+
+def lookup(root: Node[E], path: str) -> Node[E] | None:
+    """Returns the node at a clean path, or None."""
+    node = root
+    for name in path.split("/") if path else ():
+        if node.children is None:
+            return None
+        found = node.children.get(name)
+        if found is None:
+            return None
+        node = found
+    return node
+
+
+def _remove(root: Node[E], path: str) -> None:
+    parent_path, name = parent_and_name(path)
+    parent = lookup(root, parent_path)
+    if parent is not None and parent.children is not None:
+        parent.children.pop(name, None)
+
+
+def _make_opaque(root: Node[E], path: str) -> Node[E]:
+    if not path:
+        return Node(root.entry, {})
+    parent = _ensure_directory(root, parent_and_name(path)[0])
+    name = parent_and_name(path)[1]
+    existing = parent.children.get(name) if parent.children is not None else None
+    entry = existing.entry if existing is not None and existing.is_dir else None
+    assert parent.children is not None
+    parent.children[name] = Node(entry, {})
+    return root
+
+
+def _ensure_directory(root: Node[E], path: str) -> Node[E]:
+    """Returns the directory node at path, creating implied directories on the way."""
+    node = root
+    for name in path.split("/") if path else ():
+        assert node.children is not None
+        child = node.children.get(name)
+        if child is None or not child.is_dir:
+            child = Node(None, {})
+            node.children[name] = child
+        node = child
+    return node
+
+
+def _add(root: Node[E], entry: E, warn: Warn) -> Node[E]:
+    if not entry.path:
+        if not entry.is_dir:
+            warn("a non-directory entry for the root is ignored")
+            return root
+        return Node(entry, root.children)
+    parent_path, name = parent_and_name(entry.path)
+    new = _node_for(root, entry, warn)
+    if new is None:
+        return root
+    parent = _ensure_directory(root, parent_path)
+    assert parent.children is not None
+    existing = parent.children.get(name)
+    if existing is not None and existing.is_dir and new.is_dir:
+        new.children = existing.children
+    parent.children[name] = new
+    return root
+
+
+def _node_for(root: Node[E], entry: E, warn: Warn) -> Node[E] | None:
+    if entry.is_dir:
+        return Node(entry, {})
+    target_path = entry.hardlink_to
+    if target_path is None:
+        return Node(entry, None)
+    target = lookup(root, target_path)
+    if target is None or target.entry is None or target.is_dir:
+        warn(f"hardlink {entry.path!r} -> {target_path!r}: no such file, entry skipped")
+        return None
+    return Node(target.entry, None)

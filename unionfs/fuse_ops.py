@@ -162,5 +162,19 @@ def mount(image: MountedImage, mountpoint: str, options: dict[str, str | bool], 
         "negative_timeout": CACHE_SECONDS,
         "fsname": "crfs-merge",
         "subtype": "crfs-merge",
+        "max_idle_threads": 8,  # libfuse 3.14 warns on every mount when this is left unset
     }
-    mfusepy.FUSE(MergedOperations(image, on_ready), mountpoint, foreground=True, **(fixed | options))
+    served = False
+
+    def ready() -> None:
+        nonlocal served
+        served = True
+        on_ready()
+
+    try:
+        mfusepy.FUSE(MergedOperations(image, ready), mountpoint, foreground=True, **(fixed | options))
+    except RuntimeError:
+        # libfuse's fuse_main reports a loop ended by SIGINT/SIGTERM as an error (8), after it
+        # has unmounted. Only a failure before the mount was served is a real one.
+        if not served:
+            raise ImageError(f"{mountpoint}: FUSE mount failed (see the libfuse message above)") from None

@@ -8,8 +8,13 @@ Rules, and where they come from:
 - layer.md "Changesets": an entry replaces what the lower view has at its path. A
   directory over a directory keeps the lower children and takes the upper metadata; any
   other replacement drops the lower subtree (containerd removes it before extracting).
-- A parent with no header of its own is created as an implied directory (containerd's
-  `mkdirAll`); a non-directory in the way of a child is replaced by one.
+- A parent with no header of its own is created as an implied directory, for every entry
+  including whiteouts (containerd's `mkparent` runs before it looks at the name, so a
+  whiteout in a directory that no lower layer has leaves that directory, empty). A
+  non-directory in the way of an ordinary entry is replaced by a directory; a marker
+  below a non-directory has nothing to hide and changes nothing (umoci keeps the file;
+  containerd refuses the layer with ENOTDIR).
+- A hardlink whose target is missing or a directory is skipped whole, with a warning.
 - The same path twice in one layer: the later entry wins, as tar extraction does.
 - A hardlink is resolved when its layer is applied, against the view at that point
   (extraction calls link(2) on what is on disk): the link node shares the target's
@@ -102,29 +107,35 @@ def lookup(root: Node[E], path: str) -> Node[E] | None:
 
 def _remove(root: Node[E], path: str) -> None:
     parent_path, name = parent_and_name(path)
-    parent = lookup(root, parent_path)
-    if parent is not None and parent.children is not None:
-        parent.children.pop(name, None)
+    parent = _ensure_directory(root, parent_path, replace=False)
+    if parent is not None:
+        parent.children.pop(name, None)  # type: ignore[union-attr]
 
 
 def _make_opaque(root: Node[E], path: str) -> Node[E]:
     if not path:
         return Node(root.entry, {})
-    parent = _ensure_directory(root, parent_and_name(path)[0])
-    name = parent_and_name(path)[1]
-    existing = parent.children.get(name) if parent.children is not None else None
-    entry = existing.entry if existing is not None and existing.is_dir else None
-    assert parent.children is not None
-    parent.children[name] = Node(entry, {})
+    parent_path, name = parent_and_name(path)
+    parent = _ensure_directory(root, parent_path, replace=False)
+    if parent is None or parent.children is None:
+        return root
+    existing = parent.children.get(name)
+    if existing is None or existing.is_dir:
+        parent.children[name] = Node(existing.entry if existing is not None else None, {})
     return root
 
 
-def _ensure_directory(root: Node[E], path: str) -> Node[E]:
-    """Returns the directory node at path, creating implied directories on the way."""
+def _ensure_directory(root: Node[E], path: str, replace: bool = True) -> Node[E] | None:
+    """Returns the directory node at path, creating implied directories on the way.
+
+    A non-directory in the way is replaced, or, with replace=False, makes this return None.
+    """
     node = root
     for name in path.split("/") if path else ():
         assert node.children is not None
         child = node.children.get(name)
+        if child is not None and not child.is_dir and not replace:
+            return None
         if child is None or not child.is_dir:
             child = Node(None, {})
             node.children[name] = child
@@ -143,7 +154,7 @@ def _add(root: Node[E], entry: E, warn: Warn) -> Node[E]:
     if new is None:
         return root
     parent = _ensure_directory(root, parent_path)
-    assert parent.children is not None
+    assert parent is not None and parent.children is not None
     existing = parent.children.get(name)
     if existing is not None and existing.is_dir and new.is_dir:
         new.children = existing.children

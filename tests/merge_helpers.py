@@ -1,0 +1,38 @@
+"""Merge in-memory tar layers with the real indexer and engine, and describe the result."""
+
+from __future__ import annotations
+
+import io
+import stat
+
+from tests.tarvocab import Member, tar_of
+from unionfs.entry import Entry
+from unionfs.tar_index import index_tar
+from unionfs.tree import MergedTree, freeze
+from whiteout.apply import merge_layers
+
+
+def merge_tars(*layers: list[Member], warnings: list[str] | None = None) -> tuple[MergedTree, list[bytes]]:
+    """Returns the frozen merged tree of `layers` (bottom first) and the layers' tar bytes."""
+    sink = warnings if warnings is not None else []
+    tars = [tar_of(*members) for members in layers]
+    indexed = [index_tar(io.BytesIO(t), len(t), n, sink.append) for n, t in enumerate(tars)]
+    return freeze(merge_layers(indexed, sink.append)), tars
+
+
+def describe(entry: Entry, tars: list[bytes]) -> str:
+    """Returns 'dir', 'file:<content>', 'link-><target>' or the octal file type."""
+    if stat.S_ISDIR(entry.mode):
+        return "dir"
+    if stat.S_ISLNK(entry.mode):
+        return f"link->{entry.link}"
+    if stat.S_ISREG(entry.mode):
+        data = tars[entry.layer][entry.offset : entry.offset + entry.size]
+        return f"file:{data.decode()}"
+    return oct(stat.S_IFMT(entry.mode))
+
+
+def visible(*layers: list[Member]) -> dict[str, str]:
+    """Returns {path: description} of every path below the root of the merged layers."""
+    tree, tars = merge_tars(*layers)
+    return {p[1:]: describe(i.entry, tars) for p, i in tree.by_path.items() if p != "/"}

@@ -1,0 +1,184 @@
+"""Real FUSE mounts compared entry by entry with `umoci raw unpack` of the same image."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from registry.media_types import Compression
+from tests.conftest import ImageWriter, Mounter
+from tests.tarvocab import d, dev, f, fifo, hl, opq, sym, wh
+from tests.test_whiteout import CASES
+from tests.tree_walk import describe_tree
+
+
+def umoci_unpack(umoci: str, image: str, dest: Path) -> Path:
+    """Returns the rootfs that umoci unpacks `image` ('oci:PATH:TAG') into."""
+    _, path, tag = image.split(":")
+    rootless = [] if os.geteuid() == 0 else ["--rootless"]
+    subprocess.run([umoci, "raw", "unpack", *rootless, "--image", f"{path}:{tag}", str(dest)],
+                   check=True, capture_output=True)  # fmt: skip
+    return dest
+
+
+def umoci_view(rootfs: Path) -> dict[str, tuple[object, ...]]:
+    """umoci's tree, less what umoci 0.4.7 gets wrong against layer.md: it leaves AUFS
+    metadata (.wh..wh.plnk, .wh..wh.aufs) and entries under `.wh.`-prefixed parents on disk,
+    where the spec says such names are never part of the filesystem."""
+    tree = describe_tree(rootfs, skip_dir_mtime=True)
+    return {p: row for p, row in tree.items() if not any(part.startswith(".wh.") for part in p.split("/"))}
+
+
+# Where umoci 0.4.7 departs from containerd, and so from what `docker run` shows, the
+# extra paths that the mount has and umoci lacks. containerd's archive.applyNaive calls
+# mkparent() for every tar entry before it looks for whiteouts, so a marker in a directory
+# that no lower layer has leaves that directory behind; umoci creates nothing.
+CONTAINERD_NOT_UMOCI = {
+    "opaque marker of a missing directory creates it": {"new"},
+    "whiteout in a missing directory leaves the directory": {"new"},
+}
+
+
+@pytest.mark.parametrize(("name", "layers", "expected"), CASES, ids=[c[0] for c in CASES])
+def test_each_merge_rule_matches_umoci(
+    name: str, layers: list, expected: dict[str, str], oci_image: ImageWriter, mount: Mounter, umoci: str,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    image = oci_image(*layers)
+    mounted = describe_tree(mount(image), skip_dir_mtime=True)
+    assert sorted(mounted) == sorted(expected)
+    oracle = umoci_view(umoci_unpack(umoci, image, tmp_path / "rootfs"))
+    extra = CONTAINERD_NOT_UMOCI.get(name, set())
+    assert set(mounted) - set(oracle) == extra
+    assert {p: row for p, row in mounted.items() if p not in extra} == oracle
+
+
+RICH_LOWER = [
+    d("bin/"),
+    f("bin/su", b"#!setuid", mode=0o4755),
+    f("bin/wall", b"#!setgid", mode=0o2755, gid=5),
+    d("tmp/", mode=0o1777),
+    d("home/", uid=1000, gid=1000, mode=0o700),
+    f("home/secret", b"private", uid=1000, gid=1000, mode=0o600),
+    f("etc/shadow", b"root:*:1::::::\n", mode=0o640, gid=42),
+    f("usr/lib/libx.so.1", b"\x7fELF" + bytes(range(256)) * 300),
+    hl("usr/lib/libx.so", "usr/lib/libx.so.1"),
+    hl("usr/lib/libx-copy", "usr/lib/libx.so.1"),
+    sym("usr/lib/liby.so", "libx.so.1"),
+    sym("dangling", "/nowhere"),
+    f("cap", b"ping", xattrs={"user.note": "hello", "trusted.overlay.x": "y"}),
+    dev("dev/null", "c", 1, 3),
+    dev("dev/loop0", "b", 7, 0),
+    fifo("run/fifo"),
+    f("empty"),
+]
+RICH_UPPER = [
+    wh("usr/lib/libx-copy"),
+    f("usr/lib/libx.so.1", b"new library"),
+    opq("home"),
+    d("home/", mode=0o755),
+    f("home/new", b"n", uid=1000),
+    f("big", os.urandom(3 * 1024 * 1024 + 17)),
+]
+
+
+@pytest.mark.parametrize("compression", list(Compression), ids=[c.value for c in Compression])
+def test_rich_image_matches_umoci(
+    compression: Compression, oci_image: ImageWriter, mount: Mounter, umoci: str, tmp_path: Path
+) -> None:
+    image = oci_image(RICH_LOWER, RICH_UPPER, compression=compression)
+    mounted = describe_tree(mount(image), skip_dir_mtime=True)
+    # umoci 0.4.7 cannot read zstd layers: it unpacks the same tars gzipped instead.
+    oracle_image = image if compression is not Compression.ZSTD else oci_image(RICH_LOWER, RICH_UPPER)
+    assert mounted == umoci_view(umoci_unpack(umoci, oracle_image, tmp_path / "rootfs"))
+    assert mounted["bin/su"][0] == stat.S_IFREG | 0o4755
+    assert mounted["usr/lib/libx.so"][-1] == ()  # its other names were whited out or replaced
+
+
+def test_seed_example_shows_the_expected_tree(tmp_path: Path, mount: Mounter) -> None:
+    example = Path(__file__).parent.parent / "examples" / "build_seed_image.py"
+    subprocess.run(["python3", str(example), str(tmp_path / "seed")], check=True, capture_output=True,
+                   env={**os.environ, "PYTHONPATH": str(example.parent.parent)})  # fmt: skip
+    root = mount(f"oci:{tmp_path / 'seed'}")
+    assert sorted(os.listdir(root / "etc")) == sorted(
+        ["group", "hostname", "hosts", "mtab", "network", "passwd", "resolv.conf", "shadow"]
+    )
+    assert os.listdir(root / "etc" / "network") == ["newfile"]
+    assert os.readlink(root / "etc" / "mtab") == "/proc/mounts"
+
+
+def test_mount_is_read_only(oci_image: ImageWriter, mount: Mounter) -> None:
+    root = mount(oci_image([f("a", b"1"), d("dir/")]))
+    for attempt in (
+        lambda: open(root / "a", "w"),
+        lambda: open(root / "new", "w"),
+        lambda: os.mkdir(root / "dir" / "x"),
+        lambda: os.unlink(root / "a"),
+        lambda: os.chmod(root / "a", 0o777),
+        lambda: os.setxattr(root / "a", "user.x", b"1"),
+    ):
+        with pytest.raises(OSError) as raised:
+            attempt()
+        assert raised.value.errno == errno.EROFS
+    assert (root / "a").read_bytes() == b"1"
+
+
+def test_random_reads_and_metadata(oci_image: ImageWriter, mount: Mounter) -> None:
+    data = os.urandom(5 * 1024 * 1024)
+    root = mount(oci_image([f("blob", data, mode=0o600), sym("l", "blob"), d("sub/")]))
+    with open(root / "blob", "rb") as handle:
+        for offset in (0, 1, 4095, 4096, 1 << 20, len(data) - 3, len(data), len(data) + 100):
+            handle.seek(offset)
+            assert handle.read(70_000) == data[offset : offset + 70_000]
+    info = os.lstat(root / "blob")
+    assert (info.st_size, stat.S_IMODE(info.st_mode), info.st_nlink) == (len(data), 0o600, 1)
+    assert os.lstat(root / "l").st_size == len("blob")
+    assert os.lstat(root / "sub").st_nlink == 2 and os.lstat(root).st_nlink == 3
+    vfs = os.statvfs(root)
+    assert vfs.f_blocks * vfs.f_frsize >= len(data) and vfs.f_files == 4
+    with pytest.raises(OSError) as raised:
+        os.getxattr(root / "blob", "user.absent")
+    assert raised.value.errno == errno.ENODATA
+
+
+def test_second_mount_reuses_the_index(oci_image: ImageWriter, mount: Mounter, tmp_path: Path) -> None:
+    image = oci_image([f("a", b"1")], [f("b", b"2")])
+    first = mount(image)
+    index_files = sorted((tmp_path / "cache" / "index").rglob("*.json"))
+    stamps = [p.stat().st_mtime_ns for p in index_files]
+    second = mount(image)
+    assert len(index_files) == 2
+    assert [p.stat().st_mtime_ns for p in index_files] == stamps
+    assert (second / "b").read_bytes() == (first / "b").read_bytes() == b"2"
+
+
+def test_signals_unmount_a_foreground_mount(oci_image: ImageWriter, fuse_works: None, tmp_path: Path) -> None:
+    image = oci_image([f("a", b"1")])
+    for signal_number in (2, 15):  # SIGINT, SIGTERM
+        mountpoint = tmp_path / f"fg{signal_number}"
+        mountpoint.mkdir()
+        server = subprocess.Popen([*_command(tmp_path), "-f", image, str(mountpoint)], stderr=subprocess.PIPE)
+        _wait_for(lambda mp=mountpoint: os.path.ismount(mp))
+        server.send_signal(signal_number)
+        assert server.wait(timeout=20) == 0
+        assert not os.path.ismount(mountpoint)
+
+
+def _command(tmp_path: Path) -> list[str]:
+    from tests.conftest import COMMAND
+
+    return [*COMMAND, "--cache-dir", str(tmp_path / "cache")]
+
+
+def _wait_for(condition, seconds: float = 30) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)

@@ -25,9 +25,7 @@ class TarFiles:
         try:
             with tarfile.open(path, mode="r:") as archive:
                 members = {
-                    m.name.removeprefix("./"): FileWindow(path, m.offset_data, m.size)
-                    for m in archive
-                    if m.isreg()
+                    m.name.removeprefix("./"): FileWindow(path, m.offset_data, m.size) for m in archive if m.isreg()
                 }
         except (OSError, tarfile.TarError) as exc:
             raise ManifestError(f"{path}: not a readable docker archive: {exc}") from exc

@@ -39,7 +39,7 @@ class ImageReference:
             return cls(OCI, text)
         if os.path.isfile(text):
             return cls(DOCKER_ARCHIVE, text)
-        if text.startswith(("/", "./", "../")) or os.sep in text and not _looks_like_registry(text):
+        if text.startswith(("/", "./", "../")) or (os.sep in text and not _looks_like_registry(text)):
             raise InvalidReferenceError(f"{text}: no such file or directory")
         return cls(REGISTRY, text)
 

@@ -44,9 +44,10 @@ def umoci() -> str:
 
 def unmount(mountpoint: Path) -> None:
     """Unmounts if mounted; lazily as a last resort so a failing test never leaves a mount."""
-    if os.path.ismount(mountpoint):
-        if subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True).returncode:
-            subprocess.run(["fusermount3", "-uz", str(mountpoint)], capture_output=True)
+    if not os.path.ismount(mountpoint):
+        return
+    if subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True).returncode:
+        subprocess.run(["fusermount3", "-uz", str(mountpoint)], capture_output=True)
 
 
 Mounter = Callable[..., Path]

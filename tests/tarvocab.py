@@ -1,6 +1,6 @@
 """A tiny vocabulary for test layers, so cases read like the spec:
 
-    tar_of(d("etc/"), f("etc/hosts", b"..."), wh("etc/motd"), opq("var/cache/"))
+tar_of(d("etc/"), f("etc/hosts", b"..."), wh("etc/motd"), opq("var/cache/"))
 """
 
 from __future__ import annotations

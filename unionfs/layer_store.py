@@ -11,10 +11,10 @@ read in place from its blob, never copied.
 from __future__ import annotations
 
 import base64
-import hashlib
 import contextlib
 import fcntl
 import gzip
+import hashlib
 import json
 import os
 import tempfile

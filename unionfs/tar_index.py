@@ -24,9 +24,7 @@ _TYPE_BITS = {
 _REGULAR_TYPES = {tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, tarfile.LNKTYPE}
 
 
-def index_tar(
-    fileobj: BinaryIO, length: int, layer: int, warn: Callable[[str], None]
-) -> list[Entry]:
+def index_tar(fileobj: BinaryIO, length: int, layer: int, warn: Callable[[str], None]) -> list[Entry]:
     """Returns the entries of the tar in `fileobj` (seekable, `length` bytes), in tar order.
 
     Raises LayerFormatError for a tar that is malformed or whose data runs past its end.

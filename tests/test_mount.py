@@ -187,3 +187,16 @@ def _wait_for(condition, seconds: float = 30) -> None:  # type: ignore[no-untype
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
+
+
+def test_a_layer_tar_cut_short_under_the_mount_reads_as_eio(
+    oci_image: ImageWriter, mount: Mounter, tmp_path: Path
+) -> None:
+    data = os.urandom(1 << 20)
+    root = mount(oci_image([f("data", data)]))
+    (cached,) = (tmp_path / "cache" / "tars").glob("*.tar")
+    os.truncate(cached, 4096)
+    with pytest.raises(OSError) as raised:
+        (root / "data").read_bytes()
+    assert raised.value.errno == errno.EIO
+    assert os.path.ismount(root)  # one bad read does not bring the mount down

@@ -1,0 +1,94 @@
+"""The same mount made by an unprivileged user: no root, no overlayfs, just /dev/fuse.
+
+Setup (as root, as on an ordinary distribution): a user `crfs-rootless`, /dev/fuse mode
+0666, and a virtual environment of /usr/bin/python3 outside /root (which that user cannot
+traverse) with crfs-merge installed from this checkout.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import stat
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from registry.layout_writer import write_layout
+from tests.conftest import require
+from tests.tarvocab import d, f, opq, tar_of, wh
+
+USER = "crfs-rootless"
+VENV = Path("/opt/crfs-merge-rootless-venv")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _as_user(*command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["runuser", "-u", USER, "--", *command], capture_output=True, text=True,
+                          timeout=120, check=check)  # fmt: skip
+
+
+def _installed_venv() -> Path:
+    """Returns the venv's crfs-merge, (re)installing this checkout into it."""
+    if not (VENV / "bin" / "python").exists():
+        subprocess.run(["/usr/bin/python3", "-m", "venv", str(VENV)], check=True, capture_output=True)
+    subprocess.run([str(VENV / "bin" / "pip"), "install", "-q", "--no-cache-dir", str(REPO)],
+                   check=True, capture_output=True, timeout=600)  # fmt: skip
+    return VENV / "bin" / "crfs-merge"
+
+
+@pytest.fixture(scope="module")
+def rootless_command(fuse_works: None) -> Path:
+    require(os.geteuid() == 0, "setting up the rootless user needs root")
+    require(Path("/usr/bin/python3").exists(), "/usr/bin/python3 is missing")
+    require(shutil.which("runuser") is not None, "runuser is missing")
+    try:
+        pwd.getpwnam(USER)
+    except KeyError:
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", USER], check=True)
+    os.chmod("/dev/fuse", 0o666)
+    return _installed_venv()
+
+
+@pytest.fixture
+def world_readable_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="crfs-rootless-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    subprocess.run(["fusermount3", "-uz", str(path / "mnt")], capture_output=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_unprivileged_user_mounts_and_the_kernel_enforces_permissions(
+    rootless_command: Path, world_readable_dir: Path
+) -> None:
+    image = world_readable_dir / "image"
+    lower = tar_of(d("etc/"), f("etc/hosts", b"127.0.0.1\n"), f("etc/shadow", b"root:secret", mode=0o600),
+                   d("var/cache/"), f("var/cache/old", b"o"), f("etc/motd", b"m"))  # fmt: skip
+    upper = tar_of(wh("etc/motd"), opq("var/cache"), f("var/cache/new", b"n"))
+    write_layout(image, [lower, upper])
+    subprocess.run(["chmod", "-R", "a+rX", str(image)], check=True)
+    user = pwd.getpwnam(USER)
+    for name in ("mnt", "cache"):
+        (world_readable_dir / name).mkdir()
+        os.chown(world_readable_dir / name, user.pw_uid, user.pw_gid)
+    mnt = world_readable_dir / "mnt"
+
+    _as_user(str(rootless_command), "--cache-dir", str(world_readable_dir / "cache"), f"oci:{image}", str(mnt))
+    try:
+        assert f"user_id={user.pw_uid}" in Path("/proc/mounts").read_text().split(str(mnt))[1].split("\n")[0]
+        assert _as_user("ls", "-A", str(mnt / "etc")).stdout.split() == ["hosts", "shadow"]
+        assert _as_user("ls", "-A", str(mnt / "var/cache")).stdout.split() == ["new"]
+        assert _as_user("cat", str(mnt / "etc/hosts")).stdout == "127.0.0.1\n"
+        denied = _as_user("cat", str(mnt / "etc/shadow"), check=False)
+        assert denied.returncode != 0 and "Permission denied" in denied.stderr
+        with pytest.raises(PermissionError):  # the mount is the user's: root sees it only with allow_other
+            os.stat(mnt / "etc")
+        assert stat.S_IMODE(int(_as_user("stat", "-c", "%a", str(mnt / "etc/shadow")).stdout, 8)) == 0o600
+    finally:
+        _as_user("fusermount3", "-u", str(mnt), check=False)
+    assert not os.path.ismount(mnt)

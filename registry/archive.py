@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import tarfile
 from dataclasses import dataclass
+from typing import Any
 
+from registry.digest import Digest
 from registry.errors import BlobNotFoundError, ManifestError
 from registry.layout import resolve_layout
 from registry.manifest import Platform, diff_ids
@@ -62,7 +64,7 @@ def _resolve_legacy(files: TarFiles, ref: str | None) -> Image:
     return Image(files.path, tuple(_legacy_layer(files.window(n), d) for n, d in zip(layer_names, diffs, strict=True)))
 
 
-def _pick_entry(entries: list[dict[str, object]], ref: str | None, path: str) -> dict[str, object]:
+def _pick_entry(entries: list[dict[str, Any]], ref: str | None, path: str) -> dict[str, Any]:
     if not isinstance(entries, list) or not entries:
         raise ManifestError(f"{path}: manifest.json lists no image")
     if ref is None:
@@ -70,17 +72,17 @@ def _pick_entry(entries: list[dict[str, object]], ref: str | None, path: str) ->
             return entries[0]
         raise ManifestError(f"{path}: {len(entries)} images; name one of: {_all_tags(entries)}")
     for entry in entries:
-        tags = [str(t) for t in entry.get("RepoTags") or []]  # type: ignore[attr-defined]
+        tags = [str(t) for t in entry.get("RepoTags") or []]
         if any(t == ref or t.endswith("/" + ref) or t.rpartition(":")[2] == ref for t in tags):
             return entry
     raise ManifestError(f"{path}: no image {ref!r} (images: {_all_tags(entries)})")
 
 
-def _all_tags(entries: list[dict[str, object]]) -> str:
-    return ", ".join(str(t) for e in entries for t in e.get("RepoTags") or []) or "untagged"  # type: ignore[attr-defined]
+def _all_tags(entries: list[dict[str, Any]]) -> str:
+    return ", ".join(str(t) for e in entries for t in e.get("RepoTags") or []) or "untagged"
 
 
-def _legacy_layer(window: FileWindow, diff_id) -> Layer:  # type: ignore[no-untyped-def]
+def _legacy_layer(window: FileWindow, diff_id: Digest) -> Layer:
     # Legacy archives carry no media types: docker writes plain tars, but look at the
     # magic bytes so a compressed layer is decompressed rather than misread.
     with window.open() as reader:

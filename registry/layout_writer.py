@@ -7,6 +7,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import zstandard
 
@@ -59,7 +60,9 @@ def write_layout(
 
 def _add_to_index(root: Path, descriptor: dict[str, object]) -> None:
     path = root / "index.json"
-    index = json.loads(path.read_text()) if path.exists() else {"schemaVersion": 2, "mediaType": OCI_INDEX}
+    index: dict[str, Any] = (
+        json.loads(path.read_text()) if path.exists() else {"schemaVersion": 2, "mediaType": OCI_INDEX}
+    )
     index["manifests"] = [m for m in index.get("manifests", []) if m.get("annotations") != descriptor["annotations"]]
     index["manifests"].append(descriptor)
     path.write_bytes(_json(index))

@@ -22,7 +22,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any, Protocol, cast
 
 import zstandard
 
@@ -138,12 +138,18 @@ def _decompress_verified(layer: Layer, final: Path) -> None:
         raise
 
 
-def _decompressed_blocks(compression: Compression, raw: BinaryIO) -> Iterator[bytes]:
+class Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+def _decompressed_blocks(compression: Compression, raw: Readable) -> Iterator[bytes]:
+    source = cast(IO[bytes], raw)  # both decompressors only ever call read() on it
+    stream: IO[bytes]
     try:
         if compression is Compression.GZIP:
-            stream: BinaryIO = gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[assignment]
+            stream = cast(IO[bytes], gzip.GzipFile(fileobj=source, mode="rb"))
         else:
-            stream = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)  # type: ignore[assignment]
+            stream = zstandard.ZstdDecompressor().stream_reader(source, read_across_frames=True)
         with stream:
             while block := stream.read(COPY_BLOCK):
                 yield block
@@ -154,7 +160,7 @@ def _decompressed_blocks(compression: Compression, raw: BinaryIO) -> Iterator[by
 class _HashingReader:
     """Feeds every byte read through it to the given hashes."""
 
-    def __init__(self, raw: BinaryIO, hashers: list[hashlib._Hash]) -> None:
+    def __init__(self, raw: Readable, hashers: list[hashlib._Hash]) -> None:
         self._raw = raw
         self._hashers = hashers
 
@@ -196,5 +202,6 @@ def _encode(entry: Entry) -> list[object]:
 
 def _decode(row: list[Any], number: int) -> Entry:
     # Columns as _encode writes them, which is Entry's field order.
-    xattrs = {k: base64.b64decode(v) for k, v in row[9].items()}
-    return Entry(*row[:9], xattrs, number, row[10])
+    path, mode, uid, gid, size, mtime_ns, link, hardlink, rdev, xattrs, offset = row
+    return Entry(path, mode, uid, gid, size, mtime_ns, link, hardlink, rdev,
+                 {k: base64.b64decode(v) for k, v in xattrs.items()}, number, offset)  # fmt: skip

@@ -73,8 +73,12 @@ def merge_layers(layers: Iterable[Iterable[E]], warn: Warn = lambda _msg: None) 
     """
     root: Node[E] = Node(None, {})
     for number, layer in enumerate(layers):
-        root = _apply_layer(root, list(layer), lambda msg, n=number: warn(f"layer {n}: {msg}"))
+        root = _apply_layer(root, list(layer), _prefixed(warn, f"layer {number}: "))
     return root
+
+
+def _prefixed(warn: Warn, prefix: str) -> Warn:
+    return lambda message: warn(prefix + message)
 
 
 def _apply_layer(root: Node[E], entries: list[E], warn: Warn) -> Node[E]:

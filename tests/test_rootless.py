@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from registry.layout_writer import write_layout
-from tests.conftest import require
+from tests.conftest import COMMAND, require
 from tests.tarvocab import d, f, opq, tar_of, wh
 
 USER = "crfs-rootless"
@@ -92,3 +92,29 @@ def test_unprivileged_user_mounts_and_the_kernel_enforces_permissions(
     finally:
         _as_user("fusermount3", "-u", str(mnt), check=False)
     assert not os.path.ismount(mnt)
+
+
+def test_missing_fusermount3_is_a_clear_error(rootless_command: Path, world_readable_dir: Path) -> None:
+    """An unprivileged mount needs the setuid fusermount3; without it, say so before any work."""
+    run = _as_user("env", "PATH=/nonexistent", str(rootless_command), "oci:/x", str(world_readable_dir), check=False)
+    assert run.returncode == 2 and "fusermount3 is not installed" in run.stderr
+
+
+def test_allow_other_lets_another_user_in_under_the_image_permissions(
+    rootless_command: Path, world_readable_dir: Path, tmp_path: Path
+) -> None:
+    """-o passes through: root mounts with allow_other, and default_permissions still keeps
+    the image's private files from another user."""
+    require(os.geteuid() == 0, "mounting for another user needs root")
+    image = world_readable_dir / "image"
+    write_layout(image, [tar_of(f("public", b"p", mode=0o644), f("private", b"s", mode=0o600))])
+    subprocess.run(["chmod", "-R", "a+rX", str(image)], check=True)
+    mnt = world_readable_dir / "mnt"
+    mnt.mkdir()
+    subprocess.run([*COMMAND, "--cache-dir", str(tmp_path / "c"), "-o", "allow_other", f"oci:{image}", str(mnt)],
+                   check=True, timeout=60)  # fmt: skip
+    try:
+        assert _as_user("cat", str(mnt / "public")).stdout == "p"
+        assert "Permission denied" in _as_user("cat", str(mnt / "private"), check=False).stderr
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=True)

@@ -130,8 +130,13 @@ def _spawn_server(argv: list[str], mountpoint: str) -> int:
     child = subprocess.Popen(command, pass_fds=(write_end,), stdin=subprocess.DEVNULL,
                              stdout=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        ready = pipe.readline() == READY
+    try:
+        with os.fdopen(read_end, "rb") as pipe:
+            ready = pipe.readline() == READY
+    except KeyboardInterrupt:
+        child.terminate()  # the user gave up waiting: the server must not mount behind their back
+        child.wait()
+        return 130
     if not ready:
         return child.wait() or 1
     deadline = time.monotonic() + MOUNT_APPEAR_SECONDS

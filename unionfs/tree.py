@@ -5,7 +5,6 @@ Being immutable, the tree is shared by mfusepy's worker threads without locks.
 
 from __future__ import annotations
 
-import stat
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -76,7 +75,3 @@ def _directory_inode(ino: int, node: Node[Entry]) -> Inode:
     entry = node.entry or IMPLIED_DIRECTORY
     return Inode(ino, entry, 2 + subdirectories, tuple(sorted(node.children)))
 
-
-def is_directory(inode: Inode) -> bool:
-    """True if the inode is a directory."""
-    return stat.S_ISDIR(inode.entry.mode)

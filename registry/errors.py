@@ -29,3 +29,11 @@ class UnsupportedLayerError(ImageError):
 
 class LayerFormatError(ImageError):
     """A layer's compression or tar stream is malformed or truncated."""
+
+
+class RegistryError(ImageError):
+    """The registry could not be reached, or answered with an error."""
+
+
+class AuthenticationError(RegistryError):
+    """The registry wants credentials that are missing or were refused."""

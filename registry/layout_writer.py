@@ -32,16 +32,23 @@ def compress(tar: bytes, compression: Compression) -> bytes:
 
 
 def write_layout(
-    root: Path, layer_tars: Sequence[bytes], compression: Compression = Compression.GZIP, tag: str = "latest"
+    root: Path,
+    layer_tars: Sequence[bytes],
+    compression: Compression = Compression.GZIP,
+    tag: str = "latest",
+    platform: Platform | None = None,
 ) -> str:
-    """Writes an image of `layer_tars` (bottom first) as an OCI layout at `root`;
-    returns the manifest digest. An existing layout gains the tag beside its others."""
+    """Writes an image of `layer_tars` (bottom first) as an OCI layout at `root`, for
+    `platform` (default: this machine's); returns the manifest digest. An existing layout
+    gains the tag beside its others."""
+    platform = platform or Platform.host()
     blobs = root / "blobs" / "sha256"
     blobs.mkdir(parents=True, exist_ok=True)
     layers = [_put(blobs, compress(t, compression), LAYER_MEDIA_TYPES[compression]) for t in layer_tars]
     config = {
-        "architecture": Platform.host().architecture,
-        "os": "linux",
+        "architecture": platform.architecture,
+        "os": platform.os,
+        **({"variant": platform.variant} if platform.variant else {}),
         "rootfs": {"type": "layers", "diff_ids": [_digest(t) for t in layer_tars]},
         "config": {},
     }
@@ -52,9 +59,25 @@ def write_layout(
         "layers": layers,
     }
     descriptor = _put(blobs, _json(manifest), OCI_MANIFEST)
+    descriptor["platform"] = {"os": platform.os, "architecture": platform.architecture,
+                              **({"variant": platform.variant} if platform.variant else {})}  # fmt: skip
     descriptor["annotations"] = {"org.opencontainers.image.ref.name": tag}
     _add_to_index(root, descriptor)
     (root / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    return str(descriptor["digest"])
+
+
+def write_index(root: Path, member_tags: Sequence[str], tag: str) -> str:
+    """Adds to the layout at `root` an image index of the images tagged `member_tags`
+    (a multi-platform image), tagged `tag`; returns the index digest."""
+    blobs = root / "blobs" / "sha256"
+    members = [m for m in json.loads((root / "index.json").read_text())["manifests"]
+               if m.get("annotations", {}).get("org.opencontainers.image.ref.name") in member_tags]  # fmt: skip
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX,
+             "manifests": [{k: v for k, v in m.items() if k != "annotations"} for m in members]}  # fmt: skip
+    descriptor = _put(blobs, _json(index), OCI_INDEX)
+    descriptor["annotations"] = {"org.opencontainers.image.ref.name": tag}
+    _add_to_index(root, descriptor)
     return str(descriptor["digest"])
 
 

@@ -22,6 +22,4 @@ def resolve_image(reference: ImageReference, platform: Platform) -> Image:
         if not os.path.isfile(reference.path):
             raise ImageError(f"{reference.path}: no such file")
         return resolve_archive(reference.path, reference.tag, platform)
-    raise InvalidReferenceError(
-        f"{reference}: registry images are not supported yet; use oci:PATH or docker-archive:FILE"
-    )
+    raise InvalidReferenceError(f"{reference}: not a local image (registry images go through registry.pull)")

@@ -2,7 +2,8 @@
 
 Spelled as skopeo spells them: `oci:PATH[:TAG]`, `docker-archive:FILE[:NAME]`. The first
 colon after the transport ends the path, as in skopeo, so paths cannot contain ':'.
-Registry references (`host/repo:tag`, `docker://...`) are recognised and refused for now.
+Anything else is a registry reference (`host/repo:tag`, `docker://...`), checked by
+RemoteReference's rules here, before any network I/O.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 from dataclasses import dataclass
 
 from registry.errors import InvalidReferenceError
+from registry.remote_reference import RemoteReference
 
 OCI = "oci"
 DOCKER_ARCHIVE = "docker-archive"
@@ -34,14 +36,18 @@ class ImageReference:
         if sep and transport in (OCI, DOCKER_ARCHIVE):
             return cls._with_tag(transport, rest)
         if sep and transport == REGISTRY and rest.startswith("//"):
-            return cls(REGISTRY, rest[2:])
+            return cls._remote(rest[2:])
         if os.path.isdir(text):
             return cls(OCI, text)
         if os.path.isfile(text):
             return cls(DOCKER_ARCHIVE, text)
         if text.startswith(("/", "./", "../")) or (os.sep in text and not _looks_like_registry(text)):
             raise InvalidReferenceError(f"{text}: no such file or directory")
-        return cls(REGISTRY, text)
+        return cls._remote(text)
+
+    @classmethod
+    def _remote(cls, text: str) -> ImageReference:
+        return cls(REGISTRY, str(RemoteReference.parse(text)))
 
     @classmethod
     def _with_tag(cls, transport: str, rest: str) -> ImageReference:

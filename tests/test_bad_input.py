@@ -143,7 +143,7 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     cases = [
         (["oci:/nonexistent", str(tmp_path)], 1, "not an OCI image layout"),
         ([str(tmp_path / "absent.tar"), str(tmp_path)], 1, "no such file"),
-        (["quay.io/a/b:c", str(tmp_path)], 1, "registry images are not supported yet"),
+        (["127.0.0.1:5000/Upper/case:t", str(tmp_path)], 1, "invalid repository name component 'Upper'"),
         (["oci:/x", str(tmp_path / "no-dir")], 2, "mountpoint is not an existing directory"),
         (["oci:/x", str(tmp_path), "-o", "rw"], 2, "read-only"),
     ]

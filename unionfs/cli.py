@@ -8,7 +8,8 @@ Caveats:
   reports back through a pipe once the kernel has the mount; the first one then exits 0.
   Forking this process instead would be unsafe once threads exist (libfuse's daemonize
   forks after setup), so the server is a fresh interpreter.
-- Registry references are parsed but not yet served (see README, Roadmap).
+- Registry images are pulled whole at mount time (lazy eStargz reads are issue 4); the
+  server process holds no registry connection once the mount is ready.
 """
 
 from __future__ import annotations
@@ -22,15 +23,17 @@ import sys
 import time
 from pathlib import Path
 
+from registry.auth import Credentials
 from registry.errors import ImageError
-from registry.local import resolve_image
 from registry.manifest import Platform
 from registry.reference import ImageReference
-from unionfs.build import MountedImage, build
-from unionfs.layer_store import LayerStore, default_cache_dir
+from registry.remote import RemoteOptions
+from unionfs.build import MountedImage, Settings, open_image
+from unionfs.layer_store import default_cache_dir
 
 log = logging.getLogger("crfs-merge")
 READY = b"ready\n"
+CREDS_VARIABLE = "CRFS_MERGE_CREDS"  # how --creds reaches the server: never on a command line
 MOUNT_APPEAR_SECONDS = 10.0
 
 
@@ -59,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crfs-merge",
         description="Mount a container image as one merged, read-only tree (OCI whiteouts applied).",
-        epilog="IMAGE: oci:PATH[:TAG], docker-archive:FILE[:NAME], or a path to either.",
+        epilog="IMAGE: [docker://]REGISTRY/REPO[:TAG][@DIGEST], oci:PATH[:TAG], docker-archive:FILE[:NAME], "
+        "or a path to a layout or an archive.",
     )
     parser.add_argument("operands", nargs="+", metavar="IMAGE [DIR]", help="image to mount, and where")
     parser.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground")
@@ -68,16 +72,30 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--export", metavar="DEST", help="write the merged tree to DEST (directory, .tar, or -)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="default: $XDG_CACHE_HOME/crfs-merge")
     parser.add_argument("--platform", default=None, help="os/arch[/variant] of a multi-platform image")
+    parser.add_argument("--creds", metavar="USER[:PASS]", help="registry credentials (else auth files are read)")
+    parser.add_argument("--tls-verify", type=_boolean, default=True, metavar="BOOL",
+                        help="false: allow plain HTTP and unverified TLS (default true)")  # fmt: skip
+    parser.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="registry connect and read timeout (default 30)")  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true", help="log every step")
     parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
 
+def _boolean(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+    return text.lower() == "true"
+
+
 def _open_image(args: argparse.Namespace, image_text: str) -> MountedImage:
-    platform = Platform.parse(args.platform) if args.platform else Platform.host()
-    image = resolve_image(ImageReference.parse(image_text), platform)
-    store = LayerStore(args.cache_dir or default_cache_dir(), log.warning)
-    return build(image, store)
+    creds = args.creds or os.environ.pop(CREDS_VARIABLE, None)
+    settings = Settings(
+        cache_dir=args.cache_dir or default_cache_dir(),
+        platform=Platform.parse(args.platform) if args.platform else Platform.host(),
+        remote=RemoteOptions(Credentials.parse(creds) if creds else None, args.tls_verify, args.timeout),
+    )
+    return open_image(image_text, settings)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -126,8 +144,10 @@ def _preflight(mountpoint: str) -> None:
 def _spawn_server(argv: list[str], mountpoint: str) -> int:
     """Starts `crfs-merge -f` in its own session and waits until its mount is ready."""
     read_end, write_end = os.pipe()
+    argv, secret = _without_creds(argv)
     command = [sys.executable, "-m", "unionfs.cli", "--foreground", "--ready-fd", str(write_end), *argv]
-    child = subprocess.Popen(command, pass_fds=(write_end,), stdin=subprocess.DEVNULL,
+    env = {**os.environ, **({CREDS_VARIABLE: secret} if secret else {})}
+    child = subprocess.Popen(command, pass_fds=(write_end,), stdin=subprocess.DEVNULL, env=env,
                              stdout=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     os.close(write_end)
     try:
@@ -143,6 +163,21 @@ def _spawn_server(argv: list[str], mountpoint: str) -> int:
     while not os.path.ismount(mountpoint) and time.monotonic() < deadline:
         time.sleep(0.01)
     return 0
+
+
+def _without_creds(argv: list[str]) -> tuple[list[str], str | None]:
+    """Returns argv less `--creds VALUE` (which `ps` would show), and that value."""
+    kept: list[str] = []
+    secret = None
+    items = iter(argv)
+    for item in items:
+        if item == "--creds":
+            secret = next(items, None)
+        elif item.startswith("--creds="):
+            secret = item.split("=", 1)[1]
+        else:
+            kept.append(item)
+    return kept, secret
 
 
 def _serve(args: argparse.Namespace, image_text: str, mountpoint: str, options: dict[str, str | bool]) -> int:

@@ -77,6 +77,13 @@ class LayerStore:
             _save_index(index_path, stamp, entries)
             return IndexedLayer(entries, tar)
 
+    def needs_blob(self, layer: Layer) -> bool:
+        """True if indexing `layer` will read its blob: it is the tar itself, or its
+        uncompressed tar is not in the cache yet."""
+        if layer.compression is Compression.NONE:
+            return not os.path.exists(layer.window.path)
+        return not (self._tars / f"{layer.key}.tar").exists()
+
     def _tar_window(self, layer: Layer) -> FileWindow:
         if layer.compression is Compression.NONE:
             return layer.window

@@ -74,4 +74,3 @@ def _directory_inode(ino: int, node: Node[Entry]) -> Inode:
     subdirectories = sum(1 for child in node.children.values() if child.is_dir)
     entry = node.entry or IMPLIED_DIRECTORY
     return Inode(ino, entry, 2 + subdirectories, tuple(sorted(node.children)))
-

@@ -1,0 +1,299 @@
+"""Real servers on 127.0.0.1 for the registry tests, each stopped by its fixture:
+
+- `Registry`: Debian's docker-registry (the reference distribution implementation), with no
+  auth, htpasswd Basic auth, or token auth trusting our token server's certificate;
+- `TokenServer`: an aiohttp token endpoint issuing real RS256 JWTs with an x5c chain,
+  which the registry verifies against its rootcertbundle;
+- `FaultProxy`: an aiohttp reverse proxy that resets, refuses (503/429), stalls, truncates,
+  redirects to another host, or ignores Range, as a test plans it; it counts what it serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime
+import json
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import ClientSession, web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.x509.oid import NameOID
+
+from unionfs.aio import EventLoopThread
+
+REGISTRY_BINARY = "/usr/bin/docker-registry"
+SERVICE = "crfs-test-registry"
+ISSUER = "crfs-test-issuer"
+START_SECONDS = 20
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _wait_until_serving(url: str, process: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + START_SECONDS
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}: {process.stderr and process.stderr.read()}")
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except urllib.error.HTTPError:
+            return  # it answered: 401 is a fine answer to /v2/
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not start within {START_SECONDS}s")
+
+
+class Registry:
+    """docker-registry serving from a temporary directory on 127.0.0.1."""
+
+    def __init__(self, root: Path, auth: dict[str, object] | None = None) -> None:
+        self.port = free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        config = {
+            "version": 0.1,
+            "log": {"level": "error", "accesslog": {"disabled": True}},
+            "storage": {"filesystem": {"rootdirectory": str(root / "storage")}, "delete": {"enabled": True}},
+            "http": {"addr": self.host, "secret": "crfs-merge-tests"},
+            **({"auth": auth} if auth else {}),
+        }
+        (root / "config.yml").write_text(json.dumps(config))  # JSON is YAML
+        self._process = subprocess.Popen(
+            [REGISTRY_BINARY, "serve", str(root / "config.yml")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        _wait_until_serving(f"http://{self.host}/v2/", self._process)
+
+    def stop(self) -> None:
+        self._process.terminate()
+        try:
+            self._process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+
+
+def skopeo_copy(source: str, dest: str, *flags: str) -> None:
+    """Pushes with skopeo: the reference tool, so our client reads what others write."""
+    run = subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", *flags, source, dest],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    if run.returncode:
+        raise RuntimeError(f"skopeo copy {source} {dest} failed: {run.stderr}")
+
+
+def htpasswd_auth(root: Path, users: dict[str, str]) -> dict[str, object]:
+    lines = [subprocess.run(["htpasswd", "-Bbn", u, p], check=True, capture_output=True, text=True).stdout.strip()
+             for u, p in users.items()]  # fmt: skip
+    (root / "htpasswd").write_text("\n".join(lines) + "\n")
+    return {"htpasswd": {"realm": "crfs-test", "path": str(root / "htpasswd")}}
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+@dataclass
+class TokenServer:
+    """Issues pull/push tokens: any action to known users, pull on public/* to anyone."""
+
+    root: Path
+    loop: EventLoopThread
+    users: dict[str, str]
+    lifetime: int = 300
+    issued: Counter[str] = field(default_factory=Counter)
+
+    def start(self) -> None:
+        self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ISSUER)])
+        now = datetime.datetime.now(datetime.UTC)
+        self._cert = (
+            x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(self._key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(self._key, hashes.SHA256())
+        )  # fmt: skip
+        self.cert_path = self.root / "token-cert.pem"
+        self.cert_path.write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
+        self.port = free_port()
+        app = web.Application()
+        app.router.add_get("/token", self._token)
+        self._runner = web.AppRunner(app)
+        self.loop.run(self._runner.setup())
+        self.loop.run(web.TCPSite(self._runner, "127.0.0.1", self.port).start())
+
+    def stop(self) -> None:
+        self.loop.run(self._runner.cleanup())
+
+    def registry_auth(self) -> dict[str, object]:
+        return {"token": {"realm": f"http://127.0.0.1:{self.port}/token", "service": SERVICE,
+                          "issuer": ISSUER, "rootcertbundle": str(self.cert_path)}}  # fmt: skip
+
+    async def _token(self, request: web.Request) -> web.Response:
+        user = self._user(request.headers.get("Authorization", ""))
+        if user == "":
+            return web.Response(status=401, text="bad credentials")
+        access = [a for scope in request.query.getall("scope", []) if (a := self._grant(scope, user))]
+        if user is None and request.query.getall("scope", []) and not access:
+            return web.Response(status=401, text="anonymous access is for public/* only")
+        token = self._sign({"iss": ISSUER, "sub": user or "", "aud": request.query.get("service", ""),
+                            "exp": int(time.time()) + self.lifetime, "nbf": int(time.time()) - 5,
+                            "iat": int(time.time()), "jti": uuid.uuid4().hex, "access": access})  # fmt: skip
+        self.issued[user or "anonymous"] += 1
+        return web.json_response({"token": token, "expires_in": self.lifetime})
+
+    def _user(self, header: str) -> str | None:
+        """Returns the user of a valid Basic header, None without one, '' for a wrong one."""
+        if not header.startswith("Basic "):
+            return None
+        user, _, password = base64.b64decode(header[6:]).decode().partition(":")
+        return user if self.users.get(user) == password else ""
+
+    @staticmethod
+    def _grant(scope: str, user: str | None) -> dict[str, object] | None:
+        kind, _, rest = scope.partition(":")
+        name, _, actions = rest.rpartition(":")
+        if kind != "repository" or (user is None and not name.startswith("public/")):
+            return None
+        allowed = actions.split(",") if user else ["pull"]
+        return {"type": "repository", "name": name, "actions": allowed}
+
+    def _sign(self, claims: dict[str, object]) -> str:
+        cert = base64.b64encode(self._cert.public_bytes(serialization.Encoding.DER)).decode()
+        header = {"typ": "JWT", "alg": "RS256", "x5c": [cert]}
+        signing_input = f"{_b64url(json.dumps(header).encode())}.{_b64url(json.dumps(claims).encode())}"
+        signature = self._key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
+        return f"{signing_input}.{_b64url(signature)}"
+
+
+@dataclass
+class Fault:
+    """What the proxy does to the next `count` requests whose path contains `path_part`."""
+
+    kind: str  # reset | status | stall | truncate | redirect | ignore_range
+    count: int = 1
+    path_part: str = "/blobs/"
+    status: int = 503
+
+
+@dataclass
+class FaultProxy:
+    """A reverse proxy in front of `upstream` (host:port) that applies planned faults."""
+
+    upstream: str
+    loop: EventLoopThread
+    bind: str = "127.0.0.1"
+    faults: list[Fault] = field(default_factory=list)
+    served_bytes: int = 0
+    requests: Counter[str] = field(default_factory=Counter)
+    stall_seconds: float = 30.0
+    redirect_to: str | None = None  # base URL of a BlobStorage
+
+    def start(self) -> None:
+        self.port = free_port()
+        self.host = f"{self.bind}:{self.port}"
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app)
+        self.loop.run(self._runner.setup())
+        self.loop.run(web.TCPSite(self._runner, self.bind, self.port).start())
+
+    def stop(self) -> None:
+        self.loop.run(self._runner.cleanup(), timeout=30)
+
+    def _take(self, path: str) -> Fault | None:
+        for fault in self.faults:
+            if fault.count > 0 and fault.path_part in path:
+                fault.count -= 1
+                return fault
+        return None
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        kind = "blob" if "/blobs/" in request.path else "manifest" if "/manifests/" in request.path else "other"
+        self.requests[kind] += 1
+        fault = self._take(request.path)
+        if fault and fault.kind == "reset":
+            assert request.transport is not None
+            request.transport.abort()
+            return web.Response(status=500)
+        if fault and fault.kind == "status":
+            return web.Response(status=fault.status, headers={"Retry-After": "0"})
+        if fault and fault.kind == "stall":
+            await asyncio.sleep(self.stall_seconds)
+        if fault and fault.kind == "redirect":
+            return web.Response(status=307, headers={"Location": f"{self.redirect_to}{request.path_qs}"})
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "range")}
+        if "Range" in request.headers and not (fault and fault.kind == "ignore_range"):
+            headers["Range"] = request.headers["Range"]
+        return await self._forward(request, headers, truncate=bool(fault and fault.kind == "truncate"))
+
+    async def _forward(self, request: web.Request, headers: dict[str, str], truncate: bool) -> web.StreamResponse:
+        async with ClientSession(auto_decompress=False) as session, session.request(
+            request.method, f"http://{self.upstream}{request.path_qs}", headers=headers,
+            data=await request.read(), allow_redirects=False,
+        ) as upstream:  # fmt: skip
+            body = await upstream.read()
+            passed = {k: v for k, v in upstream.headers.items() if k.lower() not in ("transfer-encoding", "connection")}
+            if upstream.headers.get("Location", "").startswith(f"http://{self.upstream}"):
+                passed["Location"] = upstream.headers["Location"].replace(self.upstream, self.host)
+            response = web.StreamResponse(status=upstream.status, headers=passed)
+            await response.prepare(request)
+            sent = body[: len(body) // 2] if truncate else body
+            await response.write(sent)
+            self.served_bytes += len(sent)
+            if truncate:
+                assert request.transport is not None
+                request.transport.abort()
+                return response
+            await response.write_eof()
+            return response
+
+
+@dataclass
+class BlobStorage:
+    """A stand-in for the object store that registries redirect blob downloads to. It serves
+    blobs from an OCI layout on disk (honouring Range), refuses its first request as an
+    expired signed URL would, and records every Authorization header that reaches it: the
+    registry's credentials must never be sent here."""
+
+    layout: Path
+    loop: EventLoopThread
+    bind: str = "127.0.0.2"
+    expire_first: bool = True
+    authorization_seen: list[str] = field(default_factory=list)
+    served: int = 0
+
+    def start(self) -> None:
+        self.port = free_port()
+        self.base = f"http://{self.bind}:{self.port}"
+        app = web.Application()
+        app.router.add_get("/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app)
+        self.loop.run(self._runner.setup())
+        self.loop.run(web.TCPSite(self._runner, self.bind, self.port).start())
+
+    def stop(self) -> None:
+        self.loop.run(self._runner.cleanup())
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if "Authorization" in request.headers:
+            self.authorization_seen.append(request.headers["Authorization"])
+        if self.expire_first:
+            self.expire_first = False
+            return web.Response(status=403, text="Request has expired")
+        algorithm, _, hexdigest = request.path.rsplit("/", 1)[-1].partition(":")
+        self.served += 1
+        return web.FileResponse(self.layout / "blobs" / algorithm / hexdigest)  # serves Range requests too

@@ -223,6 +223,11 @@ class RegistryClient:
         for scheme in schemes:
             try:
                 async with self._request(f"{scheme}://{host}/v2/", {}) as response:
+                    if response.status >= 500:
+                        raise _Retryable(f"HTTP {response.status} from {scheme}://{host}/v2/", _retry_after(response))
+                    if response.status == 400:  # plain HTTP sent to a TLS port: not this scheme
+                        failures.append(f"{scheme}: HTTP 400")
+                        continue
                     if response.status == 401:
                         self._challenge = _pick_challenge(response.headers.get("WWW-Authenticate", ""))
                     self._base = f"{scheme}://{host}"

@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime
+import ipaddress
 import json
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -38,6 +40,30 @@ ISSUER = "crfs-test-issuer"
 START_SECONDS = 20
 
 
+_UNVERIFIED = ssl.create_default_context()
+_UNVERIFIED.check_hostname, _UNVERIFIED.verify_mode = False, ssl.CERT_NONE
+
+
+def self_signed_certificate(root: Path, common_name: str = "127.0.0.1") -> tuple[Path, Path]:
+    """Writes a self-signed server certificate for 127.0.0.1; returns (cert, key) paths."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    cert_path, key_path = root / "server.pem", root / "server.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                           serialization.NoEncryption()))  # fmt: skip
+    return cert_path, key_path
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -50,7 +76,7 @@ def _wait_until_serving(url: str, process: subprocess.Popen[bytes] | None = None
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}: {process.stderr and process.stderr.read()}")
         try:
-            urllib.request.urlopen(url, timeout=1).close()
+            urllib.request.urlopen(url, timeout=1, context=_UNVERIFIED).close()
             return
         except urllib.error.HTTPError:
             return  # it answered: 401 is a fine answer to /v2/
@@ -62,21 +88,24 @@ def _wait_until_serving(url: str, process: subprocess.Popen[bytes] | None = None
 class Registry:
     """docker-registry serving from a temporary directory on 127.0.0.1."""
 
-    def __init__(self, root: Path, auth: dict[str, object] | None = None) -> None:
+    def __init__(self, root: Path, auth: dict[str, object] | None = None, tls: tuple[Path, Path] | None = None) -> None:
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
+        http: dict[str, object] = {"addr": self.host, "secret": "crfs-merge-tests"}
+        if tls:
+            http["tls"] = {"certificate": str(tls[0]), "key": str(tls[1])}
         config = {
             "version": 0.1,
             "log": {"level": "error", "accesslog": {"disabled": True}},
             "storage": {"filesystem": {"rootdirectory": str(root / "storage")}, "delete": {"enabled": True}},
-            "http": {"addr": self.host, "secret": "crfs-merge-tests"},
+            "http": http,
             **({"auth": auth} if auth else {}),
         }
         (root / "config.yml").write_text(json.dumps(config))  # JSON is YAML
         self._process = subprocess.Popen(
             [REGISTRY_BINARY, "serve", str(root / "config.yml")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
-        _wait_until_serving(f"http://{self.host}/v2/", self._process)
+        _wait_until_serving(f"{'https' if tls else 'http'}://{self.host}/v2/", self._process)
 
     def stop(self) -> None:
         self._process.terminate()

@@ -29,6 +29,7 @@ from tests.registry_servers import (
     Registry,
     TokenServer,
     htpasswd_auth,
+    self_signed_certificate,
     skopeo_copy,
 )
 from tests.tarvocab import f, tar_of
@@ -64,8 +65,11 @@ def layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _serve(root: Path, auth: dict[str, object] | None, layout: Path, creds: str | None = None) -> Iterator[Registry]:
-    registry = Registry(root, auth)
+def _serve(
+    root: Path, auth: dict[str, object] | None, layout: Path, creds: str | None = None,
+    tls: tuple[Path, Path] | None = None,
+) -> Iterator[Registry]:  # fmt: skip
+    registry = Registry(root, auth, tls)
     push = ["--dest-creds", creds] if creds else []
     try:
         skopeo_copy(f"oci:{layout}:rich", f"docker://{registry.host}/public/rich:oci", *push)
@@ -80,6 +84,14 @@ def _serve(root: Path, auth: dict[str, object] | None, layout: Path, creds: str 
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory: pytest.TempPathFactory, tools: None, layout: Path) -> Iterator[Registry]:
     yield from _serve(tmp_path_factory.mktemp("plain"), None, layout)
+
+
+@pytest.fixture(scope="module")
+def https(tmp_path_factory: pytest.TempPathFactory, tools: None, layout: Path) -> Iterator[tuple[Registry, Path]]:
+    root = tmp_path_factory.mktemp("https")
+    cert, key = self_signed_certificate(root)
+    for registry in _serve(root, None, layout, tls=(cert, key)):
+        yield registry, cert
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +185,24 @@ def test_range_reads_against_the_registry(plain: Registry, layout: Path, io_loop
         assert io_loop.run(read(start, end)) == data[start : end + 1]
 
 
+def test_https_verifies_certificates_unless_told_not_to(
+    https: tuple[Registry, Path], mount: Mounter, tmp_path: Path, local_tree: dict[str, tuple[object, ...]]
+) -> None:
+    registry, cert = https
+    image = f"{registry.host}/public/rich:oci"
+    assert "TLS certificate not trusted" in _fails(image, tmp_path, *FAST)
+    assert describe_tree(mount(image, "--tls-verify=false")) == local_tree
+    trusting = {**os.environ, "SSL_CERT_FILE": str(cert)}  # as if the CA were in the system store
+    mountpoint = tmp_path / "trusted"
+    mountpoint.mkdir()
+    subprocess.run([*COMMAND, "--cache-dir", str(tmp_path / "t"), image, str(mountpoint)], env=trusting,
+                   check=True, timeout=120)  # fmt: skip
+    try:
+        assert describe_tree(mountpoint) == local_tree
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mountpoint)], check=True)
+
+
 # --- authentication ---------------------------------------------------------------------
 
 
@@ -229,6 +259,22 @@ def test_token_auth_with_a_credential_helper(
     finally:
         subprocess.run(["fusermount3", "-u", str(mountpoint)], check=True)
     assert server.issued["alice"] - before == 1  # one token, reused for every request of the pull
+
+
+def test_a_rejected_token_is_refreshed(
+    token: tuple[Registry, TokenServer], io_loop: EventLoopThread, mount: Mounter,
+    local_tree: dict[str, tuple[object, ...]],
+) -> None:  # fmt: skip
+    """A 401 in mid-pull (a token revoked or expired early) gets one fresh token, then goes on."""
+    registry, server = token
+    fault_proxy = FaultProxy(registry.host, io_loop, faults=[Fault("status", 1, status=401)])
+    fault_proxy.start()
+    before = server.issued["alice"]
+    try:
+        assert describe_tree(mount(f"{fault_proxy.host}/private/rich:v1", "--creds", "alice:wonderland")) == local_tree
+    finally:
+        fault_proxy.stop()
+    assert server.issued["alice"] - before == 2
 
 
 def test_secrets_stay_out_of_logs_and_process_titles(basic: Registry, tmp_path: Path) -> None:

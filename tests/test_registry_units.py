@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from registry.auth import Challenge, Credentials, parse_challenges
 from registry.credentials import find_credentials
 from registry.errors import ImageError, InvalidReferenceError
 from registry.remote_reference import RemoteReference, is_loopback
+from unionfs.build import _terminal_progress
 
 DIGEST = "sha256:" + "a" * 64
 
@@ -131,3 +133,19 @@ def test_creds_store_helper_and_its_failures(tmp_path: Path, monkeypatch: pytest
     _auth_file(tmp_path / ".docker" / "config.json", {"credHelpers": {"reg.example": "absent"}})
     with pytest.raises(ImageError, match="docker-credential-absent failed"):
         find_credentials("reg.example", None, env)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_line_only_on_a_terminal() -> None:
+    assert _terminal_progress(io.StringIO()) is None
+    screen = _Terminal()
+    start = _terminal_progress(screen)
+    assert start is not None
+    advance = start(3_000_000)
+    for _ in range(3):
+        advance(1_000_000)
+    assert screen.getvalue().endswith("pulling layers      3.0 / 3.0 MB\n")

@@ -81,6 +81,7 @@ class RegistryClient:
         self._authorization: str | None = None
         self._token_expires = float("inf")
         self._challenge: Challenge | None = None
+        self._auth_lock = asyncio.Lock()  # parallel downloads that meet a 401 share one new token
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> RegistryClient:
@@ -180,7 +181,7 @@ class RegistryClient:
     ) -> T:
         original, authenticated, asked_again = url, False, False
         if self._authorization is None and self._challenge is not None:
-            await self._authenticate_with(self._challenge)  # the ping already told us how
+            await self._authenticate_with(self._challenge, stale=None)  # the ping already told us how
         for _ in range(MAX_REDIRECTS + 3):
             on_registry = _origin(url) == _origin(base)
             if on_registry:
@@ -194,7 +195,7 @@ class RegistryClient:
                         url = urljoin(url, response.headers["Location"])
                         continue
                     if status == 401 and on_registry and not authenticated:
-                        await self._authenticate(response.headers.get("WWW-Authenticate", ""))
+                        await self._authenticate(response.headers.get("WWW-Authenticate", ""), stale=authorization)
                         authenticated = True
                         continue
                     if status == 403 and not on_registry and not asked_again:
@@ -242,16 +243,23 @@ class RegistryClient:
 
     async def _refresh_expired_token(self) -> None:
         if time.monotonic() >= self._token_expires and self._challenge is not None:
-            await self._authenticate_with(self._challenge)
+            await self._authenticate_with(self._challenge, stale=self._authorization)
 
-    async def _authenticate(self, header: str) -> None:
+    async def _authenticate(self, header: str, stale: str | None) -> None:
         challenge = _pick_challenge(header) or self._challenge
         if challenge is None:
             raise AuthenticationError(f"{self.reference.registry}: 401 without a usable WWW-Authenticate challenge")
         self._challenge = challenge
-        await self._authenticate_with(challenge)
+        await self._authenticate_with(challenge, stale)
 
-    async def _authenticate_with(self, challenge: Challenge) -> None:
+    async def _authenticate_with(self, challenge: Challenge, stale: str | None) -> None:
+        """Replaces the `stale` authorization, unless another task already has."""
+        async with self._auth_lock:
+            if self._authorization != stale:
+                return
+            await self._authorize(challenge)
+
+    async def _authorize(self, challenge: Challenge) -> None:
         if challenge.scheme == "basic":
             if self._credentials is None:
                 raise AuthenticationError(

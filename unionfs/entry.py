@@ -6,13 +6,31 @@ import stat
 from dataclasses import dataclass, field
 
 
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """`size` bytes of a file, from `file_offset`, stored compressed in a lazily read layer:
+    the gzip member at blob bytes [blob_offset, blob_end) decompresses to them from
+    `inner_offset`. `digest` is their eStargz chunkDigest ('' in legacy stargz)."""
+
+    file_offset: int
+    size: int
+    blob_offset: int
+    blob_end: int
+    inner_offset: int = 0
+    digest: str = ""
+
+    def with_size(self, size: int) -> Chunk:
+        return Chunk(self.file_offset, size, self.blob_offset, self.blob_end, self.inner_offset, self.digest)
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class Entry:
     """One member of one layer.
 
     `mode` holds the file-type bits as well as the permission bits (st_mode). A hardlink
     keeps the S_IFREG type and names its target in `link`. The bytes of a regular file are
-    `size` bytes at `offset` of layer `layer`'s uncompressed tar.
+    `size` bytes at `offset` of layer `layer`'s uncompressed tar, or, for a layer read
+    lazily, the `chunks` of its compressed blob.
     """
 
     path: str
@@ -27,6 +45,7 @@ class Entry:
     xattrs: dict[str, bytes] = field(default_factory=dict)
     layer: int = 0
     offset: int = 0
+    chunks: tuple[Chunk, ...] = ()
 
     @property
     def is_dir(self) -> bool:

@@ -11,6 +11,7 @@ from typing import BinaryIO
 
 from registry.errors import LayerFormatError
 from unionfs.entry import Entry
+from unionfs.estargz import ARTIFACTS, TOC_NAME
 from whiteout.paths import clean_path
 
 XATTR_PAX_PREFIX = "SCHILY.xattr."
@@ -32,9 +33,20 @@ def index_tar(fileobj: BinaryIO, length: int, layer: int, warn: Callable[[str], 
     """
     try:
         with tarfile.open(fileobj=fileobj, mode="r:", errorlevel=2) as archive:
-            return [e for m in _members(archive) if (e := _entry(m, length, layer, warn))]
+            entries = [e for m in _members(archive) if (e := _entry(m, length, layer, warn))]
     except (tarfile.TarError, EOFError, UnicodeError) as exc:
         raise LayerFormatError(f"layer {layer}: malformed tar: {exc}") from exc
+    return without_estargz_artifacts(entries)
+
+
+def without_estargz_artifacts(entries: list[Entry]) -> list[Entry]:
+    """Drops the TOC and landmark files of an eStargz layer read as plain tar+gzip.
+
+    A layer is eStargz when its last entry is the TOC; only then are these names format
+    artifacts (stargz-snapshotter hides them too), not files of the image."""
+    if not entries or entries[-1].path != TOC_NAME:
+        return entries
+    return [e for e in entries if e.path not in ARTIFACTS]
 
 
 def _members(archive: tarfile.TarFile):  # type: ignore[no-untyped-def]

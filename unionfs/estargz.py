@@ -1,0 +1,272 @@
+"""eStargz (and legacy stargz) layers, pure parts: footer, TOC, and which compressed bytes
+hold which file bytes (stargz-snapshotter docs/estargz.md). Bytes in, values out; no I/O.
+
+A layer is a concatenation of gzip members. Each non-empty regular file's payload (or each
+chunk of a large one) starts a new member; the TOC (`stargz.index.json`, a JSON list of
+entries with the blob offset of each member) is the last tar entry, in a member of its own;
+a fixed-size footer, an empty gzip member, gives the TOC's offset in its Extra field.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import datetime
+import gzip
+import io
+import itertools
+import json
+import os
+import stat
+import struct
+import tarfile
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from registry.errors import LayerFormatError
+from unionfs.entry import Chunk, Entry
+from whiteout.paths import clean_path
+
+# 10 gzip header + 2 XLEN + 4 subfield header ('S','G', LEN=22) + 22 "%016xSTARGZ" + 5 empty
+# stored deflate block + 8 gzip trailer (CRC32, ISIZE).
+FOOTER_SIZE = 51
+# Legacy stargz (google/crfs): the same without the 4-byte RFC 1952 subfield header.
+LEGACY_FOOTER_SIZE = 47
+TOC_NAME = "stargz.index.json"
+PREFETCH_LANDMARK = ".prefetch.landmark"
+NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
+TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
+UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
+ARTIFACTS = {TOC_NAME, PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK}  # never shown, at the layer root
+MAX_TOC_SIZE = 256 * 1024 * 1024  # a TOC this large is an attack, not an image
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+
+_TYPES = {
+    "dir": stat.S_IFDIR,
+    "reg": stat.S_IFREG,
+    "symlink": stat.S_IFLNK,
+    "hardlink": stat.S_IFREG,
+    "char": stat.S_IFCHR,
+    "block": stat.S_IFBLK,
+    "fifo": stat.S_IFIFO,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Footer:
+    """Where the TOC member starts, and how long the footer is."""
+
+    toc_offset: int
+    size: int
+
+
+def parse_footer(tail: bytes) -> Footer | None:
+    """Returns the footer at the end of `tail` (the blob's last bytes), or None if the blob
+    is not (e)stargz. Tries the eStargz footer, then the legacy stargz one."""
+    for size, subfield in ((FOOTER_SIZE, True), (LEGACY_FOOTER_SIZE, False)):
+        if len(tail) < size:
+            continue
+        offset = _footer_offset(tail[-size:], subfield)
+        if offset is not None:
+            return Footer(offset, size)
+    return None
+
+
+def _footer_offset(footer: bytes, subfield: bool) -> int | None:
+    extra_length = 26 if subfield else 22
+    magic, method, flags = footer[:2], footer[2], footer[3]
+    if magic != b"\x1f\x8b" or method != 8 or not flags & 0x04:  # FEXTRA
+        return None
+    (xlen,) = struct.unpack_from("<H", footer, 10)
+    extra = footer[12 : 12 + xlen]
+    if xlen != extra_length or len(extra) != xlen:
+        return None
+    if subfield:
+        if extra[:2] != b"SG" or struct.unpack_from("<H", extra, 2)[0] != 22:
+            return None
+        extra = extra[4:]
+    if not extra.endswith(b"STARGZ"):
+        return None
+    try:
+        return int(extra[:16], 16)
+    except ValueError:
+        return None
+
+
+def read_toc_member(member: bytes) -> bytes:
+    """Returns the TOC JSON out of the TOC's gzip member (a tar holding stargz.index.json)."""
+    try:
+        data = gzip.decompress(member)
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as archive:
+            info = archive.next()
+            if info is None or info.name != TOC_NAME or info.size > MAX_TOC_SIZE:
+                raise LayerFormatError(f"eStargz TOC member does not start with {TOC_NAME}")
+            reader = archive.extractfile(info)
+            assert reader is not None
+            return reader.read()
+    except (OSError, EOFError, zlib.error, tarfile.TarError) as exc:
+        raise LayerFormatError(f"eStargz TOC member is malformed: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class LayerToc:
+    """A layer's entries as its TOC gives them, and the end of its prioritized files."""
+
+    entries: list[Entry]
+    prefetch_end: int | None  # blob offset where the prioritized files end, if marked
+
+
+def parse_toc(toc_json: bytes, layer: int, toc_offset: int) -> LayerToc:
+    """Returns the entries of a TOC (landmarks dropped), each regular file with its chunks."""
+    try:
+        document = json.loads(toc_json)
+        rows = document["entries"]
+        if document.get("version") != 1 or not isinstance(rows, list):
+            raise LayerFormatError(f"unsupported eStargz TOC version {document.get('version')!r}")
+        return _entries(rows, layer, toc_offset)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise LayerFormatError(f"malformed eStargz TOC: {exc!r}") from exc
+
+
+def _entries(rows: list[dict[str, Any]], layer: int, toc_offset: int) -> LayerToc:
+    ends = _member_ends(rows, toc_offset)
+    entries: list[Entry] = []
+    chunks: dict[str, list[Chunk]] = {}
+    prefetch_end = None
+    for row in rows:
+        name = clean_path(str(row["name"]))
+        if name is None:
+            continue  # escapes the root: skipped, as the tar path skips it
+        if row["type"] == "chunk":
+            chunks.setdefault(name, []).append(_chunk(row, ends))
+            continue
+        if name in ARTIFACTS:
+            prefetch_end = int(row.get("offset", 0)) if name == PREFETCH_LANDMARK else prefetch_end
+            continue
+        entry = _entry(row, name, layer)
+        if row["type"] == "reg" and entry.size:
+            chunks[name] = [_chunk(row, ends)]
+        entries.append(entry)
+    return LayerToc([_with_chunks(e, chunks.get(e.path, [])) for e in entries], prefetch_end)
+
+
+def _member_ends(rows: list[dict[str, Any]], toc_offset: int) -> dict[int, int]:
+    """Maps each member's start offset to the start of the next member (or the TOC)."""
+    starts = sorted({int(r["offset"]) for r in rows if r.get("offset") and r["type"] in ("reg", "chunk")})
+    return dict(zip(starts, [*starts[1:], toc_offset], strict=True))
+
+
+def _chunk(row: dict[str, Any], ends: dict[int, int]) -> Chunk:
+    offset = int(row["offset"])
+    return Chunk(
+        file_offset=int(row.get("chunkOffset", 0)),
+        size=int(row.get("chunkSize", 0)),  # 0: up to the end of the file, fixed below
+        blob_offset=offset,
+        blob_end=ends[offset],
+        inner_offset=int(row.get("innerOffset", 0)),
+        digest=str(row.get("chunkDigest", "")),
+    )
+
+
+def _with_chunks(entry: Entry, chunks: list[Chunk]) -> Entry:
+    if not chunks:
+        return entry
+    chunks.sort(key=lambda c: c.file_offset)
+    sized = tuple(c if c.size else c.with_size(entry.size - c.file_offset) for c in chunks)
+    covered = sum(c.size for c in sized)
+    gapless = all(a.file_offset + a.size == b.file_offset for a, b in itertools.pairwise(sized))
+    if covered != entry.size or not gapless or sized[0].file_offset != 0:
+        raise LayerFormatError(f"eStargz TOC: chunks of {entry.path!r} do not tile its {entry.size} bytes")
+    return dataclasses.replace(entry, chunks=sized)
+
+
+def _entry(row: dict[str, Any], name: str, layer: int) -> Entry:
+    kind = row["type"]
+    if kind not in _TYPES:
+        raise LayerFormatError(f"eStargz TOC: {name!r} has unknown type {kind!r}")
+    hardlink = kind == "hardlink"
+    link = str(row.get("linkName", ""))
+    if hardlink:
+        link = clean_path(link) or ""
+    return Entry(
+        path=name,
+        mode=_TYPES[kind] | (int(row.get("mode", 0)) & 0o7777),
+        uid=int(row.get("uid", 0)),
+        gid=int(row.get("gid", 0)),
+        size=int(row.get("size", 0)) if kind == "reg" else 0,
+        mtime_ns=_modtime_ns(str(row.get("modtime", ""))),
+        link=link,
+        hardlink=hardlink,
+        rdev=_rdev(row) if kind in ("char", "block") else 0,
+        xattrs={k: _xattr(v) for k, v in (row.get("xattrs") or {}).items()},
+        layer=layer,
+    )
+
+
+def _rdev(row: dict[str, Any]) -> int:
+    return os.makedev(int(row.get("devMajor", 0)), int(row.get("devMinor", 0)))
+
+
+def _xattr(value: str) -> bytes:
+    # Go encodes map[string][]byte values as base64 strings.
+    try:
+        return base64.b64decode(value, validate=True)
+    except binascii.Error:
+        raise LayerFormatError(f"eStargz TOC: xattr value {value!r} is not base64") from None
+
+
+def _modtime_ns(text: str) -> int:
+    if not text:
+        return 0
+    try:
+        moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise LayerFormatError(f"eStargz TOC: modtime {text!r} is not RFC 3339") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)
+    delta = moment - _EPOCH  # exact integer arithmetic: float timestamps would round
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch:
+    """One request: compressed bytes [start, end) of a blob, holding `chunks`."""
+
+    start: int
+    end: int
+    chunks: tuple[Chunk, ...]
+
+
+def chunks_for(entry: Entry, offset: int, size: int) -> list[Chunk]:
+    """Returns the chunks of `entry` that hold bytes [offset, offset + size)."""
+    end = min(offset + size, entry.size)
+    return [c for c in entry.chunks if c.file_offset < end and c.file_offset + c.size > offset]
+
+
+def plan_fetches(chunks: Sequence[Chunk], max_gap: int = 0) -> list[Fetch]:
+    """Returns the fewest requests that cover `chunks`: members that touch (or lie within
+    `max_gap` bytes of each other) are fetched with one closed range."""
+    fetches: list[Fetch] = []
+    for chunk in sorted(set(chunks), key=lambda c: c.blob_offset):
+        last = fetches[-1] if fetches else None
+        if last is not None and chunk.blob_offset <= last.end + max_gap:
+            fetches[-1] = Fetch(last.start, max(last.end, chunk.blob_end), (*last.chunks, chunk))
+        else:
+            fetches.append(Fetch(chunk.blob_offset, chunk.blob_end, (chunk,)))
+    return fetches
+
+
+def chunk_data(compressed: bytes, fetch_start: int, chunk: Chunk) -> bytes:
+    """Returns a chunk's bytes out of the compressed range that starts at `fetch_start`."""
+    member = compressed[chunk.blob_offset - fetch_start : chunk.blob_end - fetch_start]
+    try:
+        data = zlib.decompressobj(wbits=31).decompress(member, chunk.inner_offset + chunk.size)
+    except zlib.error as exc:
+        raise LayerFormatError(f"chunk at blob offset {chunk.blob_offset} is not valid gzip: {exc}") from exc
+    piece = data[chunk.inner_offset : chunk.inner_offset + chunk.size]
+    if len(piece) != chunk.size:
+        raise LayerFormatError(f"chunk at blob offset {chunk.blob_offset} holds {len(piece)} of {chunk.size} bytes")
+    return piece

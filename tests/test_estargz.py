@@ -152,7 +152,7 @@ def test_upstream_toc_shapes_and_inner_offsets() -> None:
                     {"name": "a", "type": "chunk", "offset": 5, "chunkOffset": 20, "chunkSize": 5},
                 ],
             }
-        ).encode(),  # fmt: skip
+        ).encode(),
         json.dumps({"version": 1, "entries": [{"name": "a", "type": "dir", "modtime": "yesterday"}]}).encode(),
     ],
     ids=["not-json", "version-2", "unknown-type", "chunks-do-not-tile", "bad-modtime"],

@@ -36,6 +36,10 @@ _FOREIGN = {
     "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
     "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
 }
+# Layer annotations of eStargz (stargz-snapshotter docs/estargz.md): the TOC's digest, which
+# makes the TOC verifiable, and the size of the uncompressed tar.
+TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
+UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 

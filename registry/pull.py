@@ -1,4 +1,4 @@
-"""Resolve a registry image and fetch the layer blobs that the cache does not hold yet.
+"""Resolve a registry image, and fetch the layer blobs that are to be read whole.
 
 The result has the same shape as a local image: layers are windows on blob files under
 `blob_dir`, named by digest, written once (verified, renamed into place) and shared by every
@@ -12,13 +12,14 @@ import contextlib
 import fcntl
 import os
 import tempfile
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+from registry.digest import Digest
 from registry.errors import ManifestError
 from registry.manifest import Descriptor, Manifest, Platform, decode, diff_ids, select_platform
-from registry.media_types import layer_compression
-from registry.remote import Progress, RegistryClient, RemoteOptions
+from registry.media_types import TOC_DIGEST_ANNOTATION, layer_compression
+from registry.remote import Progress, RegistryClient
 from registry.remote_reference import RemoteReference
 from registry.source import FileWindow, Image, Layer
 
@@ -26,32 +27,33 @@ LOCK_POLL_SECONDS = 0.1
 MAX_INDEX_DEPTH = 4  # an index may point at an index; deeper than this is a loop
 
 
-async def pull_image(
-    reference: RemoteReference,
-    platform: Platform,
-    options: RemoteOptions,
-    env: Mapping[str, str],
-    blob_dir: Path,
-    needs_blob: Callable[[Layer], bool],
-    start_progress: Callable[[int], Progress] | None = None,
-) -> Image:
-    """Returns `reference` resolved for `platform`, with every blob that `needs_blob` asks
-    for present and verified under `blob_dir`."""
-    blob_dir.mkdir(parents=True, exist_ok=True)
-    async with RegistryClient(reference, options, env) as client:
-        manifest = await _manifest(client, reference, platform)
-        config = await client.small_blob(manifest.config.digest)
-        diffs = diff_ids(config)
-        if len(diffs) != len(manifest.layers):
-            raise ManifestError(f"{reference}: {len(manifest.layers)} layers but config lists {len(diffs)} diff_ids")
-        layers = [
-            Layer(d.digest, diff, layer_compression(d.media_type), FileWindow(str(_blob_path(blob_dir, d)), 0, d.size))
-            for d, diff in zip(manifest.layers, diffs, strict=True)
-        ]
-        missing = [d for d, layer in zip(manifest.layers, layers, strict=True) if needs_blob(layer)]
-        progress = start_progress(sum(d.size for d in missing)) if start_progress and missing else None
-        await asyncio.gather(*(_fetch(client, d, _blob_path(blob_dir, d), progress) for d in missing))
+async def resolve_remote(client: RegistryClient, platform: Platform, blob_dir: Path) -> Image:
+    """Returns the client's image for `platform`, its layers windows on (not yet fetched)
+    blob files under `blob_dir`."""
+    reference = client.reference
+    manifest = await _manifest(client, reference, platform)
+    diffs = diff_ids(await client.small_blob(manifest.config.digest))
+    if len(diffs) != len(manifest.layers):
+        raise ManifestError(f"{reference}: {len(manifest.layers)} layers but config lists {len(diffs)} diff_ids")
+    layers = [_layer(d, diff, blob_dir) for d, diff in zip(manifest.layers, diffs, strict=True)]
     return Image(str(reference), tuple(layers))
+
+
+def _layer(descriptor: Descriptor, diff_id: Digest, blob_dir: Path) -> Layer:
+    window = FileWindow(str(_blob_path(blob_dir, descriptor)), 0, descriptor.size)
+    compression = layer_compression(descriptor.media_type)
+    return Layer(descriptor.digest, diff_id, compression, window, descriptor.annotation(TOC_DIGEST_ANNOTATION))
+
+
+async def fetch_blobs(
+    client: RegistryClient, layers: list[Layer], start_progress: Callable[[int], Progress] | None = None
+) -> None:
+    """Downloads the blobs of `layers` into their windows' files (verified, shared)."""
+    if not layers:
+        return
+    Path(layers[0].window.path).parent.mkdir(parents=True, exist_ok=True)
+    progress = start_progress(sum(layer.window.size for layer in layers)) if start_progress else None
+    await asyncio.gather(*(_fetch(client, layer, progress) for layer in layers))
 
 
 def _blob_path(blob_dir: Path, descriptor: Descriptor) -> Path:
@@ -77,7 +79,8 @@ def _bare_media_type(content_type: str | None) -> str | None:
     return media_type if media_type and media_type not in ("application/json", "text/plain") else None
 
 
-async def _fetch(client: RegistryClient, descriptor: Descriptor, path: Path, progress: Progress | None) -> None:
+async def _fetch(client: RegistryClient, layer: Layer, progress: Progress | None) -> None:
+    path = Path(layer.window.path)
     if path.exists():
         return  # written only after verification, under its digest
     async with _exclusive(path.with_name(path.name + ".lock")):
@@ -86,7 +89,8 @@ async def _fetch(client: RegistryClient, descriptor: Descriptor, path: Path, pro
         fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".partial-")
         os.close(fd)
         try:
-            await client.download(descriptor.digest, descriptor.size, Path(temp), progress)
+            assert layer.digest is not None
+            await client.download(layer.digest, layer.window.size, Path(temp), progress)
             os.replace(temp, path)
         finally:
             with contextlib.suppress(FileNotFoundError):

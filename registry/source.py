@@ -86,6 +86,7 @@ class Layer:
     diff_id: Digest | None
     compression: Compression
     window: FileWindow
+    toc_digest: str | None = None  # eStargz TOC digest, from the descriptor's annotation
 
     @property
     def key(self) -> str:

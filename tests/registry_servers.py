@@ -208,6 +208,13 @@ class TokenServer:
         return f"{signing_input}.{_b64url(signature)}"
 
 
+def _kind(request: web.Request) -> str:
+    """Returns what a registry request asks for: blob, range (of a blob), manifest, other."""
+    if "/blobs/" in request.path:
+        return "range" if "Range" in request.headers else "blob"
+    return "manifest" if "/manifests/" in request.path else "other"
+
+
 @dataclass
 class Fault:
     """What the proxy does to the next `count` requests whose path contains `path_part`."""
@@ -251,8 +258,7 @@ class FaultProxy:
         return None
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        kind = "blob" if "/blobs/" in request.path else "manifest" if "/manifests/" in request.path else "other"
-        self.requests[kind] += 1
+        self.requests[_kind(request)] += 1
         fault = self._take(request.path)
         if fault and fault.kind == "reset":
             assert request.transport is not None
@@ -264,12 +270,15 @@ class FaultProxy:
             await asyncio.sleep(self.stall_seconds)
         if fault and fault.kind == "redirect":
             return web.Response(status=307, headers={"Location": f"{self.redirect_to}{request.path_qs}"})
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "range")}
+        # A list, not a dict: clients repeat headers (skopeo sends one Accept per media type).
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in ("host", "range")]
         if "Range" in request.headers and not (fault and fault.kind == "ignore_range"):
-            headers["Range"] = request.headers["Range"]
+            headers.append(("Range", request.headers["Range"]))
         return await self._forward(request, headers, truncate=bool(fault and fault.kind == "truncate"))
 
-    async def _forward(self, request: web.Request, headers: dict[str, str], truncate: bool) -> web.StreamResponse:
+    async def _forward(
+        self, request: web.Request, headers: list[tuple[str, str]], truncate: bool
+    ) -> web.StreamResponse:
         async with ClientSession(auto_decompress=False) as session, session.request(
             request.method, f"http://{self.upstream}{request.path_qs}", headers=headers,
             data=await request.read(), allow_redirects=False,

@@ -2,37 +2,56 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TextIO
 
 from registry.local import resolve_image
 from registry.manifest import Platform
-from registry.pull import pull_image
+from registry.media_types import Compression
+from registry.pull import fetch_blobs, resolve_remote
 from registry.reference import REGISTRY, ImageReference
-from registry.remote import Progress, RemoteOptions
+from registry.remote import Progress, RegistryClient, RemoteOptions
 from registry.remote_reference import RemoteReference
 from registry.source import Image
 from unionfs.aio import EventLoopThread
-from unionfs.content import ContentReader
+from unionfs.chunk_cache import ChunkCache
+from unionfs.content import ContentReader, LayerReader, TarReader
+from unionfs.entry import Entry
+from unionfs.estargz import LayerToc
 from unionfs.layer_store import LayerStore
+from unionfs.lazy import LazyLayer, fetch_toc
 from unionfs.tree import MergedTree, freeze
 from whiteout.apply import merge_layers
 
 log = logging.getLogger("crfs-merge")
 
 
-@dataclass(frozen=True, slots=True)
 class MountedImage:
-    """What the FUSE operations and the exporter serve: the tree and its bytes."""
+    """What the FUSE operations and the exporter serve: the tree and its bytes, plus what
+    must run once the mount is ready (prefetch) and when it ends (closing the registry)."""
 
-    tree: MergedTree
-    content: ContentReader
+    def __init__(self, tree: MergedTree, content: ContentReader, prefetch: Callable[[], None] = lambda: None,
+                 close: Callable[[], None] = lambda: None) -> None:  # fmt: skip
+        self.tree, self.content = tree, content
+        self._prefetch, self._close = prefetch, close
+
+    def start_prefetch(self) -> None:
+        self._prefetch()
+
+    def close(self) -> None:
+        self.content.close()
+        self._close()
+
+
+PREFETCH_MODES = ("none", "landmark", "all")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +61,7 @@ class Settings:
     cache_dir: Path
     platform: Platform
     remote: RemoteOptions = field(default_factory=RemoteOptions)
+    prefetch: str = "landmark"  # eStargz: none | landmark (prioritized files) | all (whole layers)
 
 
 def open_image(text: str, settings: Settings) -> MountedImage:
@@ -50,18 +70,76 @@ def open_image(text: str, settings: Settings) -> MountedImage:
     reference = ImageReference.parse(text)
     if reference.transport != REGISTRY:
         return build(resolve_image(reference, settings.platform), store)
-    remote = RemoteReference.parse(reference.path)
-    pull = pull_image(remote, settings.platform, settings.remote, os.environ, settings.cache_dir / "blobs",
-                      store.needs_blob, _terminal_progress(sys.stderr))  # fmt: skip
-    with EventLoopThread() as loop:
-        return build(loop.run(pull), store)
+    loop = EventLoopThread().__enter__()
+    try:
+        return _open_remote(RemoteReference.parse(reference.path), settings, store, loop)
+    except BaseException:
+        loop.__exit__(None, None, None)
+        raise
 
 
 def build(image: Image, store: LayerStore) -> MountedImage:
-    """Returns the merged view of `image`, indexing its layers through `store`."""
+    """Returns the merged view of a local `image`, indexing its layers through `store`."""
     indexed = [store.open(layer, number) for number, layer in enumerate(image.layers)]
-    root = merge_layers((layer.entries for layer in indexed), warn=log.warning)
-    return MountedImage(freeze(root), ContentReader([layer.tar for layer in indexed]))
+    readers = [TarReader(layer.tar) for layer in indexed]
+    return MountedImage(_tree([layer.entries for layer in indexed]), ContentReader(readers))
+
+
+def _tree(layers: list[list[Entry]]) -> MergedTree:
+    return freeze(merge_layers(layers, warn=log.warning))
+
+
+def _open_remote(
+    reference: RemoteReference, settings: Settings, store: LayerStore, loop: EventLoopThread
+) -> MountedImage:
+    """Mounts a registry image: eStargz layers lazily (footer and TOC now, chunks on read),
+    others fetched whole into the cache and read as local tars."""
+    client = RegistryClient(reference, settings.remote, os.environ)
+    loop.run(client.__aenter__())
+    image = loop.run(resolve_remote(client, settings.platform, settings.cache_dir / "blobs"))
+    tocs = loop.run(_tocs(client, image, store, settings.cache_dir / "toc"))
+    whole = [layer for n, layer in enumerate(image.layers) if n not in tocs and store.needs_blob(layer)]
+    loop.run(fetch_blobs(client, whole, _terminal_progress(sys.stderr)))
+    cache = ChunkCache(settings.cache_dir / "chunks")
+    timeout = settings.remote.timeout * (settings.remote.retries + 1) * 2
+    readers: list[LayerReader] = []
+    entries: list[list[Entry]] = []
+    lazy: list[tuple[LazyLayer, LayerToc]] = []
+    for number, layer in enumerate(image.layers):
+        if number in tocs:
+            assert layer.digest is not None
+            reader = LazyLayer(loop, client, layer.digest, cache, timeout)
+            readers.append(reader)
+            entries.append(tocs[number].entries)
+            lazy.append((reader, tocs[number]))
+        else:
+            indexed = store.open(layer, number)
+            readers.append(TarReader(indexed.tar))
+            entries.append(indexed.entries)
+
+    def close() -> None:
+        loop.run(client.__aexit__(None, None, None))
+        loop.__exit__(None, None, None)
+
+    prefetch = partial(_prefetch, lazy, settings.prefetch)
+    return MountedImage(_tree(entries), ContentReader(readers), prefetch, close)
+
+
+async def _tocs(client: RegistryClient, image: Image, store: LayerStore, toc_dir: Path) -> dict[int, LayerToc]:
+    """Returns the TOCs of the layers to read lazily: gzip layers not yet in the cache whole."""
+    wanted = [(n, layer) for n, layer in enumerate(image.layers)
+              if layer.compression is Compression.GZIP and store.needs_blob(layer)]  # fmt: skip
+    found = await asyncio.gather(*(fetch_toc(client, layer, n, toc_dir) for n, layer in wanted))
+    return {n: toc for (n, _), toc in zip(wanted, found, strict=True) if toc is not None}
+
+
+def _prefetch(lazy: list[tuple[LazyLayer, LayerToc]], mode: str) -> None:
+    for reader, toc in lazy:
+        chunks = [c for e in toc.entries for c in e.chunks]
+        if mode == "landmark" and toc.prefetch_end is not None:
+            reader.prefetch(c for c in chunks if c.blob_offset < toc.prefetch_end)
+        elif mode == "all":
+            reader.prefetch(chunks)
 
 
 def _terminal_progress(stream: TextIO) -> Callable[[int], Progress] | None:

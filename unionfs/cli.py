@@ -28,7 +28,7 @@ from registry.errors import ImageError
 from registry.manifest import Platform
 from registry.reference import ImageReference
 from registry.remote import RemoteOptions
-from unionfs.build import MountedImage, Settings, open_image
+from unionfs.build import PREFETCH_MODES, MountedImage, Settings, open_image
 from unionfs.layer_store import default_cache_dir
 
 log = logging.getLogger("crfs-merge")
@@ -77,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="false: allow plain HTTP and unverified TLS (default true)")  # fmt: skip
     parser.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                         help="registry connect and read timeout (default 30)")  # fmt: skip
+    parser.add_argument("--prefetch", choices=PREFETCH_MODES, default="landmark",
+                        help="eStargz layers: fetch in the background none, the prioritized files (landmark, "
+                        "the default), or all")  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true", help="log every step")
     parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     return parser
@@ -94,6 +97,7 @@ def _open_image(args: argparse.Namespace, image_text: str) -> MountedImage:
         cache_dir=args.cache_dir or default_cache_dir(),
         platform=Platform.parse(args.platform) if args.platform else Platform.host(),
         remote=RemoteOptions(Credentials.parse(creds) if creds else None, args.tls_verify, args.timeout),
+        prefetch=args.prefetch,
     )
     return open_image(image_text, settings)
 
@@ -103,7 +107,11 @@ def _export(args: argparse.Namespace) -> int:
 
     if len(args.operands) != 1:
         raise UsageError("--export DEST takes exactly one IMAGE")
-    export(_open_image(args, args.operands[0]), args.export)
+    image = _open_image(args, args.operands[0])
+    try:
+        export(image, args.export)
+    finally:
+        image.close()
     return 0
 
 

@@ -1,34 +1,59 @@
-"""Read file bytes out of the layers' uncompressed tars with pread: no seek state, so any
-number of FUSE worker threads can read at once."""
+"""Read file bytes: each layer has a reader that knows where its bytes live.
+
+A local layer's bytes are in its uncompressed tar, read with pread (no seek state, so any
+number of FUSE worker threads read at once); an eStargz layer's are fetched lazily
+(unionfs/lazy.py). The content reader only dispatches by the entry's layer.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Protocol
 
 from registry.source import FileWindow
 from unionfs.entry import Entry
 
 
-class ContentReader:
-    """Reads the bytes of regular-file entries; one descriptor per layer tar."""
+class LayerReader(Protocol):
+    """Reads the bytes of regular-file entries of one layer."""
 
-    def __init__(self, tars: Sequence[FileWindow]) -> None:
-        self._tars = list(tars)
-        self._fds = [os.open(t.path, os.O_RDONLY | os.O_CLOEXEC) for t in self._tars]
+    def read(self, entry: Entry, offset: int, size: int) -> bytes: ...
+
+
+class TarReader:
+    """Reads entries out of a layer's uncompressed tar on local disk."""
+
+    def __init__(self, tar: FileWindow) -> None:
+        self._tar = tar
+        self._fd = os.open(tar.path, os.O_RDONLY | os.O_CLOEXEC)
 
     def read(self, entry: Entry, offset: int, size: int) -> bytes:
-        """Returns up to `size` bytes of `entry` from `offset`; b'' at or past its end."""
         size = max(0, min(size, entry.size - offset))
         if size == 0:
             return b""
-        tar = self._tars[entry.layer]
-        data = os.pread(self._fds[entry.layer], size, tar.offset + entry.offset + offset)
+        data = os.pread(self._fd, size, self._tar.offset + entry.offset + offset)
         if len(data) != size:
-            raise OSError(f"layer {entry.layer} tar {tar.path} is shorter than its index says")
+            raise OSError(f"layer tar {self._tar.path} is shorter than its index says")
         return data
 
     def close(self) -> None:
-        for fd in self._fds:
-            os.close(fd)
-        self._fds = []
+        os.close(self._fd)
+
+
+class ContentReader:
+    """Reads any entry of the merged tree through its layer's reader."""
+
+    def __init__(self, layers: Sequence[LayerReader]) -> None:
+        self._layers = list(layers)
+
+    def read(self, entry: Entry, offset: int, size: int) -> bytes:
+        """Returns up to `size` bytes of `entry` from `offset`; b'' at or past its end."""
+        if offset >= entry.size or size <= 0:
+            return b""
+        return self._layers[entry.layer].read(entry, offset, size)
+
+    def close(self) -> None:
+        for layer in self._layers:
+            if isinstance(layer, TarReader):
+                layer.close()

@@ -38,8 +38,6 @@ LEGACY_FOOTER_SIZE = 47
 TOC_NAME = "stargz.index.json"
 PREFETCH_LANDMARK = ".prefetch.landmark"
 NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
-TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
-UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
 ARTIFACTS = {TOC_NAME, PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK}  # never shown, at the layer root
 MAX_TOC_SIZE = 256 * 1024 * 1024  # a TOC this large is an attack, not an image
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
@@ -246,13 +244,14 @@ def chunks_for(entry: Entry, offset: int, size: int) -> list[Chunk]:
     return [c for c in entry.chunks if c.file_offset < end and c.file_offset + c.size > offset]
 
 
-def plan_fetches(chunks: Sequence[Chunk], max_gap: int = 0) -> list[Fetch]:
+def plan_fetches(chunks: Sequence[Chunk], max_gap: int = 0, max_span: int | None = None) -> list[Fetch]:
     """Returns the fewest requests that cover `chunks`: members that touch (or lie within
-    `max_gap` bytes of each other) are fetched with one closed range."""
+    `max_gap` bytes of each other) are fetched with one closed range, up to `max_span` bytes."""
     fetches: list[Fetch] = []
-    for chunk in sorted(set(chunks), key=lambda c: c.blob_offset):
+    for chunk in sorted(set(chunks), key=lambda c: (c.blob_offset, c.inner_offset)):
         last = fetches[-1] if fetches else None
-        if last is not None and chunk.blob_offset <= last.end + max_gap:
+        fits = max_span is None or (last is not None and chunk.blob_end - last.start <= max_span)
+        if last is not None and chunk.blob_offset <= last.end + max_gap and fits:
             fetches[-1] = Fetch(last.start, max(last.end, chunk.blob_end), (*last.chunks, chunk))
         else:
             fetches.append(Fetch(chunk.blob_offset, chunk.blob_end, (chunk,)))

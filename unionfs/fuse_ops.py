@@ -61,15 +61,17 @@ class MergedOperations(mfusepy.Operations):  # type: ignore[misc]
     use_ns = True
 
     def __init__(self, image: MountedImage, on_ready: Callable[[], None] = lambda: None) -> None:
+        self._image = image
         self._tree = image.tree
         self._content = image.content
         self._on_ready = on_ready
 
     def init(self, path: str) -> None:
         self._on_ready()
+        self._image.start_prefetch()
 
     def destroy(self, path: str) -> None:
-        self._content.close()
+        self._image.close()
 
     @_errors_to_errno
     def getattr(self, path: str, fh: int | None = None) -> dict[str, int]:

@@ -1,0 +1,175 @@
+"""Lazily read eStargz layers: fetch the footer and TOC at mount time, then, per read, only
+the chunks that hold the bytes asked for, verified against their chunkDigest.
+
+All fetching runs on the one event loop thread, so misses for the same chunk coalesce
+without locks: the first reader starts the fetch, later ones await the same future.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterable
+from concurrent.futures import Future
+from pathlib import Path
+
+from registry.digest import Digest
+from registry.errors import DigestMismatchError, LayerFormatError
+from registry.media_types import TOC_DIGEST_ANNOTATION
+from registry.remote import RegistryClient
+from registry.source import Layer
+from unionfs.aio import EventLoopThread
+from unionfs.chunk_cache import ChunkCache
+from unionfs.entry import Chunk, Entry
+from unionfs.estargz import (
+    FOOTER_SIZE,
+    Fetch,
+    LayerToc,
+    chunk_data,
+    chunks_for,
+    parse_footer,
+    parse_toc,
+    plan_fetches,
+    read_toc_member,
+)
+
+log = logging.getLogger("crfs-merge")
+READAHEAD_CHUNKS = 2  # on a miss, also start fetching this many following chunks of the file
+MERGE_GAP = 64 * 1024  # fetch across gaps this small rather than make another request
+PREFETCH_SPAN = 16 * 1024 * 1024  # the largest range one prefetch request asks for
+
+
+async def fetch_toc(client: RegistryClient, layer: Layer, number: int, toc_dir: Path) -> LayerToc | None:
+    """Returns the layer's TOC if it is (e)stargz, else None (it is then read whole).
+
+    Two closed-range requests, the footer then the TOC member, unless an earlier mount left
+    the TOC in `toc_dir`. A TOC that does not match the layer's toc.digest annotation is an
+    error, not a fallback: the layer is not what its manifest says."""
+    digest, size = layer.digest, layer.window.size
+    if digest is None or size < FOOTER_SIZE:
+        return None
+    cached = toc_dir / f"{layer.key}.json"
+    if cached.exists():
+        toc_json, toc_offset = _read_cached_toc(cached)
+    else:
+        found = await _fetch_toc_json(client, digest, size)
+        if found is None:
+            return None
+        toc_json, toc_offset = found
+    if layer.toc_digest is not None:
+        Digest.parse(layer.toc_digest).check_bytes(toc_json, f"TOC of layer {digest} ({TOC_DIGEST_ANNOTATION})")
+    toc = parse_toc(toc_json, number, toc_offset)
+    if not cached.exists():
+        _write_cached_toc(cached, toc_json, toc_offset)
+    return toc
+
+
+async def _fetch_toc_json(client: RegistryClient, digest: Digest, size: int) -> tuple[bytes, int] | None:
+    footer = parse_footer(await client.read_range(digest, size - FOOTER_SIZE, size - 1))
+    if footer is None or not 0 < footer.toc_offset < size - footer.size:
+        return None
+    member = await client.read_range(digest, footer.toc_offset, size - footer.size - 1)
+    return read_toc_member(member), footer.toc_offset
+
+
+def _read_cached_toc(path: Path) -> tuple[bytes, int]:
+    offset_line, _, toc_json = path.read_bytes().partition(b"\n")
+    return toc_json, int(offset_line)
+
+
+def _write_cached_toc(path: Path, toc_json: bytes, toc_offset: int) -> None:
+    # Written only once verified (or with nothing to verify against): "offset\nTOC JSON".
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".partial-")
+    with os.fdopen(fd, "wb") as out:
+        out.write(b"%d\n" % toc_offset + toc_json)
+    os.replace(temp, path)
+
+
+class LazyLayer:
+    """Reads file bytes of one eStargz layer through the registry and the chunk cache."""
+
+    def __init__(self, loop: EventLoopThread, client: RegistryClient, blob: Digest, cache: ChunkCache,
+                 timeout: float) -> None:  # fmt: skip
+        self._loop, self._client, self._blob, self._cache = loop, client, blob, cache
+        self._timeout = timeout
+        self._inflight: dict[Chunk, asyncio.Future[bytes]] = {}
+
+    def read(self, entry: Entry, offset: int, size: int) -> bytes:
+        """Returns up to `size` bytes of `entry` from `offset` (called from FUSE threads)."""
+        size = max(0, min(size, entry.size - offset))
+        wanted = chunks_for(entry, offset, size)
+        pieces = {c: self._cache.get(self._key(c)) for c in wanted}
+        missing = [c for c, data in pieces.items() if data is None]
+        if missing:
+            fetched = self._loop.run(self._get(missing), self._timeout)
+            pieces.update(fetched)
+            self._readahead(entry, wanted[-1])
+        data = b"".join(pieces[c] or b"" for c in wanted)
+        start = offset - wanted[0].file_offset if wanted else 0
+        return data[start : start + size]
+
+    def prefetch(self, chunks: Iterable[Chunk]) -> Future[None]:
+        """Starts fetching `chunks` in the background, one bounded range at a time so that
+        reads, which run concurrently, are not queued behind it."""
+        wanted = [c for c in chunks if self._cache.get(self._key(c)) is None]
+        return self._loop.submit(self._prefetch(wanted))
+
+    async def _prefetch(self, chunks: list[Chunk]) -> None:
+        for fetch in plan_fetches(chunks, MERGE_GAP, PREFETCH_SPAN):
+            try:
+                await self._get(list(fetch.chunks))
+            except Exception as exc:  # a failed prefetch costs only time: reads try again
+                log.info("prefetch of %s failed: %s", self._blob, exc)
+                return
+
+    def _readahead(self, entry: Entry, last: Chunk) -> None:
+        after = [c for c in entry.chunks if c.file_offset > last.file_offset][:READAHEAD_CHUNKS]
+        if after:
+            self.prefetch(after)
+
+    async def _get(self, chunks: list[Chunk]) -> dict[Chunk, bytes]:
+        loop = asyncio.get_running_loop()
+        waiting = {c: self._inflight[c] for c in chunks if c in self._inflight}
+        mine = [c for c in chunks if c not in waiting]
+        for chunk in mine:
+            self._inflight[chunk] = loop.create_future()
+        try:
+            parts = await asyncio.gather(*(self._fetch(f) for f in plan_fetches(mine, MERGE_GAP)))
+        except BaseException as exc:
+            for chunk in mine:
+                future = self._inflight.pop(chunk)
+                future.set_exception(OSError(f"layer {self._blob}: fetch failed: {exc}"))
+                future.exception()  # retrieved: readers that shared it have their own error
+            raise
+        got = {chunk: data for part in parts for chunk, data in part.items()}
+        for chunk in mine:
+            self._inflight.pop(chunk).set_result(got[chunk])
+        for chunk, future in waiting.items():
+            got[chunk] = await future
+        return got
+
+    async def _fetch(self, fetch: Fetch) -> dict[Chunk, bytes]:
+        compressed = await self._client.read_range(self._blob, fetch.start, fetch.end - 1)
+        got = {}
+        for chunk in fetch.chunks:
+            data = chunk_data(compressed, fetch.start, chunk)
+            if chunk.digest and _hex(chunk.digest, data) != chunk.digest.partition(":")[2]:
+                raise DigestMismatchError(f"layer {self._blob}: chunk at {chunk.blob_offset} fails its chunkDigest")
+            self._cache.put(self._key(chunk), data)
+            got[chunk] = data
+        return got
+
+    def _key(self, chunk: Chunk) -> str:
+        # Legacy stargz chunks carry no digest: keep them by position, in memory only.
+        return chunk.digest or f"{self._blob}@{chunk.blob_offset}+{chunk.inner_offset}"
+
+
+def _hex(digest: str, data: bytes) -> str:
+    algorithm = digest.partition(":")[0]
+    if algorithm not in ("sha256", "sha512"):
+        raise LayerFormatError(f"unsupported chunkDigest algorithm {algorithm!r}")
+    return hashlib.new(algorithm, data).hexdigest()

@@ -61,7 +61,8 @@ def _resolve_legacy(files: TarFiles, ref: str | None) -> Image:
     diffs = diff_ids(config)
     if len(diffs) != len(layer_names):
         raise ManifestError(f"{files.path}: {len(layer_names)} layers but config lists {len(diffs)} diff_ids")
-    return Image(files.path, tuple(_legacy_layer(files.window(n), d) for n, d in zip(layer_names, diffs, strict=True)))
+    layers = tuple(_legacy_layer(files.window(n), d) for n, d in zip(layer_names, diffs, strict=True))
+    return Image(files.path, layers, config)
 
 
 def _pick_entry(entries: list[dict[str, Any]], ref: str | None, path: str) -> dict[str, Any]:

@@ -18,8 +18,8 @@ def resolve_layout(files: Files, name: str, tag: str | None, platform: Platform)
         raise ManifestError(f"{name}: index.json is not an image index")
     descriptor = _pick_tag(index, tag, name)
     manifest = _manifest_for(files, descriptor, platform)
-    config = blob_window(files, manifest.config).read_all()
-    return Image(name, tuple(_layers(files, manifest, config)))
+    config = read_blob(files, manifest.config)
+    return Image(name, tuple(_layers(files, manifest, config)), config)
 
 
 def blob_window(files: Files, descriptor: Descriptor) -> FileWindow:

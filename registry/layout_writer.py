@@ -42,8 +42,7 @@ def write_layout(
     `platform` (default: this machine's); returns the manifest digest. An existing layout
     gains the tag beside its others."""
     platform = platform or Platform.host()
-    blobs = root / "blobs" / "sha256"
-    blobs.mkdir(parents=True, exist_ok=True)
+    blobs = blob_dir(root)
     layers = [_put(blobs, compress(t, compression), LAYER_MEDIA_TYPES[compression]) for t in layer_tars]
     config = {
         "architecture": platform.architecture,
@@ -52,11 +51,25 @@ def write_layout(
         "rootfs": {"type": "layers", "diff_ids": [_digest(t) for t in layer_tars]},
         "config": {},
     }
+    return write_manifest(root, layers, _json(config), tag, platform)
+
+
+def blob_dir(root: Path) -> Path:
+    """Returns (creating it) the directory of a layout's sha256 blobs."""
+    blobs = root / "blobs" / "sha256"
+    blobs.mkdir(parents=True, exist_ok=True)
+    return blobs
+
+
+def write_manifest(root: Path, layers: Sequence[dict[str, object]], config: bytes, tag: str, platform: Platform) -> str:
+    """Writes the config and a manifest of `layers` (descriptors of blobs already in the
+    layout), tags it, and returns its digest."""
+    blobs = blob_dir(root)
     manifest = {
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
-        "config": _put(blobs, _json(config), CONFIG_MEDIA_TYPE),
-        "layers": layers,
+        "config": _put(blobs, config, CONFIG_MEDIA_TYPE),
+        "layers": list(layers),
     }
     descriptor = _put(blobs, _json(manifest), OCI_MANIFEST)
     descriptor["platform"] = {"os": platform.os, "architecture": platform.architecture,
@@ -70,7 +83,7 @@ def write_layout(
 def write_index(root: Path, member_tags: Sequence[str], tag: str) -> str:
     """Adds to the layout at `root` an image index of the images tagged `member_tags`
     (a multi-platform image), tagged `tag`; returns the index digest."""
-    blobs = root / "blobs" / "sha256"
+    blobs = blob_dir(root)
     members = [m for m in json.loads((root / "index.json").read_text())["manifests"]
                if m.get("annotations", {}).get("org.opencontainers.image.ref.name") in member_tags]  # fmt: skip
     index = {"schemaVersion": 2, "mediaType": OCI_INDEX,

@@ -32,11 +32,12 @@ async def resolve_remote(client: RegistryClient, platform: Platform, blob_dir: P
     blob files under `blob_dir`."""
     reference = client.reference
     manifest = await _manifest(client, reference, platform)
-    diffs = diff_ids(await client.small_blob(manifest.config.digest))
+    config = await client.small_blob(manifest.config.digest)
+    diffs = diff_ids(config)
     if len(diffs) != len(manifest.layers):
         raise ManifestError(f"{reference}: {len(manifest.layers)} layers but config lists {len(diffs)} diff_ids")
     layers = [_layer(d, diff, blob_dir) for d, diff in zip(manifest.layers, diffs, strict=True)]
-    return Image(str(reference), tuple(layers))
+    return Image(str(reference), tuple(layers), config)
 
 
 def _layer(descriptor: Descriptor, diff_id: Digest, blob_dir: Path) -> Layer:

@@ -98,10 +98,11 @@ class Layer:
 
 @dataclass(frozen=True, slots=True)
 class Image:
-    """A resolved image: a name for messages and its layers, bottom first."""
+    """A resolved image: a name for messages, its layers bottom first, and its config."""
 
     name: str
     layers: tuple[Layer, ...]
+    config: bytes = b""  # the image config JSON, as stored
 
 
 class Files(Protocol):

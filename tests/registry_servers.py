@@ -219,7 +219,7 @@ def _kind(request: web.Request) -> str:
 class Fault:
     """What the proxy does to the next `count` requests whose path contains `path_part`."""
 
-    kind: str  # reset | status | stall | truncate | redirect | ignore_range
+    kind: str  # reset | status | stall | truncate | corrupt | redirect | ignore_range
     count: int = 1
     path_part: str = "/blobs/"
     status: int = 503
@@ -274,10 +274,10 @@ class FaultProxy:
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in ("host", "range")]
         if "Range" in request.headers and not (fault and fault.kind == "ignore_range"):
             headers.append(("Range", request.headers["Range"]))
-        return await self._forward(request, headers, truncate=bool(fault and fault.kind == "truncate"))
+        return await self._forward(request, headers, fault.kind if fault else None)
 
     async def _forward(
-        self, request: web.Request, headers: list[tuple[str, str]], truncate: bool
+        self, request: web.Request, headers: list[tuple[str, str]], fault: str | None
     ) -> web.StreamResponse:
         async with ClientSession(auto_decompress=False) as session, session.request(
             request.method, f"http://{self.upstream}{request.path_qs}", headers=headers,
@@ -289,10 +289,12 @@ class FaultProxy:
                 passed["Location"] = upstream.headers["Location"].replace(self.upstream, self.host)
             response = web.StreamResponse(status=upstream.status, headers=passed)
             await response.prepare(request)
-            sent = body[: len(body) // 2] if truncate else body
+            sent = body[: len(body) // 2] if fault == "truncate" else body
+            if fault == "corrupt" and sent:  # wrong bytes, right length: only a digest can tell
+                sent = sent[: len(sent) // 2] + bytes([sent[len(sent) // 2] ^ 0xFF]) + sent[len(sent) // 2 + 1 :]
             await response.write(sent)
             self.served_bytes += len(sent)
-            if truncate:
+            if fault == "truncate":
                 assert request.transport is not None
                 request.transport.abort()
                 return response

@@ -20,7 +20,7 @@ from registry.pull import fetch_blobs, resolve_remote
 from registry.reference import REGISTRY, ImageReference
 from registry.remote import Progress, RegistryClient, RemoteOptions
 from registry.remote_reference import RemoteReference
-from registry.source import Image
+from registry.source import FileWindow, Image
 from unionfs.aio import EventLoopThread
 from unionfs.chunk_cache import ChunkCache
 from unionfs.content import ContentReader, LayerReader, TarReader
@@ -76,6 +76,27 @@ def open_image(text: str, settings: Settings) -> MountedImage:
     except BaseException:
         loop.__exit__(None, None, None)
         raise
+
+
+def local_layers(text: str, settings: Settings) -> tuple[Image, list[FileWindow]]:
+    """Returns the image that `text` names and the uncompressed tar of each of its layers,
+    fetching whole whatever is in a registry and not yet in the cache (for convert)."""
+    store = LayerStore(settings.cache_dir, log.warning)
+    reference = ImageReference.parse(text)
+    if reference.transport != REGISTRY:
+        image = resolve_image(reference, settings.platform)
+    else:
+        with EventLoopThread() as loop:
+            image = loop.run(_pull_whole(RemoteReference.parse(reference.path), settings, store))
+    return image, [store.open(layer, number).tar for number, layer in enumerate(image.layers)]
+
+
+async def _pull_whole(reference: RemoteReference, settings: Settings, store: LayerStore) -> Image:
+    async with RegistryClient(reference, settings.remote, os.environ) as client:
+        image = await resolve_remote(client, settings.platform, settings.cache_dir / "blobs")
+        await fetch_blobs(client, [layer for layer in image.layers if store.needs_blob(layer)],
+                          _terminal_progress(sys.stderr))  # fmt: skip
+    return image
 
 
 def build(image: Image, store: LayerStore) -> MountedImage:

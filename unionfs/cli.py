@@ -2,6 +2,7 @@
 
     crfs-merge [options] IMAGE DIR       mount; returns once DIR is ready
     crfs-merge --export DEST IMAGE       write the merged tree to a directory or a tar
+    crfs-merge convert SRC oci:DST[:TAG] rewrite an image's layers as eStargz
 
 Caveats:
 - Without -f the command starts a second crfs-merge process that serves the mount and
@@ -29,6 +30,7 @@ from registry.manifest import Platform
 from registry.reference import ImageReference
 from registry.remote import RemoteOptions
 from unionfs.build import PREFETCH_MODES, MountedImage, Settings, open_image
+from unionfs.estargz_writer import DEFAULT_CHUNK_SIZE
 from unionfs.layer_store import default_cache_dir
 
 log = logging.getLogger("crfs-merge")
@@ -44,9 +46,13 @@ class UsageError(Exception):
 def main(argv: list[str] | None = None) -> int:
     """Runs the command; returns its exit status (0 ok, 1 failure, 2 usage)."""
     argv = sys.argv[1:] if argv is None else argv
-    args = _parser().parse_args(argv)
-    logging.basicConfig(format="crfs-merge: %(message)s", level=logging.DEBUG if args.verbose else logging.WARNING)
+    converting = bool(argv) and argv[0] == "convert"
+    args = (_convert_parser() if converting else _parser()).parse_args(argv[1:] if converting else argv)
+    logging.basicConfig(format="crfs-merge: %(message)s", level=logging.WARNING)
+    log.setLevel(logging.DEBUG if args.verbose else logging.WARNING)  # ours only: not mfusepy's or asyncio's
     try:
+        if converting:
+            return _convert(args)
         if args.export:
             return _export(args)
         return _mount(args, argv)
@@ -63,13 +69,39 @@ def _parser() -> argparse.ArgumentParser:
         prog="crfs-merge",
         description="Mount a container image as one merged, read-only tree (OCI whiteouts applied).",
         epilog="IMAGE: [docker://]REGISTRY/REPO[:TAG][@DIGEST], oci:PATH[:TAG], docker-archive:FILE[:NAME], "
-        "or a path to a layout or an archive.",
+        "or a path to a layout or an archive. Also: crfs-merge convert --help",
     )
     parser.add_argument("operands", nargs="+", metavar="IMAGE [DIR]", help="image to mount, and where")
     parser.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground")
     parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
                         help="FUSE mount options, e.g. allow_other")  # fmt: skip
     parser.add_argument("--export", metavar="DEST", help="write the merged tree to DEST (directory, .tar, or -)")
+    parser.add_argument("--prefetch", choices=PREFETCH_MODES, default="landmark",
+                        help="eStargz layers: fetch in the background none, the prioritized files (landmark, "
+                        "the default), or all")  # fmt: skip
+    parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    _add_source_options(parser)
+    return parser
+
+
+def _convert_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crfs-merge convert",
+        description="Rewrite an image's layers as eStargz (lazily pullable) into an OCI layout.",
+        epilog="Push the result with: skopeo copy oci:PATH:TAG docker://REGISTRY/REPO:TAG",
+    )
+    parser.add_argument("source", metavar="SRC", help="any image crfs-merge can mount")
+    parser.add_argument("dest", metavar="oci:PATH[:TAG]", help="the OCI layout to write (created or extended)")
+    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, metavar="BYTES",
+                        help=f"largest chunk of a file (default {DEFAULT_CHUNK_SIZE})")  # fmt: skip
+    parser.add_argument("--prefetch-files", default="", metavar="PATH[,PATH...]",
+                        help="files to put first, before the prefetch landmark, in their layers")  # fmt: skip
+    _add_source_options(parser)
+    return parser
+
+
+def _add_source_options(parser: argparse.ArgumentParser) -> None:
+    """Options on where an image comes from, shared by mount, --export and convert."""
     parser.add_argument("--cache-dir", type=Path, default=None, help="default: $XDG_CACHE_HOME/crfs-merge")
     parser.add_argument("--platform", default=None, help="os/arch[/variant] of a multi-platform image")
     parser.add_argument("--creds", metavar="USER[:PASS]", help="registry credentials (else auth files are read)")
@@ -77,12 +109,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="false: allow plain HTTP and unverified TLS (default true)")  # fmt: skip
     parser.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                         help="registry connect and read timeout (default 30)")  # fmt: skip
-    parser.add_argument("--prefetch", choices=PREFETCH_MODES, default="landmark",
-                        help="eStargz layers: fetch in the background none, the prioritized files (landmark, "
-                        "the default), or all")  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true", help="log every step")
-    parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
-    return parser
 
 
 def _boolean(text: str) -> bool:
@@ -91,15 +118,27 @@ def _boolean(text: str) -> bool:
     return text.lower() == "true"
 
 
-def _open_image(args: argparse.Namespace, image_text: str) -> MountedImage:
+def _settings(args: argparse.Namespace) -> Settings:
     creds = args.creds or os.environ.pop(CREDS_VARIABLE, None)
-    settings = Settings(
+    return Settings(
         cache_dir=args.cache_dir or default_cache_dir(),
         platform=Platform.parse(args.platform) if args.platform else Platform.host(),
         remote=RemoteOptions(Credentials.parse(creds) if creds else None, args.tls_verify, args.timeout),
-        prefetch=args.prefetch,
+        prefetch=getattr(args, "prefetch", "landmark"),
     )
-    return open_image(image_text, settings)
+
+
+def _open_image(args: argparse.Namespace, image_text: str) -> MountedImage:
+    return open_image(image_text, _settings(args))
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from unionfs.convert import convert
+
+    files = [p for p in args.prefetch_files.split(",") if p]
+    digest = convert(args.source, args.dest, _settings(args), args.chunk_size, files)
+    print(f"{args.dest}: {digest}")
+    return 0
 
 
 def _export(args: argparse.Namespace) -> int:

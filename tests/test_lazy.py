@@ -1,0 +1,217 @@
+"""Lazy pulling of eStargz images from a real registry: images converted by upstream's
+ctr-remote (containerd with a private root, state and socket) and by our own converter,
+mounted through a counting proxy and compared entry by entry with the plain tar path."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from registry.layout_writer import write_layout
+from tests.conftest import COMMAND, Mounter, require
+from tests.registry_servers import REGISTRY_BINARY, Fault, FaultProxy, Registry, skopeo_copy
+from tests.tarvocab import d, f, hl, opq, sym, tar_of, wh
+from tests.tree_walk import describe_tree
+from unionfs.aio import EventLoopThread
+
+MIB = 1024 * 1024
+BIG = {f"data/blob{i:02}": os.urandom(MIB) for i in range(12)}  # incompressible: bytes on the wire are real
+LOWER = [d("data/"), *(f(name, data) for name, data in BIG.items()), f("etc/motd", b"old"), d("cache/"),
+         f("cache/stale", b"s"), f("bin/tool", b"#!/bin/sh\n" * 5000, mode=0o755)]  # fmt: skip
+UPPER = [wh("etc/motd"), opq("cache"), f("cache/fresh", b"n"), hl("bin/tool-link", "bin/tool"),
+         sym("bin/sh", "tool"), f("etc/config", b"key=value\n" * 100, xattrs={"user.k": "v"})]  # fmt: skip
+PRIORITIZED = "data/blob03"
+
+
+class Containerd:
+    """containerd with a private root, state and socket (CRI off), for ctr-remote."""
+
+    def __init__(self, root: Path) -> None:
+        config = root / "config.toml"
+        config.write_text(
+            f'version = 2\nroot = "{root}/root"\nstate = "{root}/state"\n'
+            f'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n[grpc]\n  address = "{root}/sock"\n'
+        )
+        self.socket = root / "sock"
+        self._process = subprocess.Popen(["containerd", "--config", str(config)], stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL)  # fmt: skip
+        deadline = time.monotonic() + 20
+        while not self.socket.exists():
+            assert time.monotonic() < deadline and self._process.poll() is None, "containerd did not start"
+            time.sleep(0.05)
+
+    def ctr(self, *args: str) -> None:
+        env = {**os.environ, "GOMAXPROCS": "1"}  # the converter's output depends on it
+        run = subprocess.run(["ctr-remote", "--address", str(self.socket), *args], capture_output=True, text=True,
+                             env=env, timeout=300)  # fmt: skip
+        assert run.returncode == 0, run.stderr
+
+    def stop(self) -> None:
+        self._process.terminate()
+        self._process.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A registry holding the source image and its eStargz conversions; yields their refs."""
+    for tool in ("containerd", "ctr-remote", "skopeo"):
+        require(shutil.which(tool) is not None, f"{tool} is missing (apt-get install containerd stargz-snapshotter)")
+    require(os.path.exists(REGISTRY_BINARY), "docker-registry is missing")
+    root = tmp_path_factory.mktemp("lazy")
+    write_layout(root / "source", [tar_of(*LOWER), tar_of(*UPPER)], tag="v1")
+    (root / "registry").mkdir()
+    registry = Registry(root / "registry")
+    containerd = Containerd(root)
+    try:
+        host = registry.host
+        skopeo_copy(f"oci:{root / 'source'}:v1", f"docker://{host}/lazy/image:v1")
+        containerd.ctr("content", "fetch", "--plain-http", f"{host}/lazy/image:v1")
+        refs = {"source": f"oci:{root / 'source'}:v1"}
+        for name, chunk in (("upstream", "0"), ("upstream-64k", "65536")):
+            containerd.ctr("image", "convert", "--estargz", "--oci", "--estargz-chunk-size", chunk,
+                           f"{host}/lazy/image:v1", f"{host}/lazy/image:{name}")  # fmt: skip
+            containerd.ctr("image", "push", "--plain-http", f"{host}/lazy/image:{name}")
+            refs[name] = f"lazy/image:{name}"
+        subprocess.run([*COMMAND, "convert", "--cache-dir", str(root / "cc"), "--chunk-size", "262144",
+                        "--prefetch-files", PRIORITIZED, refs["source"], f"oci:{root / 'ours'}:esgz"],
+                       check=True, capture_output=True, timeout=300)  # fmt: skip
+        skopeo_copy(f"oci:{root / 'ours'}:esgz", f"docker://{host}/lazy/image:ours")
+        refs["ours"] = "lazy/image:ours"
+        refs["ours-layout"] = str(root / "ours")
+        refs["host"] = host
+        yield refs
+    finally:
+        containerd.stop()
+        registry.stop()
+
+
+@pytest.fixture
+def proxy(images: dict[str, str]) -> Iterator[FaultProxy]:
+    with EventLoopThread() as loop:
+        counting = FaultProxy(images["host"], loop)
+        counting.start()
+        yield counting
+        counting.stop()
+
+
+@pytest.fixture
+def source_tree(images: dict[str, str], mount: Mounter, tmp_path: Path) -> dict[str, tuple[object, ...]]:
+    return describe_tree(mount(images["source"], cache=tmp_path / "source-cache"))
+
+
+def _image_bytes(images: dict[str, str], name: str) -> int:
+    """The size of an image's layer blobs, as skopeo reports them."""
+    run = subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false",
+                          f"docker://{images['host']}/{images[name]}"], capture_output=True, check=True)  # fmt: skip
+    return sum(layer["size"] for layer in json.loads(run.stdout)["layers"])
+
+
+@pytest.mark.parametrize("name", ["upstream", "upstream-64k", "ours"])
+def test_estargz_mounts_after_fetching_only_tocs_and_equals_the_tar_path(
+    name: str, images: dict[str, str], proxy: FaultProxy, mount: Mounter,
+    source_tree: dict[str, tuple[object, ...]],
+) -> None:  # fmt: skip
+    root = mount(f"{proxy.host}/{images[name]}", "--prefetch", "none")
+    at_mount = proxy.served_bytes
+    assert at_mount < _image_bytes(images, name) / 20, "mounting fetched more than footers and TOCs"
+    assert proxy.requests["blob"] == 1  # the config; layers only through ranges
+    assert describe_tree(root) == source_tree
+
+
+def test_reading_one_file_fetches_about_that_file(images: dict[str, str], proxy: FaultProxy, mount: Mounter) -> None:
+    root = mount(f"{proxy.host}/{images['upstream-64k']}", "--prefetch", "none")
+    before = proxy.served_bytes
+    name = "data/blob05"
+    assert (root / name).read_bytes() == BIG[name]
+    fetched = proxy.served_bytes - before
+    image = _image_bytes(images, "upstream-64k")
+    assert MIB <= fetched < 1.2 * MIB and fetched < image * 0.1, (fetched, image)
+
+
+def test_corrupted_chunks_read_as_eio_and_do_not_poison_the_cache(
+    images: dict[str, str], proxy: FaultProxy, mount: Mounter
+) -> None:
+    root = mount(f"{proxy.host}/{images['upstream']}", "--prefetch", "none", "--timeout", "2")
+    proxy.faults = [Fault("corrupt", 100)]
+    with pytest.raises(OSError) as raised:
+        (root / "data/blob07").read_bytes()
+    assert raised.value.errno == errno.EIO
+    proxy.faults = []
+    assert (root / "data/blob07").read_bytes() == BIG["data/blob07"]
+
+
+def test_a_toc_that_does_not_match_its_annotation_fails_the_mount(
+    images: dict[str, str], tmp_path: Path, fuse_works: None
+) -> None:
+    layout = tmp_path / "tampered"
+    shutil.copytree(images["ours-layout"], layout)
+    index = json.loads((layout / "index.json").read_text())
+    manifest_path = layout / "blobs" / "sha256" / index["manifests"][0]["digest"].split(":")[1]
+    manifest = json.loads(manifest_path.read_text())
+    manifest["layers"][0]["annotations"]["containerd.io/snapshot/stargz/toc.digest"] = "sha256:" + "0" * 64
+    data = json.dumps(manifest).encode()
+    digest = hashlib.sha256(data).hexdigest()
+    (layout / "blobs" / "sha256" / digest).write_bytes(data)
+    index["manifests"][0].update(digest=f"sha256:{digest}", size=len(data))
+    (layout / "index.json").write_text(json.dumps(index))
+    skopeo_copy(f"oci:{layout}:esgz", f"docker://{images['host']}/lazy/tampered:v1")
+    mountpoint = tmp_path / "m"
+    mountpoint.mkdir()
+    run = subprocess.run([*COMMAND, "--cache-dir", str(tmp_path / "c"), f"{images['host']}/lazy/tampered:v1",
+                          str(mountpoint)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 1 and "TOC of layer" in run.stderr and "expected sha256:000" in run.stderr, run.stderr
+    assert not os.path.ismount(mountpoint)
+
+
+def test_two_mounts_share_one_cache_directory(
+    images: dict[str, str], mount: Mounter, tmp_path: Path, source_tree: dict[str, tuple[object, ...]]
+) -> None:
+    image = f"{images['host']}/{images['upstream-64k']}"
+    shared = tmp_path / "shared"
+    roots = [mount(image, "--prefetch", "none", cache=shared) for _ in range(2)]
+    trees: list[dict[str, tuple[object, ...]]] = []
+    readers = [threading.Thread(target=lambda r=r: trees.append(describe_tree(r))) for r in roots]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join(timeout=120)
+    assert trees == [source_tree, source_tree]
+
+
+def test_landmark_prefetch_and_a_damaged_disk_cache(
+    images: dict[str, str], proxy: FaultProxy, mount: Mounter, tmp_path: Path
+) -> None:
+    cache = tmp_path / "prefetch-cache"
+    root = mount(f"{proxy.host}/{images['ours']}", "--prefetch", "landmark", cache=cache)
+    deadline = time.monotonic() + 30
+    while proxy.served_bytes < MIB and time.monotonic() < deadline:  # the prioritized file arrives by itself
+        time.sleep(0.05)
+    time.sleep(0.3)
+    before = proxy.served_bytes
+    assert (root / PRIORITIZED).read_bytes() == BIG[PRIORITIZED]
+    assert proxy.served_bytes == before, "the prefetched file was fetched again"
+    chunk_files = sorted((cache / "chunks").iterdir())
+    assert chunk_files
+    for chunk in chunk_files:  # damage every cached chunk: a new mount must notice and refetch
+        chunk.write_bytes(b"garbage")
+    again = mount(f"{proxy.host}/{images['ours']}", "--prefetch", "none", cache=cache)
+    assert (again / PRIORITIZED).read_bytes() == BIG[PRIORITIZED]
+    assert proxy.served_bytes > before
+
+
+def test_estargz_read_whole_hides_its_artifacts(
+    images: dict[str, str], mount: Mounter, tmp_path: Path, source_tree: dict[str, tuple[object, ...]]
+) -> None:
+    """The same layers through the whole-layer path (an OCI layout on disk): the TOC and the
+    landmark are tar entries there, and must not show either."""
+    assert describe_tree(mount(f"oci:{images['ours-layout']}:esgz", cache=tmp_path / "whole")) == source_tree

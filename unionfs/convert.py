@@ -1,0 +1,71 @@
+"""`crfs-merge convert SRC oci:DST[:TAG]`: rewrite every layer of an image as eStargz.
+
+SRC is anything crfs-merge mounts (layout, archive, registry). Each layer is written as
+eStargz with chunk digests, a TOC, a landmark, and the toc.digest and uncompressed-size
+annotations on its descriptor; the config gets the new diff_ids (the TOC and the landmark
+are tar entries too). The result is an OCI layout: push it with
+`skopeo copy oci:DST:TAG docker://REGISTRY/REPO:TAG`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from registry.errors import InvalidReferenceError
+from registry.layout_writer import LAYER_MEDIA_TYPES, blob_dir, write_manifest
+from registry.manifest import Platform
+from registry.media_types import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION, Compression
+from registry.reference import OCI, ImageReference
+from unionfs.build import Settings, local_layers
+from unionfs.estargz_writer import DEFAULT_CHUNK_SIZE, WrittenLayer, write_estargz
+
+
+def convert(source: str, dest: str, settings: Settings, chunk_size: int = DEFAULT_CHUNK_SIZE,
+            prioritized: list[str] | None = None) -> str:  # fmt: skip
+    """Writes SRC as an eStargz image into the OCI layout that `dest` names; returns the
+    manifest digest."""
+    target = ImageReference.parse(dest) if dest.startswith(f"{OCI}:") else None
+    if target is None:
+        raise InvalidReferenceError(f"{dest}: convert writes an OCI layout (oci:PATH[:TAG]); push it with skopeo")
+    root = Path(target.path)
+    image, tars = local_layers(source, settings)
+    descriptors, diff_ids = [], []
+    for tar in tars:
+        with tar.open() as reader:
+            written = _write_blob(root, reader, chunk_size, prioritized or [])
+        descriptors.append(_descriptor(written))
+        diff_ids.append(written.diff_id)
+    config = json.loads(image.config)
+    config["rootfs"] = {"type": "layers", "diff_ids": diff_ids}
+    platform = Platform(config.get("os", "linux"), config.get("architecture", ""), config.get("variant", ""))
+    data = json.dumps(config, separators=(",", ":")).encode()
+    return write_manifest(root, descriptors, data, target.tag or "latest", platform)
+
+
+def _write_blob(root: Path, reader: object, chunk_size: int, prioritized: list[str]) -> WrittenLayer:
+    blobs = blob_dir(root)
+    fd, temp = tempfile.mkstemp(dir=blobs, prefix=".partial-")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            written = write_estargz(reader, out, chunk_size, prioritized)  # type: ignore[arg-type]
+        os.replace(temp, blobs / written.digest.removeprefix("sha256:"))
+        return written
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+
+
+def _descriptor(written: WrittenLayer) -> dict[str, object]:
+    return {
+        "mediaType": LAYER_MEDIA_TYPES[Compression.GZIP],
+        "digest": written.digest,
+        "size": written.size,
+        "annotations": {
+            TOC_DIGEST_ANNOTATION: written.toc_digest,
+            UNCOMPRESSED_SIZE_ANNOTATION: str(written.uncompressed_size),
+        },
+    }

@@ -7,8 +7,8 @@ then measures, in one run:
 - crfs-merge cold mount (fresh cache dir) and warm mount (same cache dir again): the time
   until `crfs-merge IMAGE DIR` returns, the server's peak RSS (VmHWM), and on the mount
   `find | wc -l`, a Python read of every regular file, `tar -cf - | wc -c` and `tar -cf /dev/null`;
-- umoci: the time and peak RSS of `umoci raw unpack --rootless`, then the same workload on
-  the rootfs it wrote.
+- umoci: the time and peak RSS (VmHWM sampled every 10 ms) of `umoci raw unpack --rootless`,
+  then the same workload on the rootfs it wrote.
 
 Kernel caches are dropped (`sync; echo 3 > /proc/sys/vm/drop_caches`, needs root) before
 every mount, unpack and workload step. Prints a markdown table; --json PATH writes it as JSON.
@@ -23,29 +23,43 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import random
 import shlex
-import shutil
-import subprocess
 import sys
 import tarfile
-import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from registry.layout_writer import write_layout
-from registry.media_types import Compression
+# Run as a file, this script has only its own directory on sys.path: put the repository root
+# first, for `benchmarks.measure` and for this checkout's packages ahead of any installed copy.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
 
-MTIME = 1_600_000_000
-KIB = 1024
-MIB = 1024 * KIB
+from benchmarks.measure import (  # noqa: E402
+    KIB,
+    MIB,
+    Row,
+    ancestors,
+    common_options,
+    drop_caches,
+    markdown_table,
+    measure_server,
+    run_benchmark,
+    run_measured,
+    tail,
+    tar_info,
+    text_pool,
+    timed_find,
+    timed_shell,
+)
+from registry.layout_writer import write_layout  # noqa: E402
+from registry.media_types import Compression  # noqa: E402
+
 POOL_BYTES = 4 * MIB
-UNMOUNT_WAIT_SECONDS = 60.0
 
 READER = r"""
 import os, sys
@@ -133,7 +147,7 @@ class ImagePlanner:
         self._add_symlinks(plan, max(1, new_files // 100))
         self._add_hardlinks(plan, max(1, new_files // 200))
         for path in [*plan.files, *plan.symlinks, *plan.hardlinks, *plan.whiteouts, *plan.opaque]:
-            plan.dirs.update(_ancestors(path))
+            plan.dirs.update(ancestors(path))
         plan.dirs.update(plan.opaque)
         self.live.update(dict.fromkeys(plan.dirs, "d"))
         return plan
@@ -219,30 +233,6 @@ class ImagePlanner:
         return 1 + len(self.live)
 
 
-def _ancestors(path: str) -> Iterable[str]:
-    parts = path.split("/")[:-1]
-    return ("/".join(parts[: i + 1]) for i in range(len(parts)))
-
-
-def make_pool(rng: random.Random) -> bytes:
-    """Returns text-like bytes (compresses about 3x) to cut file contents from."""
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = ["".join(rng.choices(letters, k=rng.randint(2, 10))) for _ in range(3000)]
-    words: list[str] = []
-    length = 0
-    while length < POOL_BYTES + MIB:
-        chunk = rng.choices(vocab, k=10_000)
-        words.extend(chunk)
-        length += sum(len(w) + 1 for w in chunk)
-    return " ".join(words).encode()
-
-
-def _info(name: str, kind: bytes, mode: int, size: int = 0, link: str = "") -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.type, info.mode, info.size, info.linkname, info.mtime = kind, mode, size, link, MTIME
-    return info
-
-
 def _content(path: str, index: int, size: int, pool: bytes, rng: random.Random) -> bytes:
     head = f"{path} layer {index}\n".encode()
     offset = rng.randrange(len(pool) - size)
@@ -253,18 +243,18 @@ def write_layer_tar(plan: LayerPlan, index: int, pool: bytes, rng: random.Random
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for d in sorted(plan.dirs):
-            tar.addfile(_info(d, tarfile.DIRTYPE, 0o755))
+            tar.addfile(tar_info(d, tarfile.DIRTYPE, 0o755))
         for d in plan.opaque:
-            tar.addfile(_info(f"{d}/.wh..wh..opq", tarfile.REGTYPE, 0o644))
+            tar.addfile(tar_info(f"{d}/.wh..wh..opq", tarfile.REGTYPE, 0o644))
         for p in plan.whiteouts:
             parent, _, name = p.rpartition("/")
-            tar.addfile(_info(f"{parent}/.wh.{name}" if parent else f".wh.{name}", tarfile.REGTYPE, 0o644))
+            tar.addfile(tar_info(f"{parent}/.wh.{name}" if parent else f".wh.{name}", tarfile.REGTYPE, 0o644))
         for p, size in plan.files.items():
-            tar.addfile(_info(p, tarfile.REGTYPE, 0o644, size), io.BytesIO(_content(p, index, size, pool, rng)))
+            tar.addfile(tar_info(p, tarfile.REGTYPE, 0o644, size), io.BytesIO(_content(p, index, size, pool, rng)))
         for p, link in plan.symlinks.items():
-            tar.addfile(_info(p, tarfile.SYMTYPE, 0o777, link=link))
+            tar.addfile(tar_info(p, tarfile.SYMTYPE, 0o777, link=link))
         for p, target in plan.hardlinks.items():
-            tar.addfile(_info(p, tarfile.LNKTYPE, 0o644, link=target))
+            tar.addfile(tar_info(p, tarfile.LNKTYPE, 0o644, link=target))
     return buffer.getvalue()
 
 
@@ -272,7 +262,7 @@ def build_image(root: Path, files: int, layers: int, seed: int) -> dict[str, Any
     """Writes the OCI layout at `root`; returns facts about it."""
     started = time.perf_counter()
     planner = ImagePlanner(files, layers, seed)
-    pool = make_pool(planner.rng)
+    pool = text_pool(planner.rng, POOL_BYTES + MIB)  # compresses about 3x
     tars: list[bytes] = []
     stats = {"whiteouts": 0, "opaque_dirs": 0, "file_entries": 0, "symlinks": 0, "hardlinks": 0}
     for index, count in enumerate(planner.new_file_counts()):
@@ -299,68 +289,11 @@ def build_image(root: Path, files: int, layers: int, seed: int) -> dict[str, Any
 # ---------------------------------------------------------------- measuring
 
 
-def drop_caches() -> bool:
-    """Drops the page, dentry and inode caches; False when not allowed."""
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        return False
-    return True
-
-
-def run_measured(argv: list[str], log: Path) -> tuple[float, int, int]:
-    """Runs `argv`; returns (seconds, exit status, the child's peak RSS in KiB)."""
-    with log.open("ab") as out:
-        started = time.perf_counter()
-        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
-        _, status, usage = os.wait4(child.pid, 0)
-        elapsed = time.perf_counter() - started
-    child.returncode = os.waitstatus_to_exitcode(status)
-    return elapsed, child.returncode, usage.ru_maxrss
-
-
-def timed_shell(command: str) -> tuple[float, int, str]:
-    """Runs `command` under bash -o pipefail; returns (seconds, exit status, stdout)."""
-    started = time.perf_counter()
-    done = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, check=False)
-    return time.perf_counter() - started, done.returncode, done.stdout.strip()
-
-
-def server_pid(mountpoint: str) -> int | None:
-    """The pid of the crfs-merge server serving `mountpoint`, found by its command line."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            args = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"--ready-fd" in args and mountpoint.encode() in args:
-            return int(entry)
-    return None
-
-
-def vm_hwm_kib(pid: int | None) -> int | None:
-    if pid is None:
-        return None
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None
-    for line in status.splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return None
-
-
 def workload(root: Path) -> dict[str, Any]:
     """find | wc -l, read-all, tar | wc -c and tar to /dev/null on `root`, caches dropped before each."""
     q = shlex.quote(str(root))
     result: dict[str, Any] = {}
-    drop_caches()
-    result["find_seconds"], rc, out = timed_shell(f"find {q} | wc -l")
-    result["find_entries"] = int(out) if rc == 0 and out.isdigit() else None
+    result["find_seconds"], result["find_entries"] = timed_find(root)
     drop_caches()
     result["read_seconds"], rc, out = timed_shell(f"{shlex.quote(sys.executable)} -c {shlex.quote(READER)} {q}")
     files, _, size = out.partition(" ")
@@ -394,17 +327,6 @@ def listing(root: Path) -> dict[str, str]:
 # ---------------------------------------------------------------- phases
 
 
-def unmount(mountpoint: Path) -> None:
-    if not os.path.ismount(mountpoint):
-        return
-    pid = server_pid(str(mountpoint))
-    if subprocess.run(["fusermount3", "-u", str(mountpoint)], check=False).returncode != 0:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
-    deadline = time.monotonic() + UNMOUNT_WAIT_SECONDS
-    while pid is not None and os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
 def crfs_phase(image: Path, cache: Path, mountpoint: Path, log: Path, extra: Callable[[], None]) -> dict[str, Any]:
     """Mounts, measures, runs `extra` (untimed), unmounts."""
     drop_caches()
@@ -412,29 +334,21 @@ def crfs_phase(image: Path, cache: Path, mountpoint: Path, log: Path, extra: Cal
     seconds, rc, _ = run_measured(argv, log)
     result: dict[str, Any] = {"mount_seconds": seconds, "mount_rc": rc}
     if rc != 0 or not os.path.ismount(mountpoint):
-        result["error"] = f"crfs-merge exited {rc}; log: {log.read_text()[-2000:]}"
+        result["error"] = f"crfs-merge exited {rc}; log: {tail(log)}"
         return result
-    pid = server_pid(str(mountpoint))
-    hwm_ready = vm_hwm_kib(pid)
-    try:
-        result.update(workload(mountpoint))
-        hwm_after = vm_hwm_kib(pid)
-        result["rss_ready_kib"], result["rss_after_kib"] = hwm_ready, hwm_after
-        result["peak_rss_kib"] = max((h for h in (hwm_ready, hwm_after) if h is not None), default=None)
-        extra()
-    finally:
-        unmount(mountpoint)
+    result.update(measure_server(mountpoint, lambda: workload(mountpoint), extra))
     return result
 
 
 def umoci_phase(image: Path, out: Path, log: Path) -> dict[str, Any]:
+    """Times `umoci raw unpack --rootless` of `image` with its peak RSS, then runs the workload on its rootfs."""
     drop_caches()
     out.mkdir(parents=True, exist_ok=True)
     argv = ["umoci", "raw", "unpack", "--rootless", "--image", f"{image}:latest", str(out / "rootfs")]
-    seconds, rc, maxrss = run_measured(argv, log)
-    result: dict[str, Any] = {"mount_seconds": seconds, "mount_rc": rc, "peak_rss_kib": maxrss}
+    seconds, rc, peak = run_measured(argv, log)
+    result: dict[str, Any] = {"mount_seconds": seconds, "mount_rc": rc, "peak_rss_kib": peak}
     if rc != 0:
-        result["error"] = f"umoci exited {rc}; log: {log.read_text()[-2000:]}"
+        result["error"] = f"umoci exited {rc}; log: {tail(log)}"
         return result
     result.update(workload(out / "rootfs"))
     return result
@@ -459,21 +373,8 @@ def compare(crfs: dict[str, str], umoci: dict[str, str]) -> dict[str, Any]:
 # ---------------------------------------------------------------- report
 
 
-def _fmt(value: Any, scale: float = 1.0, digits: int = 2) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float) or scale != 1.0:
-        return f"{value / scale:.{digits}f}"
-    return str(value)
-
-
-def _ratio(a: Any, b: Any) -> str:
-    if not isinstance(a, int | float) or not isinstance(b, int | float) or not b:
-        return "n/a"
-    return f"{a / b:.2f}x"
-
-
-ROWS: list[tuple[str, str, float, bool]] = [
+PHASES = ("crfs_cold", "crfs_warm", "umoci")
+ROWS: list[Row] = [
     ("mount / unpack time (s)", "mount_seconds", 1.0, True),
     ("peak RSS (MiB)", "peak_rss_kib", 1024.0, True),
     ("`find \\| wc -l` time (s)", "find_seconds", 1.0, True),
@@ -487,18 +388,8 @@ ROWS: list[tuple[str, str, float, bool]] = [
 
 
 def table(results: dict[str, Any]) -> str:
-    cold, warm, umoci = results["crfs_cold"], results["crfs_warm"], results["umoci"]
-    lines = [
-        "| metric | crfs-merge cold | crfs-merge warm | umoci unpack | cold/umoci | warm/umoci |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for label, key, scale, ratio in ROWS:
-        a, b, c = cold.get(key), warm.get(key), umoci.get(key)
-        ratios = (_ratio(a, c), _ratio(b, c)) if ratio else ("", "")
-        lines.append(
-            f"| {label} | {_fmt(a, scale)} | {_fmt(b, scale)} | {_fmt(c, scale)} | {ratios[0]} | {ratios[1]} |"
-        )
-    return "\n".join(lines)
+    columns = ["crfs-merge cold", "crfs-merge warm", "umoci unpack", "cold/umoci", "warm/umoci"]
+    return markdown_table(columns, ROWS, [results[name] for name in PHASES])
 
 
 def summary(results: dict[str, Any]) -> str:
@@ -510,7 +401,7 @@ def summary(results: dict[str, Any]) -> str:
         f"blobs {image['blob_bytes'] / MIB:.1f} MiB, built in {image['build_seconds']:.1f} s",
         f"expected `find | wc -l` entries: {image['expected_entries']}; caches dropped: {results['caches_dropped']}",
     ]
-    for name in ("crfs_cold", "crfs_warm", "umoci"):
+    for name in PHASES:
         phase = results[name]
         if "error" in phase:
             lines.append(f"{name}: ERROR {phase['error']}")
@@ -533,10 +424,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=100_000, help="regular files added over all layers")
     parser.add_argument("--layers", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--workdir", type=Path, default=None, help="default: a new directory under /var/tmp")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    parser.add_argument("--keep", action="store_true", help="keep the image, cache and rootfs")
+    common_options(parser, keep_help="keep the image, cache and rootfs")
     return parser.parse_args(argv)
 
 
@@ -561,24 +449,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="crfs-bench-", dir="/var/tmp"))
-    work.mkdir(parents=True, exist_ok=True)
-    mnt = work / "mnt"
-    try:
-        results = run(args, work)
-    finally:
-        unmount(mnt)
-        if not args.keep and not os.path.ismount(mnt):
-            for name in ("image", "cache", "mnt", "umoci"):
-                shutil.rmtree(work / name, ignore_errors=True)
-            if args.workdir is None:
-                shutil.rmtree(work, ignore_errors=True)
-    print(table(results))
-    print()
-    print(summary(results))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    return 0 if all("error" not in results[k] for k in ("crfs_cold", "crfs_warm", "umoci")) else 1
+    scratch = ("image", "cache", "mnt", "umoci")
+    return run_benchmark(args, "crfs-bench-", scratch, run, (table, summary), PHASES)
 
 
 if __name__ == "__main__":

@@ -28,34 +28,47 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import random
 import shlex
-import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-
+# Run as a file, this script has only its own directory on sys.path: put the repository root
+# first, for `benchmarks.measure`, `tests.registry_servers` and this checkout's packages ahead
+# of any installed copy.
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))  # this checkout's packages, ahead of any installed copy
+sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks.measure import (  # noqa: E402
+    KIB,
+    MIB,
+    Row,
+    ancestors,
+    common_options,
+    drop_caches,
+    markdown_table,
+    measure_server,
+    peak_kib,
+    run_benchmark,
+    run_measured,
+    tail,
+    tar_info,
+    text_pool,
+    timed_find,
+    timed_shell,
+    unmount,
+)
 from registry.layout_writer import write_layout  # noqa: E402
 from registry.media_types import Compression  # noqa: E402
 from tests.registry_servers import FaultProxy, Registry, skopeo_copy  # noqa: E402
 from unionfs.aio import EventLoopThread  # noqa: E402
 
-MTIME = 1_600_000_000
-KIB = 1024
-MIB = 1024 * KIB
 POOL_BYTES = 8 * MIB
 CHUNK = 16 * KIB
 RANDOM_CHUNK_SHARE = 0.16  # 16 KiB text chunks gzip to about 0.44, random ones to 1.0: about 0.53 overall
@@ -63,7 +76,6 @@ EXPECTED_RATIO = RANDOM_CHUNK_SHARE + (1 - RANDOM_CHUNK_SHARE) * 0.44
 LAYER_WEIGHTS = (0.35, 0.25, 0.2, 0.12, 0.08)
 PROBE_PATH = "usr/share/bench/probe-1mib.bin"
 REPOSITORY = "bench/image:v1"
-UNMOUNT_WAIT_SECONDS = 60.0
 
 
 # ---------------------------------------------------------------- image
@@ -117,27 +129,14 @@ def plan_layers(rng: random.Random, files: int, tar_target: int) -> tuple[list[L
         for serial in range(max(1, len(own) // 100)):
             path = f"{rng.choice(dirs)}/s{serial:05d}-{len(own)}"
             layer.symlinks[path] = os.path.relpath(rng.choice(own), os.path.dirname(path))
-    entries = {a for layer in layers for p in [*layer.files, *layer.symlinks] for a in _ancestors(p)}
+    entries = {a for layer in layers for p in [*layer.files, *layer.symlinks] for a in ancestors(p)}
     entries.update(p for layer in layers for p in [*layer.files, *layer.symlinks])
     return layers, 1 + len(entries)
 
 
-def _ancestors(path: str) -> list[str]:
-    parts = path.split("/")[:-1]
-    return ["/".join(parts[: i + 1]) for i in range(len(parts))]
-
-
 def make_pools(rng: random.Random) -> tuple[bytes, bytes]:
     """Returns a text pool (gzips to about 0.41, 0.44 in 16 KiB pieces) and a random-bytes pool to cut contents from."""
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = ["".join(rng.choices(letters, k=rng.randint(2, 10))) for _ in range(3000)]
-    words: list[str] = []
-    length = 0
-    while length < POOL_BYTES:
-        chunk = rng.choices(vocab, k=10_000)
-        words.extend(chunk)
-        length += sum(len(w) + 1 for w in chunk)
-    return " ".join(words).encode()[:POOL_BYTES], rng.randbytes(POOL_BYTES)
+    return text_pool(rng, POOL_BYTES)[:POOL_BYTES], rng.randbytes(POOL_BYTES)
 
 
 def content(path: str, size: int, pools: tuple[bytes, bytes], rng: random.Random) -> bytes:
@@ -151,22 +150,16 @@ def content(path: str, size: int, pools: tuple[bytes, bytes], rng: random.Random
     return b"".join(parts)[:size]
 
 
-def _info(name: str, kind: bytes, mode: int, size: int = 0, link: str = "") -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.type, info.mode, info.size, info.linkname, info.mtime = kind, mode, size, link, MTIME
-    return info
-
-
 def layer_tar(layer: Layer, pools: tuple[bytes, bytes], rng: random.Random) -> bytes:
-    dirs = {a for p in [*layer.files, *layer.symlinks] for a in _ancestors(p)}
+    dirs = {a for p in [*layer.files, *layer.symlinks] for a in ancestors(p)}
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for d in sorted(dirs):
-            tar.addfile(_info(d, tarfile.DIRTYPE, 0o755))
+            tar.addfile(tar_info(d, tarfile.DIRTYPE, 0o755))
         for path, size in layer.files.items():
-            tar.addfile(_info(path, tarfile.REGTYPE, 0o644, size), io.BytesIO(content(path, size, pools, rng)))
+            tar.addfile(tar_info(path, tarfile.REGTYPE, 0o644, size), io.BytesIO(content(path, size, pools, rng)))
         for path, target in layer.symlinks.items():
-            tar.addfile(_info(path, tarfile.SYMTYPE, 0o777, link=target))
+            tar.addfile(tar_info(path, tarfile.SYMTYPE, 0o777, link=target))
     return buffer.getvalue()
 
 
@@ -195,36 +188,7 @@ def build_image(root: Path, size_mb: int, files: int, seed: int) -> dict[str, An
     }
 
 
-# ---------------------------------------------------------------- proxy
-
-
-class CountingProxy(FaultProxy):
-    """FaultProxy without faults that forwards repeated request headers joined with ", ".
-    FaultProxy copies headers into a dict, keeping only the last of several `Accept` lines;
-    skopeo sends one per media type, so through it skopeo fails with "OCI manifest found,
-    but accept header does not support OCI manifests"."""
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        kind = "blob" if "/blobs/" in request.path else "manifest" if "/manifests/" in request.path else "other"
-        self.requests[kind] += 1
-        headers: dict[str, str] = {}
-        for key, value in request.headers.items():
-            if key.lower() != "host":
-                headers[key] = f"{headers[key]}, {value}" if key in headers else value
-        return await self._forward(request, headers, truncate=False)
-
-
 # ---------------------------------------------------------------- measuring
-
-
-def drop_caches() -> bool:
-    """Drops the page, dentry and inode caches; False when not allowed."""
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        return False
-    return True
 
 
 def crfs_env() -> dict[str, str]:
@@ -241,86 +205,10 @@ def crfs_code() -> str:
     return done.stdout.strip() or done.stderr.strip()[-200:]
 
 
-def run_measured(argv: list[str], log: Path, env: dict[str, str] | None = None) -> tuple[float, int, int | None]:
-    """Runs `argv`; returns (seconds, exit status, the child's peak RSS in KiB). The peak is
-    VmHWM sampled every 10 ms, not wait4's ru_maxrss: that also counts the RSS this process
-    had when it forked the child (the kernel keeps the pre-exec high-water mark)."""
-    with log.open("ab") as out:
-        out.write(f"$ {shlex.join(argv)}\n".encode())
-        out.flush()
-        started = time.perf_counter()
-        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env)
-        peak: list[int] = []
-        done = threading.Event()
-        sampler = threading.Thread(target=_sample_hwm, args=(child.pid, done, peak), daemon=True)
-        sampler.start()
-        _, status, _ = os.wait4(child.pid, 0)
-        elapsed = time.perf_counter() - started
-        done.set()
-        sampler.join()
-    child.returncode = os.waitstatus_to_exitcode(status)
-    return elapsed, child.returncode, max(peak, default=None)
-
-
-def _sample_hwm(pid: int, done: threading.Event, peak: list[int]) -> None:
-    while not done.is_set():
-        hwm = vm_hwm_kib(pid)
-        if hwm is not None:
-            peak.append(hwm)
-        done.wait(0.01)
-
-
-def timed_shell(command: str) -> tuple[float, int, str]:
-    """Runs `command` under bash -o pipefail; returns (seconds, exit status, stdout)."""
-    started = time.perf_counter()
-    done = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, check=False)
-    return time.perf_counter() - started, done.returncode, done.stdout.strip()
-
-
-def server_pid(mountpoint: str) -> int | None:
-    """The pid of the crfs-merge server serving `mountpoint`, found by its command line."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            args = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"--ready-fd" in args and mountpoint.encode() in args:
-            return int(entry)
-    return None
-
-
-def vm_hwm_kib(pid: int | None) -> int | None:
-    if pid is None:
-        return None
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None
-    for line in status.splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return None
-
-
-def unmount(mountpoint: Path) -> None:
-    if not os.path.ismount(mountpoint):
-        return
-    pid = server_pid(str(mountpoint))
-    if subprocess.run(["fusermount3", "-u", str(mountpoint)], check=False).returncode != 0:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
-    deadline = time.monotonic() + UNMOUNT_WAIT_SECONDS
-    while pid is not None and os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
 def workload(root: Path) -> dict[str, Any]:
     """`find | wc -l` and a read of the 1 MiB probe file on `root`, caches dropped before each."""
     result: dict[str, Any] = {}
-    drop_caches()
-    result["find_seconds"], rc, out = timed_shell(f"find {shlex.quote(str(root))} | wc -l")
-    result["find_entries"] = int(out) if rc == 0 and out.isdigit() else None
+    result["find_seconds"], result["find_entries"] = timed_find(root)
     drop_caches()
     result["read_seconds"], rc, out = timed_shell(f"cat {shlex.quote(str(root / PROBE_PATH))} | wc -c")
     result["read_bytes"] = int(out) if rc == 0 and out.isdigit() else None
@@ -328,10 +216,6 @@ def workload(root: Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- phases
-
-
-def tail(log: Path) -> str:
-    return log.read_text(errors="replace")[-2000:]
 
 
 def crfs_phase(proxy: FaultProxy, cache: Path, mountpoint: Path, log: Path) -> dict[str, Any]:
@@ -344,16 +228,11 @@ def crfs_phase(proxy: FaultProxy, cache: Path, mountpoint: Path, log: Path) -> d
     if rc != 0 or not os.path.ismount(mountpoint):
         result["error"] = f"crfs-merge exited {rc}; log: {tail(log)}"
         return result
-    pid = server_pid(str(mountpoint))
-    hwm_ready = vm_hwm_kib(pid)
-    try:
-        result.update(workload(mountpoint))
-        result["served_after_workload_bytes"] = proxy.served_bytes
-        hwm_after = vm_hwm_kib(pid)
-        result["rss_ready_kib"], result["rss_after_kib"] = hwm_ready, hwm_after
-        result["peak_rss_kib"] = max((h for h in (hwm_ready, hwm_after) if h is not None), default=None)
-    finally:
-        unmount(mountpoint)
+
+    def steps() -> dict[str, Any]:
+        return {**workload(mountpoint), "served_after_workload_bytes": proxy.served_bytes}
+
+    result.update(measure_server(mountpoint, steps))
     return result
 
 
@@ -373,7 +252,7 @@ def reference_phase(proxy: FaultProxy, out: Path, log: Path) -> dict[str, Any]:
     unpack_seconds, rc, unpack_rss = run_measured(umoci, log)
     result.update(unpack_seconds=unpack_seconds, ready_seconds=pull_seconds + unpack_seconds)
     result.update(pull_rss_kib=pull_rss, unpack_rss_kib=unpack_rss)
-    result["peak_rss_kib"] = max((r for r in (pull_rss, unpack_rss) if r is not None), default=None)
+    result["peak_rss_kib"] = peak_kib(pull_rss, unpack_rss)
     if rc != 0:
         result["error"] = f"umoci exited {rc}; log: {tail(log)}"
         return result
@@ -384,21 +263,8 @@ def reference_phase(proxy: FaultProxy, out: Path, log: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- report
 
 
-def _fmt(value: Any, scale: float = 1.0, digits: int = 2) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float) or scale != 1.0:
-        return f"{value / scale:.{digits}f}"
-    return str(value)
-
-
-def _ratio(a: Any, b: Any) -> str:
-    if not isinstance(a, int | float) or not isinstance(b, int | float) or not b:
-        return "n/a"
-    return f"{a / b:.3f}x" if a / b < 0.1 else f"{a / b:.2f}x"
-
-
-ROWS: list[tuple[str, str, float, bool]] = [
+PHASES = ("crfs_cold", "crfs_warm", "reference")
+ROWS: list[Row] = [
     ("time to ready: mount / pull + unpack (s)", "ready_seconds", 1.0, True),
     ("of which `skopeo copy` (s)", "pull_seconds", 1.0, False),
     ("of which `umoci raw unpack` (s)", "unpack_seconds", 1.0, False),
@@ -413,18 +279,8 @@ ROWS: list[tuple[str, str, float, bool]] = [
 
 
 def table(results: dict[str, Any]) -> str:
-    cold, warm, ref = results["crfs_cold"], results["crfs_warm"], results["reference"]
-    lines = [
-        "| metric | crfs-merge cold | crfs-merge warm | skopeo + umoci | cold/ref | warm/ref |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for label, key, scale, ratio in ROWS:
-        a, b, c = cold.get(key), warm.get(key), ref.get(key)
-        ratios = (_ratio(a, c), _ratio(b, c)) if ratio else ("", "")
-        digits = 3 if scale == float(MIB) else 2
-        cells = " | ".join(_fmt(v, scale, digits) for v in (a, b, c))
-        lines.append(f"| {label} | {cells} | {ratios[0]} | {ratios[1]} |")
-    return "\n".join(lines)
+    columns = ["crfs-merge cold", "crfs-merge warm", "skopeo + umoci", "cold/ref", "warm/ref"]
+    return markdown_table(columns, ROWS, [results[name] for name in PHASES])
 
 
 def summary(results: dict[str, Any]) -> str:
@@ -437,10 +293,10 @@ def summary(results: dict[str, Any]) -> str:
         f"pushed in {results['push_seconds']:.1f} s; caches dropped: {results['caches_dropped']}; "
         f"crfs-merge code: {results['crfs_code']}",
     ]
-    counts = {k: results[k].get("find_entries") for k in ("crfs_cold", "crfs_warm", "reference")}
+    counts = {k: results[k].get("find_entries") for k in PHASES}
     same = len(set(counts.values())) == 1 and counts["crfs_cold"] == image["expected_entries"]
     lines.append(f"`find | wc -l`: {counts}, expected {image['expected_entries']}: {'OK' if same else 'MISMATCH'}")
-    for name in ("crfs_cold", "crfs_warm", "reference"):
+    for name in PHASES:
         phase = results[name]
         if "error" in phase:
             lines.append(f"{name}: ERROR {phase['error']}")
@@ -458,10 +314,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=int, default=200, help="target size of the gzip blobs")
     parser.add_argument("--files", type=int, default=10_000, help="regular files over all layers")
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--workdir", type=Path, default=None, help="default: a new directory under /var/tmp")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    parser.add_argument("--keep", action="store_true", help="keep the image, registry storage, cache and rootfs")
+    common_options(parser, keep_help="keep the image, registry storage, cache and rootfs")
     return parser.parse_args(argv)
 
 
@@ -498,7 +351,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         print(f"pushing to {registry.host} ...", file=sys.stderr)
         results["push_seconds"] = push(layout, registry)
         with EventLoopThread() as loop:
-            proxy = CountingProxy(registry.host, loop)
+            proxy = FaultProxy(registry.host, loop)
             proxy.start()
             try:
                 measure(proxy, work, results)
@@ -512,24 +365,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="crfs-bench-registry-", dir="/var/tmp"))
-    work.mkdir(parents=True, exist_ok=True)
-    mnt = work / "mnt"
-    try:
-        results = run(args, work)
-    finally:
-        unmount(mnt)
-        if not args.keep and not os.path.ismount(mnt):
-            for name in ("image", "registry", "cache", "mnt", "reference"):
-                shutil.rmtree(work / name, ignore_errors=True)
-            if args.workdir is None:
-                shutil.rmtree(work, ignore_errors=True)
-    print(table(results))
-    print()
-    print(summary(results))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    return 0 if all("error" not in results[k] for k in ("crfs_cold", "crfs_warm", "reference")) else 1
+    scratch = ("image", "registry", "cache", "mnt", "reference")
+    return run_benchmark(args, "crfs-bench-registry-", scratch, run, (table, summary), PHASES)
 
 
 if __name__ == "__main__":

@@ -74,7 +74,8 @@ def _wait_until_serving(url: str, process: subprocess.Popen[bytes] | None = None
     deadline = time.monotonic() + START_SECONDS
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}: {process.stderr and process.stderr.read()}")
+            errors = process.stderr.read().decode(errors="replace") if process.stderr else ""
+            raise RuntimeError(f"server exited with {process.returncode}: {errors}")
         try:
             urllib.request.urlopen(url, timeout=1, context=_UNVERIFIED).close()
             return
@@ -175,8 +176,9 @@ class TokenServer:
         user = self._user(request.headers.get("Authorization", ""))
         if user == "":
             return web.Response(status=401, text="bad credentials")
-        access = [a for scope in request.query.getall("scope", []) if (a := self._grant(scope, user))]
-        if user is None and request.query.getall("scope", []) and not access:
+        scopes = request.query.getall("scope") if "scope" in request.query else []
+        access = [a for scope in scopes if (a := self._grant(scope, user))]
+        if user is None and scopes and not access:
             return web.Response(status=401, text="anonymous access is for public/* only")
         token = self._sign({"iss": ISSUER, "sub": user or "", "aud": request.query.get("service", ""),
                             "exp": int(time.time()) + self.lifetime, "nbf": int(time.time()) - 5,

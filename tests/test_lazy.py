@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import threading
 import time
@@ -23,12 +24,16 @@ from tests.registry_servers import REGISTRY_BINARY, Fault, FaultProxy, Registry,
 from tests.tarvocab import d, f, hl, opq, sym, tar_of, wh
 from tests.tree_walk import describe_tree
 from unionfs.aio import EventLoopThread
+from unionfs.entry import Entry
+from unionfs.estargz import FOOTER_SIZE, parse_footer, parse_toc, read_toc_member
 
 MIB = 1024 * 1024
 BIG = {f"data/blob{i:02}": os.urandom(MIB) for i in range(12)}  # incompressible: bytes on the wire are real
 LOWER = [d("data/"), *(f(name, data) for name, data in BIG.items()), f("etc/motd", b"old"), d("cache/"),
          f("cache/stale", b"s"), f("bin/tool", b"#!/bin/sh\n" * 5000, mode=0o755)]  # fmt: skip
-UPPER = [wh("etc/motd"), opq("cache"), f("cache/fresh", b"n"), hl("bin/tool-link", "bin/tool"),
+# Hardlinks within one layer: upstream's eStargz reader refuses a link to a lower layer's file
+# (our merge takes it; test_whiteout covers that case).
+UPPER = [wh("etc/motd"), opq("cache"), f("cache/fresh", b"n"), f("bin/tool2", b"2"), hl("bin/tool-link", "bin/tool2"),
          sym("bin/sh", "tool"), f("etc/config", b"key=value\n" * 100, xattrs={"user.k": "v"})]  # fmt: skip
 PRIORITIZED = "data/blob03"
 
@@ -215,3 +220,87 @@ def test_estargz_read_whole_hides_its_artifacts(
     """The same layers through the whole-layer path (an OCI layout on disk): the TOC and the
     landmark are tar entries there, and must not show either."""
     assert describe_tree(mount(f"oci:{images['ours-layout']}:esgz", cache=tmp_path / "whole")) == source_tree
+
+
+# --- the upstream eStargz reader as an oracle ------------------------------------------
+
+ORACLE_SOURCE = Path(__file__).parent / "oracle" / "estargz-verify"
+GO_SOURCES = Path("/usr/share/gocode/src/github.com/containerd/stargz-snapshotter/estargz")
+
+
+@pytest.fixture(scope="module")
+def oracle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Builds tests/oracle/estargz-verify against Debian's copy of upstream's estargz package."""
+    require(shutil.which("go") is not None, "go is missing (apt-get install golang-go)")
+    require(GO_SOURCES.is_dir(), "upstream estargz sources missing (golang-github-containerd-stargz-snapshotter-dev)")
+    out = tmp_path_factory.mktemp("oracle")
+    env = {**os.environ, "GO111MODULE": "off", "GOPATH": "/usr/share/gocode", "GOCACHE": str(out / "cache"),
+           "GOFLAGS": ""}  # fmt: skip
+    subprocess.run(["go", "build", "-o", str(out / "estargz-verify"), "."], cwd=ORACLE_SOURCE, env=env,
+                   check=True, capture_output=True, timeout=600)  # fmt: skip
+    return out / "estargz-verify"
+
+
+def _layers_of(layout: Path, tag: str) -> list[tuple[Path, str]]:
+    """Returns (blob path, toc.digest annotation) of each layer of an OCI layout image."""
+    index = json.loads((layout / "index.json").read_text())
+    (entry,) = [
+        m for m in index["manifests"] if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag
+    ]
+    manifest = json.loads((layout / "blobs" / "sha256" / entry["digest"].split(":")[1]).read_text())
+    blobs = layout / "blobs" / "sha256"
+    annotation = "containerd.io/snapshot/stargz/toc.digest"
+    return [(blobs / layer["digest"].split(":")[1], layer["annotations"][annotation]) for layer in manifest["layers"]]
+
+
+def _upstream_view(oracle: Path, blob: Path, toc_digest: str) -> list[str]:
+    """Upstream's listing of a layer, less its landmark."""
+    run = subprocess.run([str(oracle), str(blob), toc_digest], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr  # the TOC and every chunk verified by upstream's reader
+    return sorted(line for line in run.stdout.splitlines() if not line.endswith("landmark"))
+
+
+def _our_view(blob: Path) -> list[str]:
+    """Our reader's listing of a layer in the oracle's format: a hardlink with its target's
+    attributes, plus the parent directories that upstream's reader makes up for entries
+    that have no header of their own."""
+    data = blob.read_bytes()
+    found = parse_footer(data[-FOOTER_SIZE:])
+    assert found is not None
+    entries = parse_toc(read_toc_member(data[found.toc_offset : -found.size]), 0, found.toc_offset).entries
+    by_path = {e.path: e for e in entries}
+    lines = {_line(by_path.get(e.link, e) if e.hardlink else e, e.path) for e in entries}
+    parents = {"/".join(e.path.split("/")[:i]) for e in entries for i in range(1, e.path.count("/") + 1)}
+    return sorted(lines | {f"dir 755 0 {p}" for p in parents - set(by_path)})
+
+
+def _line(entry: Entry, path: str) -> str:
+    return f"{_type(entry)} {entry.mode & 0o777:o} {entry.size} {path}"
+
+
+def _type(entry: Entry) -> str:
+    kinds = {stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink", stat.S_IFCHR: "char", stat.S_IFBLK: "block",
+             stat.S_IFIFO: "fifo"}  # fmt: skip
+    return "hardlink" if entry.hardlink else kinds.get(stat.S_IFMT(entry.mode), "reg")
+
+
+def test_our_estargz_passes_upstream_verification(images: dict[str, str], oracle: Path) -> None:
+    layers = _layers_of(Path(images["ours-layout"]), "esgz")
+    assert len(layers) == 2
+    for blob, toc_digest in layers:
+        assert _upstream_view(oracle, blob, toc_digest) == _our_view(blob)
+
+
+def test_upstream_and_our_reader_agree_on_upstream_images(images: dict[str, str], oracle: Path, tmp_path: Path) -> None:
+    for name in ("upstream", "upstream-64k"):
+        layout = tmp_path / name
+        subprocess.run(["skopeo", "copy", "--quiet", "--src-tls-verify=false", f"docker://{images['host']}/{images[name]}",
+                        f"oci:{layout}:{name}"], check=True, capture_output=True, timeout=120)  # fmt: skip
+        for blob, toc_digest in _layers_of(layout, name):
+            assert _upstream_view(oracle, blob, toc_digest) == _our_view(blob)
+
+
+def test_upstream_refuses_a_tampered_toc_digest(images: dict[str, str], oracle: Path) -> None:
+    blob, _ = _layers_of(Path(images["ours-layout"]), "esgz")[0]
+    run = subprocess.run([str(oracle), str(blob), "sha256:" + "0" * 64], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and "invalid TOC JSON" in run.stderr  # the oracle can fail

@@ -9,8 +9,9 @@ Caveats:
   reports back through a pipe once the kernel has the mount; the first one then exits 0.
   Forking this process instead would be unsafe once threads exist (libfuse's daemonize
   forks after setup), so the server is a fresh interpreter.
-- Registry images are pulled whole at mount time (lazy eStargz reads are issue 4); the
-  server process holds no registry connection once the mount is ready.
+- eStargz layers of registry images are read lazily, so the server keeps its registry
+  session (on one event loop thread) for as long as the mount lives; other layers are
+  fetched whole before the mount is ready.
 """
 
 from __future__ import annotations

@@ -82,8 +82,12 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]
         skopeo_copy(f"oci:{root / 'source'}:v1", f"docker://{host}/lazy/image:v1")
         containerd.ctr("content", "fetch", "--plain-http", f"{host}/lazy/image:v1")
         refs = {"source": f"oci:{root / 'source'}:v1"}
-        for name, chunk in (("upstream", "0"), ("upstream-64k", "65536")):
-            containerd.ctr("image", "convert", "--estargz", "--oci", "--estargz-chunk-size", chunk,
+        record = root / "record.json"  # ctr-remote's record of accessed files: they go first
+        record.write_text(json.dumps({"path": PRIORITIZED}) + "\n")
+        for name, options in (("upstream", ["--estargz-chunk-size", "0"]),
+                              ("upstream-64k", ["--estargz-chunk-size", "65536"]),
+                              ("upstream-landmark", ["--estargz-record-in", str(record)])):  # fmt: skip
+            containerd.ctr("image", "convert", "--estargz", "--oci", *options,
                            f"{host}/lazy/image:v1", f"{host}/lazy/image:{name}")  # fmt: skip
             containerd.ctr("image", "push", "--plain-http", f"{host}/lazy/image:{name}")
             refs[name] = f"lazy/image:{name}"
@@ -121,7 +125,7 @@ def _image_bytes(images: dict[str, str], name: str) -> int:
     return sum(layer["size"] for layer in json.loads(run.stdout)["layers"])
 
 
-@pytest.mark.parametrize("name", ["upstream", "upstream-64k", "ours"])
+@pytest.mark.parametrize("name", ["upstream", "upstream-64k", "upstream-landmark", "ours"])
 def test_estargz_mounts_after_fetching_only_tocs_and_equals_the_tar_path(
     name: str, images: dict[str, str], proxy: FaultProxy, mount: Mounter,
     source_tree: dict[str, tuple[object, ...]],
@@ -193,11 +197,12 @@ def test_two_mounts_share_one_cache_directory(
     assert trees == [source_tree, source_tree]
 
 
+@pytest.mark.parametrize("name", ["ours", "upstream-landmark"])
 def test_landmark_prefetch_and_a_damaged_disk_cache(
-    images: dict[str, str], proxy: FaultProxy, mount: Mounter, tmp_path: Path
+    name: str, images: dict[str, str], proxy: FaultProxy, mount: Mounter, tmp_path: Path
 ) -> None:
     cache = tmp_path / "prefetch-cache"
-    root = mount(f"{proxy.host}/{images['ours']}", "--prefetch", "landmark", cache=cache)
+    root = mount(f"{proxy.host}/{images[name]}", "--prefetch", "landmark", cache=cache)
     deadline = time.monotonic() + 30
     while proxy.served_bytes < MIB and time.monotonic() < deadline:  # the prioritized file arrives by itself
         time.sleep(0.05)
@@ -209,9 +214,23 @@ def test_landmark_prefetch_and_a_damaged_disk_cache(
     assert chunk_files
     for chunk in chunk_files:  # damage every cached chunk: a new mount must notice and refetch
         chunk.write_bytes(b"garbage")
-    again = mount(f"{proxy.host}/{images['ours']}", "--prefetch", "none", cache=cache)
+    again = mount(f"{proxy.host}/{images[name]}", "--prefetch", "none", cache=cache)
     assert (again / PRIORITIZED).read_bytes() == BIG[PRIORITIZED]
     assert proxy.served_bytes > before
+
+
+def test_prefetch_all_makes_the_image_local(
+    images: dict[str, str], proxy: FaultProxy, mount: Mounter, source_tree: dict[str, tuple[object, ...]]
+) -> None:
+    root = mount(f"{proxy.host}/{images['upstream-64k']}", "--prefetch", "all")
+    image = _image_bytes(images, "upstream-64k")
+    deadline = time.monotonic() + 60
+    while proxy.served_bytes < image * 0.9 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)  # the last range lands
+    before = proxy.served_bytes
+    assert describe_tree(root) == source_tree
+    assert proxy.served_bytes == before, "reading everything after prefetch=all fetched more"
 
 
 def test_estargz_read_whole_hides_its_artifacts(

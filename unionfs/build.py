@@ -13,6 +13,7 @@ from functools import partial
 from pathlib import Path
 from typing import TextIO
 
+from registry.digest import Digest
 from registry.local import resolve_image
 from registry.manifest import Platform
 from registry.media_types import Compression
@@ -93,10 +94,20 @@ def local_layers(text: str, settings: Settings) -> tuple[Image, list[FileWindow]
 
 async def _pull_whole(reference: RemoteReference, settings: Settings, store: LayerStore) -> Image:
     async with RegistryClient(reference, settings.remote, os.environ) as client:
-        image = await resolve_remote(client, settings.platform, settings.cache_dir / "blobs")
-        await fetch_blobs(client, [layer for layer in image.layers if store.needs_blob(layer)],
-                          _terminal_progress(sys.stderr))  # fmt: skip
+        image, _ = await _resolve_and_fetch(client, settings, store, lazy=False)
     return image
+
+
+async def _resolve_and_fetch(
+    client: RegistryClient, settings: Settings, store: LayerStore, lazy: bool
+) -> tuple[Image, dict[int, LayerToc]]:
+    """Resolves the client's image; with `lazy`, learns which layers are eStargz (their TOCs);
+    fetches every other layer that the cache lacks whole."""
+    image = await resolve_remote(client, settings.platform, settings.cache_dir / "blobs")
+    tocs = await _tocs(client, image, store, settings.cache_dir / "toc") if lazy else {}
+    whole = [layer for n, layer in enumerate(image.layers) if n not in tocs and store.needs_blob(layer)]
+    await fetch_blobs(client, whole, _terminal_progress(sys.stderr))
+    return image, tocs
 
 
 def build(image: Image, store: LayerStore) -> MountedImage:
@@ -117,33 +128,52 @@ def _open_remote(
     others fetched whole into the cache and read as local tars."""
     client = RegistryClient(reference, settings.remote, os.environ)
     loop.run(client.__aenter__())
-    image = loop.run(resolve_remote(client, settings.platform, settings.cache_dir / "blobs"))
-    tocs = loop.run(_tocs(client, image, store, settings.cache_dir / "toc"))
-    whole = [layer for n, layer in enumerate(image.layers) if n not in tocs and store.needs_blob(layer)]
-    loop.run(fetch_blobs(client, whole, _terminal_progress(sys.stderr)))
-    cache = ChunkCache(settings.cache_dir / "chunks")
-    timeout = settings.remote.timeout * (settings.remote.retries + 1) * 2
-    readers: list[LayerReader] = []
-    entries: list[list[Entry]] = []
-    lazy: list[tuple[LazyLayer, LayerToc]] = []
-    for number, layer in enumerate(image.layers):
-        if number in tocs:
-            assert layer.digest is not None
-            reader = LazyLayer(loop, client, layer.digest, cache, timeout)
-            readers.append(reader)
-            entries.append(tocs[number].entries)
-            lazy.append((reader, tocs[number]))
-        else:
-            indexed = store.open(layer, number)
-            readers.append(TarReader(indexed.tar))
-            entries.append(indexed.entries)
 
     def close() -> None:
         loop.run(client.__aexit__(None, None, None))
         loop.__exit__(None, None, None)
 
+    try:
+        image, tocs = loop.run(_resolve_and_fetch(client, settings, store, lazy=True))
+        tree, readers, lazy = _remote_layers(image, tocs, store, LazyLayerFactory(loop, client, settings))
+    except BaseException:
+        loop.run(client.__aexit__(None, None, None))
+        raise
     prefetch = partial(_prefetch, lazy, settings.prefetch)
-    return MountedImage(_tree(entries), ContentReader(readers), prefetch, close)
+    return MountedImage(tree, ContentReader(readers), prefetch, close)
+
+
+class LazyLayerFactory:
+    """Makes the lazy readers of one mount: they share its loop, client and chunk cache."""
+
+    def __init__(self, loop: EventLoopThread, client: RegistryClient, settings: Settings) -> None:
+        self._loop, self._client = loop, client
+        self._cache = ChunkCache(settings.cache_dir / "chunks")
+        # A read waits for every try of its fetch, and a little more, before it reports EIO.
+        self._timeout = settings.remote.timeout * (settings.remote.retries + 1) * 2
+
+    def __call__(self, blob: Digest) -> LazyLayer:
+        return LazyLayer(self._loop, self._client, blob, self._cache, self._timeout)
+
+
+def _remote_layers(
+    image: Image, tocs: dict[int, LayerToc], store: LayerStore, lazy_layer: LazyLayerFactory
+) -> tuple[MergedTree, list[LayerReader], list[tuple[LazyLayer, LayerToc]]]:
+    """Returns the tree and a reader per layer: lazy where a TOC was found, a local tar else."""
+    readers: list[LayerReader] = []
+    entries: list[list[Entry]] = []
+    lazy: list[tuple[LazyLayer, LayerToc]] = []
+    for number, layer in enumerate(image.layers):
+        if number in tocs and layer.digest is not None:
+            reader = lazy_layer(layer.digest)
+            lazy.append((reader, tocs[number]))
+            readers.append(reader)
+            entries.append(tocs[number].entries)
+        else:
+            indexed = store.open(layer, number)
+            readers.append(TarReader(indexed.tar))
+            entries.append(indexed.entries)
+    return _tree(entries), readers, lazy
 
 
 async def _tocs(client: RegistryClient, image: Image, store: LayerStore, toc_dir: Path) -> dict[int, LayerToc]:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import aiohttp
@@ -303,7 +303,7 @@ class RegistryClient:
 class _Download:
     """A blob download that survives retries: later attempts resume where the last stopped."""
 
-    out: object
+    out: BinaryIO
     hashed: hashlib._Hash
     size: int
     progress: Progress | None
@@ -324,7 +324,7 @@ class _Download:
             async for block in response.content.iter_chunked(STREAM_BLOCK):
                 if self.received + len(block) > self.size:
                     raise RegistryError(f"blob is longer than its descriptor's {self.size} bytes")
-                self.out.write(block)  # type: ignore[attr-defined]
+                self.out.write(block)
                 self.hashed.update(block)
                 self.received += len(block)
                 if self.progress:
@@ -335,8 +335,8 @@ class _Download:
             raise _Retryable(f"connection closed after {self.received} of {self.size} bytes")
 
     def _restart(self) -> None:
-        self.out.seek(0)  # type: ignore[attr-defined]
-        self.out.truncate()  # type: ignore[attr-defined]
+        self.out.seek(0)
+        self.out.truncate()
         self.hashed, self.received = hashlib.new(self.hashed.name), 0
 
 

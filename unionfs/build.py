@@ -52,9 +52,6 @@ class MountedImage:
         self._close()
 
 
-PREFETCH_MODES = ("none", "landmark", "all")
-
-
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything besides the image name that decides what is mounted and how it is fetched."""

@@ -18,8 +18,13 @@ from pathlib import Path
 
 from cachetools import LRUCache
 
+from registry.digest import Digest
+from registry.errors import ManifestError
+
 log = logging.getLogger("crfs-merge")
-DEFAULT_MEMORY_BYTES = 256 * 1024 * 1024
+# Small on purpose: the kernel keeps the pages of files read (kernel_cache), so this only
+# has to hold chunks between fetch and read, and the readahead.
+DEFAULT_MEMORY_BYTES = 64 * 1024 * 1024
 DEFAULT_DISK_BYTES = 10 * 1024 * 1024 * 1024
 EVICT_TO = 0.9  # evict down to this share of the bound, so eviction is not run on every write
 
@@ -35,7 +40,7 @@ class ChunkCache:
         self._disk_bytes = disk_bytes
         self._memory: LRUCache[str, bytes] = LRUCache(maxsize=memory_bytes, getsizeof=len)
         self._lock = threading.Lock()
-        self._disk_used = sum(p.stat().st_size for p in self._directory.iterdir() if p.is_file())
+        self._disk_used: int | None = None  # measured on the first write, not at mount time
 
     def get(self, key: str) -> bytes | None:
         """Returns the chunk, or None if it is in neither cache (or was found damaged)."""
@@ -45,16 +50,18 @@ class ChunkCache:
             return data
         data = self._read_disk(key)
         if data is not None:
-            with self._lock:
-                self._memory[key] = data
+            self._remember(key, data)
         return data
 
     def put(self, key: str, data: bytes) -> None:
         """Stores a verified chunk."""
-        with self._lock:
-            self._memory[key] = data
+        self._remember(key, data)
         if _digest_of(key) is not None:
             self._write_disk(key, data)
+
+    def _remember(self, key: str, data: bytes) -> None:
+        with self._lock, contextlib.suppress(ValueError):  # larger than the whole LRU: disk only
+            self._memory[key] = data
 
     def _path(self, key: str) -> Path:
         return self._directory / key.replace(":", "-")
@@ -87,6 +94,8 @@ class ChunkCache:
             log.warning("chunk cache: cannot store %s: %s", path.name, exc.strerror)
             return
         with self._lock:
+            if self._disk_used is None:
+                self._disk_used = sum(p.stat().st_size for p in self._directory.iterdir() if p.is_file())
             self._disk_used += len(data)
             over = self._disk_used > self._disk_bytes
         if over:
@@ -108,5 +117,9 @@ class ChunkCache:
 
 
 def _digest_of(key: str) -> tuple[str, str] | None:
-    algorithm, sep, hexdigest = key.partition(":")
-    return (algorithm, hexdigest) if sep and algorithm in ("sha256", "sha512") else None
+    """Returns (algorithm, hex) if `key` is a chunk digest, None for any other key."""
+    try:
+        digest = Digest.parse(key)
+    except ManifestError:
+        return None
+    return digest.algorithm, digest.hex

@@ -24,20 +24,24 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from registry.auth import Credentials
 from registry.errors import ImageError
-from registry.manifest import Platform
 from registry.reference import ImageReference
-from registry.remote import RemoteOptions
-from unionfs.build import PREFETCH_MODES, MountedImage, Settings, open_image
 from unionfs.estargz_writer import DEFAULT_CHUNK_SIZE
-from unionfs.layer_store import default_cache_dir
+
+if TYPE_CHECKING:
+    from unionfs.build import MountedImage, Settings
+
+# The command that mounts only parses its arguments and starts the server, which then
+# imports the registry client (aiohttp), FUSE and the rest: importing them here too would
+# add about 0.15 s to every mount for nothing.
 
 log = logging.getLogger("crfs-merge")
 READY = b"ready\n"
 CREDS_VARIABLE = "CRFS_MERGE_CREDS"  # how --creds reaches the server: never on a command line
 MOUNT_APPEAR_SECONDS = 10.0
+PREFETCH_MODES = ("none", "landmark", "all")
 
 
 class UsageError(Exception):
@@ -120,6 +124,12 @@ def _boolean(text: str) -> bool:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    from registry.auth import Credentials
+    from registry.manifest import Platform
+    from registry.remote import RemoteOptions
+    from unionfs.build import Settings
+    from unionfs.layer_store import default_cache_dir
+
     creds = args.creds or os.environ.pop(CREDS_VARIABLE, None)
     return Settings(
         cache_dir=args.cache_dir or default_cache_dir(),
@@ -130,6 +140,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _open_image(args: argparse.Namespace, image_text: str) -> MountedImage:
+    from unionfs.build import open_image
+
     return open_image(image_text, _settings(args))
 
 

@@ -37,7 +37,7 @@ from unionfs.estargz import (
 )
 
 log = logging.getLogger("crfs-merge")
-READAHEAD_CHUNKS = 2  # on a miss, also start fetching this many following chunks of the file
+READAHEAD_CHUNKS = 4  # on a miss, also start fetching this many following chunks of the file
 MERGE_GAP = 64 * 1024  # fetch across gaps this small rather than make another request
 PREFETCH_SPAN = 16 * 1024 * 1024  # the largest range one prefetch request asks for
 
@@ -154,6 +154,11 @@ class LazyLayer:
 
     async def _fetch(self, fetch: Fetch) -> dict[Chunk, bytes]:
         compressed = await self._client.read_range(self._blob, fetch.start, fetch.end - 1)
+        # Decompressing, hashing and writing the disk cache take longer than the transfer;
+        # zlib and hashlib let go of the GIL, so a worker thread keeps the loop free for I/O.
+        return await asyncio.to_thread(self._unpack, compressed, fetch)
+
+    def _unpack(self, compressed: bytes, fetch: Fetch) -> dict[Chunk, bytes]:
         got = {}
         for chunk in fetch.chunks:
             data = chunk_data(compressed, fetch.start, chunk)

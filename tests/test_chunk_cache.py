@@ -1,0 +1,44 @@
+"""The chunk cache: bounded on disk, oldest first out, damage noticed, shareable."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+from unionfs.chunk_cache import ChunkCache
+
+
+def _chunk(number: int) -> tuple[str, bytes]:
+    data = os.urandom(1000) + bytes([number])
+    return f"sha256:{hashlib.sha256(data).hexdigest()}", data
+
+
+def test_disk_is_bounded_and_oldest_chunks_go_first(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path, disk_bytes=3500, memory_bytes=0)
+    chunks = [_chunk(n) for n in range(6)]
+    for key, data in chunks:
+        cache.put(key, data)
+        time.sleep(0.01)  # distinct mtimes
+    on_disk = sum(p.stat().st_size for p in tmp_path.iterdir())
+    assert on_disk <= 3500
+    fresh = ChunkCache(tmp_path, disk_bytes=3500, memory_bytes=0)  # another mount, disk only
+    assert fresh.get(chunks[0][0]) is None
+    assert fresh.get(chunks[-1][0]) == chunks[-1][1]
+
+
+def test_a_damaged_chunk_is_noticed_and_removed(tmp_path: Path) -> None:
+    key, data = _chunk(1)
+    ChunkCache(tmp_path).put(key, data)
+    (tmp_path / key.replace(":", "-")).write_bytes(b"x" * len(data))
+    reader = ChunkCache(tmp_path, memory_bytes=0)
+    assert reader.get(key) is None
+    assert not (tmp_path / key.replace(":", "-")).exists()
+
+
+def test_undigested_chunks_stay_in_memory_only(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path)
+    cache.put("sha256:blob@10+0", b"legacy stargz chunk")
+    assert cache.get("sha256:blob@10+0") == b"legacy stargz chunk"
+    assert list(tmp_path.iterdir()) == []

@@ -63,6 +63,14 @@ class RemoteOptions:
     connections: int = 8  # requests in flight to one registry
 
 
+@dataclass(frozen=True, slots=True)
+class Send:
+    """A request other than a plain GET: its method, and its body made anew for each try."""
+
+    method: str
+    body: Callable[[], object] = lambda: None
+
+
 class _Retryable(Exception):
     def __init__(self, reason: str, retry_after: float | None = None) -> None:
         super().__init__(reason)
@@ -142,6 +150,24 @@ class RegistryClient:
         headers = {"Range": f"bytes={start}-{end}"}
         return await self._get(self._blob_path(digest), headers, read, what=f"blob {digest} range")
 
+    async def push_blob(self, digest: Digest, path: Path, size: int) -> None:
+        """Uploads a blob from a local file unless the registry has it (distribution spec,
+        "Pushing blobs": monolithic POST then PUT ?digest=)."""
+        if await self._get(self._blob_path(digest), {}, _status, f"blob {digest}", Send("HEAD")) == 200:
+            return
+        upload = f"/v2/{self.reference.repository}/blobs/uploads/"
+        location = await self._get(upload, {}, _location, f"upload of {digest}", Send("POST"))
+        separator = "&" if "?" in location else "?"
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+        put = Send("PUT", lambda: open(path, "rb"))  # noqa: SIM115 (aiohttp streams and closes it)
+        await self._get(f"{location}{separator}digest={digest}", headers, _status, f"upload of {digest}", put)
+
+    async def push_manifest(self, tag: str, data: bytes, media_type: str) -> None:
+        """Stores a manifest under `tag`."""
+        path = f"/v2/{self.reference.repository}/manifests/{tag}"
+        send = Send("PUT", lambda: data)
+        await self._get(path, {"Content-Type": media_type}, _status, f"manifest {tag}", send)
+
     def _blob_path(self, digest: Digest) -> str:
         return f"/v2/{self.reference.repository}/blobs/{digest}"
 
@@ -153,13 +179,17 @@ class RegistryClient:
         headers: Mapping[str, str] | Callable[[], Mapping[str, str]],
         consume: Callable[[aiohttp.ClientResponse], Awaitable[T]],
         what: str,
+        send: Send | None = None,
     ) -> T:
+        """Requests `path` (GET, or `send.method` with its body) and returns what `consume`
+        makes of the answer; the one place requests are retried."""
         for attempt in range(self._options.retries + 1):
             try:
                 async with self._limit:
                     base = await self._base_url()
                     wanted = headers() if callable(headers) else headers
-                    return await self._follow(base + path, base, wanted, consume, what)
+                    url = path if path.startswith(("http://", "https://")) else base + path
+                    return await self._follow(url, base, wanted, consume, what, send)
             except _Retryable as exc:
                 if attempt == self._options.retries:
                     tries = attempt + 1
@@ -178,6 +208,7 @@ class RegistryClient:
         headers: Mapping[str, str],
         consume: Callable[[aiohttp.ClientResponse], Awaitable[T]],
         what: str,
+        send: Send | None = None,
     ) -> T:
         original, authenticated, asked_again = url, False, False
         if self._authorization is None and self._challenge is not None:
@@ -189,7 +220,7 @@ class RegistryClient:
             authorization = self._authorization if on_registry else None
             sent = {**headers, **({"Authorization": authorization} if authorization else {})}
             try:
-                async with self._request(url, sent) as response:
+                async with self._request(url, sent, send) as response:
                     status = response.status
                     if status in (301, 302, 303, 307, 308) and "Location" in response.headers:
                         url = urljoin(url, response.headers["Location"])
@@ -209,10 +240,12 @@ class RegistryClient:
                 raise _Retryable(f"{type(exc).__name__} from {_safe(url)}: {exc}") from None
         raise RegistryError(f"{what}: too many redirects")
 
-    def _request(self, url: str, headers: Mapping[str, str]):  # type: ignore[no-untyped-def]
+    def _request(self, url: str, headers: Mapping[str, str], send: Send | None = None):  # type: ignore[no-untyped-def]
         assert self._session is not None
+        method, body = (send.method, send.body()) if send else ("GET", None)
         # ssl=True: verify with the system CAs; False: no verification (--tls-verify=false).
-        return self._session.get(url, headers=dict(headers), allow_redirects=False, ssl=self._options.tls_verify)
+        return self._session.request(method, url, headers=dict(headers), data=body, allow_redirects=False,
+                                     ssl=self._options.tls_verify)  # fmt: skip
 
     async def _base_url(self) -> str:
         """Returns scheme://host of the registry API, learning it with a ping of /v2/."""
@@ -347,6 +380,17 @@ def _range_start(response: aiohttp.ClientResponse) -> int | None:
     return int(start) if unit == "bytes" and start.isdigit() else None
 
 
+async def _status(response: aiohttp.ClientResponse) -> int:
+    return response.status
+
+
+async def _location(response: aiohttp.ClientResponse) -> str:
+    location = response.headers.get("Location")
+    if not location:
+        raise RegistryError(f"{_safe(str(response.url))}: upload started without a Location")
+    return urljoin(str(response.url), location)
+
+
 def _pick_challenge(header: str) -> Challenge | None:
     challenges = {c.scheme: c for c in parse_challenges(header)}
     return challenges.get("bearer") or challenges.get("basic")
@@ -355,7 +399,7 @@ def _pick_challenge(header: str) -> Challenge | None:
 def _check(response: aiohttp.ClientResponse, what: str, where: str) -> None:
     """The one place HTTP statuses become domain errors."""
     status = response.status
-    if status in (200, 206):
+    if status in (200, 201, 202, 206) or (status == 404 and response.method == "HEAD"):
         return
     if status == 429 or status >= 500:
         raise _Retryable(f"HTTP {status}", _retry_after(response))

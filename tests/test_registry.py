@@ -389,3 +389,21 @@ def test_concurrent_mounts_share_one_download(proxy: FaultProxy, tmp_path: Path,
         for mountpoint in mountpoints:
             subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True)
     assert stat.S_ISDIR(os.stat(tmp_path / "shared" / "blobs").st_mode)
+
+
+def test_convert_pushes_estargz_through_token_auth(
+    token: tuple[Registry, TokenServer], layout: Path, mount: Mounter, tmp_path: Path,
+    local_tree: dict[str, tuple[object, ...]],
+) -> None:  # fmt: skip
+    """convert to a registry asks for a push token (the upload's challenge names push scope),
+    uploads blobs then the manifest; the result mounts lazily and equals the source."""
+    registry, _ = token
+    image = f"{registry.host}/private/converted:esgz"
+    subprocess.run([*COMMAND, "convert", "--cache-dir", str(tmp_path / "cc"), "--creds", "alice:wonderland",
+                    f"oci:{layout}:rich", image], check=True, capture_output=True, timeout=300)  # fmt: skip
+    raw = subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false", "--creds", "alice:wonderland",
+                          f"docker://{image}"], capture_output=True, check=True).stdout  # fmt: skip
+    layers = json.loads(raw)["layers"]
+    assert all("containerd.io/snapshot/stargz/toc.digest" in layer["annotations"] for layer in layers)
+    assert describe_tree(mount(image, "--creds", "alice:wonderland", "--prefetch", "none")) == local_tree
+    assert not list((tmp_path / "cc").glob("convert-*"))  # the staging layout is gone

@@ -2,7 +2,7 @@
 
     crfs-merge [options] IMAGE DIR       mount; returns once DIR is ready
     crfs-merge --export DEST IMAGE       write the merged tree to a directory or a tar
-    crfs-merge convert SRC oci:DST[:TAG] rewrite an image's layers as eStargz
+    crfs-merge convert SRC DST           rewrite an image's layers as eStargz (to a layout or registry)
 
 Caveats:
 - Without -f the command starts a second crfs-merge process that serves the mount and
@@ -93,10 +93,10 @@ def _convert_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crfs-merge convert",
         description="Rewrite an image's layers as eStargz (lazily pullable) into an OCI layout.",
-        epilog="Push the result with: skopeo copy oci:PATH:TAG docker://REGISTRY/REPO:TAG",
     )
     parser.add_argument("source", metavar="SRC", help="any image crfs-merge can mount")
-    parser.add_argument("dest", metavar="oci:PATH[:TAG]", help="the OCI layout to write (created or extended)")
+    parser.add_argument("dest", metavar="DST", help="oci:PATH[:TAG] (an OCI layout, created or extended), "
+                        "or a registry reference to push to")  # fmt: skip
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, metavar="BYTES",
                         help=f"largest chunk of a file (default {DEFAULT_CHUNK_SIZE})")  # fmt: skip
     parser.add_argument("--prefetch-files", default="", metavar="PATH[,PATH...]",

@@ -1,10 +1,10 @@
-"""`crfs-merge convert SRC oci:DST[:TAG]`: rewrite every layer of an image as eStargz.
+"""`crfs-merge convert SRC DST`: rewrite every layer of an image as eStargz.
 
 SRC is anything crfs-merge mounts (layout, archive, registry). Each layer is written as
 eStargz with chunk digests, a TOC, a landmark, and the toc.digest and uncompressed-size
 annotations on its descriptor; the config gets the new diff_ids (the TOC and the landmark
-are tar entries too). The result is an OCI layout: push it with
-`skopeo copy oci:DST:TAG docker://REGISTRY/REPO:TAG`.
+are tar entries too). DST is an OCI layout (oci:PATH[:TAG]), or a registry reference, to which
+the image is pushed (written to a layout in the cache directory first, then uploaded).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -19,31 +20,61 @@ from registry.errors import InvalidReferenceError
 from registry.layout_writer import LAYER_MEDIA_TYPES, blob_dir, write_manifest
 from registry.manifest import Platform
 from registry.media_types import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION, Compression
-from registry.reference import OCI, ImageReference
+from registry.push import push_layout
+from registry.reference import OCI, REGISTRY, ImageReference
+from registry.remote import RegistryClient
+from registry.remote_reference import RemoteReference
+from unionfs.aio import EventLoopThread
 from unionfs.build import Settings, local_layers
 from unionfs.estargz_writer import DEFAULT_CHUNK_SIZE, WrittenLayer, write_estargz
 
 
 def convert(source: str, dest: str, settings: Settings, chunk_size: int = DEFAULT_CHUNK_SIZE,
             prioritized: list[str] | None = None) -> str:  # fmt: skip
-    """Writes SRC as an eStargz image into the OCI layout that `dest` names; returns the
-    manifest digest."""
-    target = ImageReference.parse(dest) if dest.startswith(f"{OCI}:") else None
-    if target is None:
-        raise InvalidReferenceError(f"{dest}: convert writes an OCI layout (oci:PATH[:TAG]); push it with skopeo")
-    root = Path(target.path)
+    """Writes SRC as an eStargz image to `dest`, an OCI layout (oci:PATH[:TAG]) or a registry
+    reference; returns the manifest digest."""
+    target = ImageReference.parse(dest)
+    if target.transport == OCI:
+        return _convert_to_layout(source, Path(target.path), target.tag or "latest", settings, chunk_size,
+                                  prioritized or [])  # fmt: skip
+    if target.transport != REGISTRY:
+        raise InvalidReferenceError(f"{dest}: convert writes an OCI layout (oci:PATH[:TAG]) or to a registry")
+    staging = Path(tempfile.mkdtemp(prefix="convert-", dir=_ensure(settings.cache_dir)))
+    try:
+        _convert_to_layout(source, staging, "push", settings, chunk_size, prioritized or [])
+        return _push(RemoteReference.parse(target.path), staging, settings)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _ensure(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def _push(reference: RemoteReference, staging: Path, settings: Settings) -> str:
+    async def push() -> str:
+        async with RegistryClient(reference, settings.remote, os.environ) as client:
+            return await push_layout(client, staging, "push")
+
+    with EventLoopThread() as loop:
+        return loop.run(push())
+
+
+def _convert_to_layout(source: str, root: Path, tag: str, settings: Settings, chunk_size: int,
+                       prioritized: list[str]) -> str:  # fmt: skip
     image, tars = local_layers(source, settings)
     descriptors, diff_ids = [], []
     for tar in tars:
         with tar.open() as reader:
-            written = _write_blob(root, reader, chunk_size, prioritized or [])
+            written = _write_blob(root, reader, chunk_size, prioritized)
         descriptors.append(_descriptor(written))
         diff_ids.append(written.diff_id)
     config = json.loads(image.config)
     config["rootfs"] = {"type": "layers", "diff_ids": diff_ids}
     platform = Platform(config.get("os", "linux"), config.get("architecture", ""), config.get("variant", ""))
     data = json.dumps(config, separators=(",", ":")).encode()
-    return write_manifest(root, descriptors, data, target.tag or "latest", platform)
+    return write_manifest(root, descriptors, data, tag, platform)
 
 
 def _write_blob(root: Path, reader: object, chunk_size: int, prioritized: list[str]) -> WrittenLayer:

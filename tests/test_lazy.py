@@ -323,3 +323,12 @@ def test_upstream_refuses_a_tampered_toc_digest(images: dict[str, str], oracle: 
     blob, _ = _layers_of(Path(images["ours-layout"]), "esgz")[0]
     run = subprocess.run([str(oracle), str(blob), "sha256:" + "0" * 64], capture_output=True, text=True, timeout=60)
     assert run.returncode == 1 and "invalid TOC JSON" in run.stderr  # the oracle can fail
+
+
+def test_random_reads_across_chunk_boundaries(images: dict[str, str], mount: Mounter) -> None:
+    root = mount(f"{images['host']}/{images['upstream-64k']}", "--prefetch", "none")
+    data = BIG["data/blob09"]
+    with open(root / "data/blob09", "rb", buffering=0) as handle:
+        for offset, size in ((0, 1), (65535, 2), (65536 * 3 - 10, 65536 + 20), (MIB - 5, 100), (12345, 300_000)):
+            handle.seek(offset)
+            assert handle.read(size) == data[offset : offset + size]

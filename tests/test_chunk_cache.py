@@ -24,8 +24,8 @@ def test_disk_is_bounded_and_oldest_chunks_go_first(tmp_path: Path) -> None:
     on_disk = sum(p.stat().st_size for p in tmp_path.iterdir())
     assert on_disk <= 3500
     fresh = ChunkCache(tmp_path, disk_bytes=3500, memory_bytes=0)  # another mount, disk only
-    assert fresh.get(chunks[0][0]) is None
-    assert fresh.get(chunks[-1][0]) == chunks[-1][1]
+    assert fresh.get(chunks[0][0]) is None and not fresh.contains(chunks[0][0])
+    assert fresh.get(chunks[-1][0]) == chunks[-1][1] and fresh.contains(chunks[-1][0])
 
 
 def test_a_damaged_chunk_is_noticed_and_removed(tmp_path: Path) -> None:

@@ -53,6 +53,13 @@ class ChunkCache:
             self._remember(key, data)
         return data
 
+    def contains(self, key: str) -> bool:
+        """True if the chunk is probably cached (for prefetch: no read, no hashing)."""
+        with self._lock:
+            if key in self._memory:
+                return True
+        return _digest_of(key) is not None and self._path(key).exists()
+
     def put(self, key: str, data: bytes) -> None:
         """Stores a verified chunk."""
         self._remember(key, data)

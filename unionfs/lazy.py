@@ -119,7 +119,7 @@ class LazyLayer:
     def prefetch(self, chunks: Iterable[Chunk]) -> Future[None]:
         """Starts fetching `chunks` in the background, one bounded range at a time so that
         reads, which run concurrently, are not queued behind it."""
-        wanted = [c for c in chunks if self._cache.get(self._key(c)) is None]
+        wanted = [c for c in chunks if not self._cache.contains(self._key(c))]
         return self._loop.submit(self._prefetch(wanted))
 
     async def _prefetch(self, chunks: list[Chunk]) -> None:

@@ -50,6 +50,7 @@ from benchmarks.bench_registry import (  # noqa: E402
     REPOSITORY,
     build_image,
     content,
+    counting_proxy,
     crfs_code,
     crfs_env,
     make_pools,
@@ -73,7 +74,6 @@ from benchmarks.measure import (  # noqa: E402
 from registry.layout_writer import write_layout  # noqa: E402
 from registry.media_types import Compression  # noqa: E402
 from tests.registry_servers import FaultProxy, Registry, skopeo_copy  # noqa: E402
-from unionfs.aio import EventLoopThread  # noqa: E402
 
 CRFS = [sys.executable, "-m", "unionfs.cli"]
 GZIP_REF, ESGZ_REF = "bench/image:gzip", "bench/image:esgz"
@@ -541,14 +541,11 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     try:
         results["image"] = prepare_main(args, work, registry)
         results["extra"] = prepare_extra(args, work, registry)
-        with EventLoopThread() as loop:
-            proxy = FaultProxy(registry.host, loop)
-            proxy.start()
+        with counting_proxy(registry) as proxy:
             try:
                 measure(proxy, work, results)
             finally:
                 unmount(work / "mnt")
-                proxy.stop()
     finally:
         registry.stop()
     return results

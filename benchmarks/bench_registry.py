@@ -27,6 +27,7 @@ process; both crfs-merge and skopeo pay that, so the ratios stay fair.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import random
@@ -35,6 +36,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -350,17 +352,26 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     try:
         print(f"pushing to {registry.host} ...", file=sys.stderr)
         results["push_seconds"] = push(layout, registry)
-        with EventLoopThread() as loop:
-            proxy = FaultProxy(registry.host, loop)
-            proxy.start()
+        with counting_proxy(registry) as proxy:
             try:
                 measure(proxy, work, results)
             finally:
                 unmount(work / "mnt")
-                proxy.stop()
     finally:
         registry.stop()
     return results
+
+
+@contextlib.contextmanager
+def counting_proxy(registry: Registry) -> Iterator[FaultProxy]:
+    """Yields a proxy (no faults) in front of `registry` that counts what it serves."""
+    with EventLoopThread() as loop:
+        proxy = FaultProxy(registry.host, loop)
+        proxy.start()
+        try:
+            yield proxy
+        finally:
+            proxy.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

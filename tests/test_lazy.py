@@ -332,3 +332,16 @@ def test_random_reads_across_chunk_boundaries(images: dict[str, str], mount: Mou
         for offset, size in ((0, 1), (65535, 2), (65536 * 3 - 10, 65536 + 20), (MIB - 5, 100), (12345, 300_000)):
             handle.seek(offset)
             assert handle.read(size) == data[offset : offset + size]
+
+
+def test_a_registry_gone_after_the_mount_reads_as_eio_in_bounded_time(images: dict[str, str], mount: Mounter) -> None:
+    with EventLoopThread() as loop:
+        vanishing = FaultProxy(images["host"], loop)
+        vanishing.start()
+        root = mount(f"{vanishing.host}/{images['upstream']}", "--prefetch", "none", "--timeout", "1")
+        vanishing.stop()
+    started = time.monotonic()
+    with pytest.raises(OSError) as raised:
+        (root / "data/blob11").read_bytes()
+    assert raised.value.errno == errno.EIO and time.monotonic() - started < 60
+    assert sorted(os.listdir(root / "data")) == sorted(p.split("/")[1] for p in BIG)  # metadata still served

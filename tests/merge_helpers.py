@@ -35,4 +35,4 @@ def describe(entry: Entry, tars: list[bytes]) -> str:
 def visible(*layers: list[Member]) -> dict[str, str]:
     """Returns {path: description} of every path below the root of the merged layers."""
     tree, tars = merge_tars(*layers)
-    return {p[1:]: describe(i.entry, tars) for p, i in tree.by_path.items() if p != "/"}
+    return {p: describe(i.entry, tars) for p, i in tree.by_path.items() if p}

@@ -178,3 +178,14 @@ def test_fetch_planning_merges_adjacent_members() -> None:
     fetches = plan_fetches(chunks_for(big, 1000, 3000))
     assert len(fetches) == 1 and [c.file_offset for c in fetches[0].chunks] == [0, 1024, 2048, 3072]
     assert fetches[0].start == big.chunks[0].blob_offset and fetches[0].end == big.chunks[3].blob_end
+
+
+def test_entries_share_repeated_values_on_both_paths() -> None:
+    """Memory per merged entry (issue 5): entries of a layer share one empty xattrs mapping
+    and one object per repeated mode, owner and mtime, whichever index built them."""
+    plain = tar_of(*(f(f"f{i}", b"", mode=0o644, uid=1000, gid=1000) for i in range(3)))
+    blob, _ = _estargz(plain)
+    for entries in (index_tar(io.BytesIO(plain), len(plain), 0, print), _toc_entries(blob)):
+        first, second = entries[0], entries[1]
+        assert first.xattrs is second.xattrs and not first.xattrs
+        assert first.mode is second.mode and first.uid is second.uid

@@ -87,7 +87,7 @@ def test_every_source_gives_the_same_tree(make_source: Callable[[Path], str], tm
     for path, inode in mounted.tree.by_path.items():
         entry = inode.entry
         data = mounted.content.read(entry, 0, entry.size).decode()
-        seen[path] = f"file:{data}" if entry.is_regular else describe(entry, [])
+        seen[f"/{path}" if path else "/"] = f"file:{data}" if entry.is_regular else describe(entry, [])
     assert seen == {"/": "dir", **EXPECTED}
 
 

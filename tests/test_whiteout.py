@@ -128,7 +128,7 @@ def test_hardlinks_share_one_inode_and_count_links() -> None:
 def test_escaping_names_are_skipped_with_a_warning() -> None:
     warnings: list[str] = []
     tree, _ = merge_tars([f("../../x", b"evil"), f("/abs", b"a"), hl("h", "../../etc/passwd")], warnings=warnings)
-    assert sorted(tree.by_path) == ["/", "/abs"]
+    assert sorted(tree.by_path) == ["", "abs"]
     assert any("escapes" in w for w in warnings) and any("leaves the root" in w for w in warnings)
 
 

@@ -3,7 +3,23 @@
 from __future__ import annotations
 
 import stat
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+NO_XATTRS: Mapping[str, bytes] = MappingProxyType({})
+"""The xattrs of the (many) entries that have none: one shared object, not a dict each."""
+
+
+def sharer() -> Callable[[Any], Any]:
+    """Returns a function that hands back one object per distinct value it is given.
+
+    An image's entries repeat a few modes, owners and mtimes; ints above 256 are new objects
+    each time, 32 bytes apiece. Use one sharer per layer scan, so that the table goes with it.
+    """
+    table: dict[Any, Any] = {}
+    return lambda value: table.setdefault(value, value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +58,7 @@ class Entry:
     link: str = ""
     hardlink: bool = False
     rdev: int = 0
-    xattrs: dict[str, bytes] = field(default_factory=dict)
+    xattrs: Mapping[str, bytes] = field(default_factory=lambda: NO_XATTRS)
     layer: int = 0
     offset: int = 0
     chunks: tuple[Chunk, ...] = ()

@@ -22,12 +22,12 @@ import stat
 import struct
 import tarfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from registry.errors import LayerFormatError
-from unionfs.entry import Chunk, Entry
+from unionfs.entry import NO_XATTRS, Chunk, Entry, sharer
 from whiteout.paths import clean_path
 
 # 10 gzip header + 2 XLEN + 4 subfield header ('S','G', LEN=22) + 22 "%016xSTARGZ" + 5 empty
@@ -131,6 +131,7 @@ def parse_toc(toc_json: bytes, layer: int, toc_offset: int) -> LayerToc:
 
 def _entries(rows: list[dict[str, Any]], layer: int, toc_offset: int) -> LayerToc:
     ends = _member_ends(rows, toc_offset)
+    share = sharer()
     entries: list[Entry] = []
     chunks: dict[str, list[Chunk]] = {}
     prefetch_end = None
@@ -144,7 +145,7 @@ def _entries(rows: list[dict[str, Any]], layer: int, toc_offset: int) -> LayerTo
         if name in ARTIFACTS:
             prefetch_end = int(row.get("offset", 0)) if name == PREFETCH_LANDMARK else prefetch_end
             continue
-        entry = _entry(row, name, layer)
+        entry = _entry(row, name, layer, share)
         if row["type"] == "reg" and entry.size:
             chunks[name] = [_chunk(row, ends)]
         entries.append(entry)
@@ -181,7 +182,7 @@ def _with_chunks(entry: Entry, chunks: list[Chunk]) -> Entry:
     return dataclasses.replace(entry, chunks=sized)
 
 
-def _entry(row: dict[str, Any], name: str, layer: int) -> Entry:
+def _entry(row: dict[str, Any], name: str, layer: int, share: Callable[[Any], Any]) -> Entry:
     kind = row["type"]
     if kind not in _TYPES:
         raise LayerFormatError(f"eStargz TOC: {name!r} has unknown type {kind!r}")
@@ -191,15 +192,15 @@ def _entry(row: dict[str, Any], name: str, layer: int) -> Entry:
         link = clean_path(link) or ""
     return Entry(
         path=name,
-        mode=_TYPES[kind] | (int(row.get("mode", 0)) & 0o7777),
-        uid=int(row.get("uid", 0)),
-        gid=int(row.get("gid", 0)),
+        mode=share(_TYPES[kind] | (int(row.get("mode", 0)) & 0o7777)),
+        uid=share(int(row.get("uid", 0))),
+        gid=share(int(row.get("gid", 0))),
         size=int(row.get("size", 0)) if kind == "reg" else 0,
-        mtime_ns=_modtime_ns(str(row.get("modtime", ""))),
+        mtime_ns=share(_modtime_ns(str(row.get("modtime", "")))),
         link=link,
         hardlink=hardlink,
         rdev=_rdev(row) if kind in ("char", "block") else 0,
-        xattrs={k: _xattr(v) for k, v in (row.get("xattrs") or {}).items()},
+        xattrs={k: _xattr(v) for k, v in (row.get("xattrs") or {}).items()} or NO_XATTRS,
         layer=layer,
     )
 

@@ -30,7 +30,7 @@ from registry.digest import Digest
 from registry.errors import LayerFormatError
 from registry.media_types import Compression
 from registry.source import FileWindow, Layer
-from unionfs.entry import Entry
+from unionfs.entry import NO_XATTRS, Entry, sharer
 from unionfs.tar_index import index_tar
 
 INDEX_FORMAT = 1
@@ -196,7 +196,8 @@ def _load_index(path: Path, stamp: list[object], number: int) -> list[Entry] | N
         document = json.loads(path.read_text())
         if document.get("format") != INDEX_FORMAT or document.get("stamp") != stamp:
             return None
-        return [_decode(row, number) for row in document["entries"]]
+        share = sharer()
+        return [_decode(row, number, share) for row in document["entries"]]
     except (OSError, ValueError, KeyError, TypeError):
         return None  # absent or damaged: scan again
 
@@ -207,8 +208,9 @@ def _encode(entry: Entry) -> list[object]:
             entry.link, entry.hardlink, entry.rdev, xattrs, entry.offset]  # fmt: skip
 
 
-def _decode(row: list[Any], number: int) -> Entry:
+def _decode(row: list[Any], number: int, share: Callable[[Any], Any]) -> Entry:
     # Columns as _encode writes them, which is Entry's field order.
     path, mode, uid, gid, size, mtime_ns, link, hardlink, rdev, xattrs, offset = row
-    return Entry(path, mode, uid, gid, size, mtime_ns, link, hardlink, rdev,
-                 {k: base64.b64decode(v) for k, v in xattrs.items()}, number, offset)  # fmt: skip
+    decoded = {k: base64.b64decode(v) for k, v in xattrs.items()} or NO_XATTRS
+    return Entry(path, share(mode), share(uid), share(gid), size, share(mtime_ns), link, hardlink, rdev,
+                 decoded, number, offset)  # fmt: skip

@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import stat
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from decimal import Decimal, InvalidOperation
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from registry.errors import LayerFormatError
-from unionfs.entry import Entry
+from unionfs.entry import NO_XATTRS, Entry, sharer
 from unionfs.estargz import ARTIFACTS, TOC_NAME
 from whiteout.paths import clean_path
 
@@ -33,7 +33,8 @@ def index_tar(fileobj: BinaryIO, length: int, layer: int, warn: Callable[[str], 
     """
     try:
         with tarfile.open(fileobj=fileobj, mode="r:", errorlevel=2) as archive:
-            entries = [e for m in _members(archive) if (e := _entry(m, length, layer, warn))]
+            share = sharer()
+            entries = [e for m in _members(archive) if (e := _entry(m, length, layer, warn, share))]
     except (tarfile.TarError, EOFError, UnicodeError) as exc:
         raise LayerFormatError(f"layer {layer}: malformed tar: {exc}") from exc
     return without_estargz_artifacts(entries)
@@ -56,7 +57,9 @@ def _members(archive: tarfile.TarFile):  # type: ignore[no-untyped-def]
         yield member
 
 
-def _entry(member: tarfile.TarInfo, length: int, layer: int, warn: Callable[[str], None]) -> Entry | None:
+def _entry(
+    member: tarfile.TarInfo, length: int, layer: int, warn: Callable[[str], None], share: Callable[[Any], Any]
+) -> Entry | None:
     path = clean_path(member.name)
     if path is None:
         warn(f"layer {layer}: {member.name!r} escapes the image root, entry skipped")
@@ -72,11 +75,11 @@ def _entry(member: tarfile.TarInfo, length: int, layer: int, warn: Callable[[str
         raise LayerFormatError(f"layer {layer}: {member.name!r} runs past the end of the tar (truncated)")
     return Entry(
         path=path,
-        mode=mode,
-        uid=member.uid,
-        gid=member.gid,
+        mode=share(mode),
+        uid=share(member.uid),
+        gid=share(member.gid),
         size=size,
-        mtime_ns=_mtime_ns(member),
+        mtime_ns=share(_mtime_ns(member)),
         link=link,
         hardlink=member.islnk(),
         rdev=os.makedev(member.devmajor, member.devminor) if member.ischr() or member.isblk() else 0,
@@ -118,11 +121,12 @@ def _mtime_ns(member: tarfile.TarInfo) -> int:
     return int(member.mtime) * 1_000_000_000
 
 
-def _xattrs(member: tarfile.TarInfo) -> dict[str, bytes]:
+def _xattrs(member: tarfile.TarInfo) -> Mapping[str, bytes]:
     # tarfile decodes PAX values as UTF-8 with surrogateescape; encoding back that way
     # restores binary values such as security.capability byte for byte.
-    return {
+    found = {
         key[len(XATTR_PAX_PREFIX) :]: value.encode("utf-8", "surrogateescape")
         for key, value in member.pax_headers.items()
         if key.startswith(XATTR_PAX_PREFIX)
     }
+    return found or NO_XATTRS

@@ -25,15 +25,15 @@ class Inode:
 
 @dataclass(frozen=True, slots=True)
 class MergedTree:
-    """The merged image, keyed by absolute path ('/', '/etc/hosts')."""
+    """The merged image: an inode for every path."""
 
-    by_path: dict[str, Inode]
+    by_path: dict[str, Inode]  # by clean path: '' is the root, 'etc/hosts' a file
     inode_count: int
     total_bytes: int
 
     def lookup(self, path: str) -> Inode:
-        """Returns the inode at `path`; raises KeyError if there is none."""
-        return self.by_path[path]
+        """Returns the inode at FUSE path `path` ('/', '/etc/hosts'); KeyError if none."""
+        return self.by_path[path[1:]]
 
 
 def freeze(root: Node[Entry]) -> MergedTree:
@@ -45,6 +45,8 @@ def freeze(root: Node[Entry]) -> MergedTree:
     by_entry: dict[int, Inode] = {}
     inodes = 0
     for path, node in walk:
+        # Keyed by the entry's own path string where it is the same text: one string, not two.
+        path = node.entry.path if node.entry is not None and node.entry.path == path else path
         if node.is_dir:
             inodes += 1
             by_path[path] = _directory_inode(inodes, node)
@@ -60,12 +62,12 @@ def freeze(root: Node[Entry]) -> MergedTree:
 
 
 def _walk(root: Node[Entry]) -> Iterator[tuple[str, Node[Entry]]]:
-    stack: list[tuple[str, Node[Entry]]] = [("/", root)]
+    stack: list[tuple[str, Node[Entry]]] = [("", root)]
     while stack:
         path, node = stack.pop()
         yield path, node
         if node.children:
-            prefix = path if path == "/" else path + "/"
+            prefix = path + "/" if path else ""
             stack.extend((prefix + name, node.children[name]) for name in sorted(node.children, reverse=True))
 
 

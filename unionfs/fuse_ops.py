@@ -85,9 +85,7 @@ class MergedOperations(mfusepy.Operations):  # type: ignore[misc]
         if directory.children is None:
             raise mfusepy.FuseOSError(errno.ENOTDIR)
         parent = self._tree.lookup(posixpath.dirname(path))
-        prefix = path.rstrip("/") + "/"
-        listing = [(".", directory), ("..", parent)]
-        listing += [(name, self._tree.lookup(prefix + name)) for name in directory.children]
+        listing = [(".", directory), ("..", parent), *self._tree.listing(directory)]
         return [(name, {"st_ino": i.ino, "st_mode": i.entry.mode}, 0) for name, i in listing]
 
     @_errors_to_errno

@@ -20,7 +20,7 @@ class Inode:
     ino: int
     entry: Entry
     nlink: int
-    children: tuple[str, ...] | None  # sorted names; None for non-directories
+    children: tuple[str, ...] | None  # the children's paths, sorted by name; None for non-directories
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,30 +35,42 @@ class MergedTree:
         """Returns the inode at FUSE path `path` ('/', '/etc/hosts'); KeyError if none."""
         return self.by_path[path[1:]]
 
+    def listing(self, directory: Inode) -> Iterator[tuple[str, Inode]]:
+        """Yields (name, inode) of each child of `directory`, sorted by name."""
+        for path in directory.children or ():
+            yield path.rpartition("/")[2], self.by_path[path]
+
 
 def freeze(root: Node[Entry]) -> MergedTree:
     """Returns the merged tree with inode numbers assigned in sorted depth-first order,
     so they are the same on every mount of the same image."""
     walk = list(_walk(root))
+    keys = {id(node): _key(path, node) for path, node in walk}
     links = Counter(id(node.entry) for _, node in walk if not node.is_dir)
     by_path: dict[str, Inode] = {}
     by_entry: dict[int, Inode] = {}
     inodes = 0
-    for path, node in walk:
-        # Keyed by the entry's own path string where it is the same text: one string, not two.
-        path = node.entry.path if node.entry is not None and node.entry.path == path else path
-        if node.is_dir:
+    for _, node in walk:
+        key = keys[id(node)]
+        if node.children is not None:
             inodes += 1
-            by_path[path] = _directory_inode(inodes, node)
+            children = tuple(keys[id(node.children[name])] for name in sorted(node.children))
+            subdirectories = sum(1 for child in node.children.values() if child.is_dir)
+            by_path[key] = Inode(inodes, node.entry or IMPLIED_DIRECTORY, 2 + subdirectories, children)
             continue
         assert node.entry is not None
         inode = by_entry.get(id(node.entry))
         if inode is None:
             inodes += 1
             inode = by_entry[id(node.entry)] = Inode(inodes, node.entry, links[id(node.entry)], None)
-        by_path[path] = inode
+        by_path[key] = inode
     total = sum(i.entry.size for i in by_entry.values())
     return MergedTree(by_path, inodes, total)
+
+
+def _key(path: str, node: Node[Entry]) -> str:
+    # The entry's own path string where it is the same text: one string per path, not two.
+    return node.entry.path if node.entry is not None and node.entry.path == path else path
 
 
 def _walk(root: Node[Entry]) -> Iterator[tuple[str, Node[Entry]]]:
@@ -69,10 +81,3 @@ def _walk(root: Node[Entry]) -> Iterator[tuple[str, Node[Entry]]]:
         if node.children:
             prefix = path + "/" if path else ""
             stack.extend((prefix + name, node.children[name]) for name in sorted(node.children, reverse=True))
-
-
-def _directory_inode(ino: int, node: Node[Entry]) -> Inode:
-    assert node.children is not None
-    subdirectories = sum(1 for child in node.children.values() if child.is_dir)
-    entry = node.entry or IMPLIED_DIRECTORY
-    return Inode(ino, entry, 2 + subdirectories, tuple(sorted(node.children)))

@@ -149,7 +149,9 @@ class ImagePlanner:
         for path in [*plan.files, *plan.symlinks, *plan.hardlinks, *plan.whiteouts, *plan.opaque]:
             plan.dirs.update(ancestors(path))
         plan.dirs.update(plan.opaque)
-        self.live.update(dict.fromkeys(plan.dirs, "d"))
+        # Sorted: a set's order follows PYTHONHASHSEED, and `live`'s order feeds later random
+        # choices, so without it two runs with one --seed would build different images.
+        self.live.update(dict.fromkeys(sorted(plan.dirs), "d"))
         return plan
 
     def _remove(self, path: str, keep_self: bool = False) -> None:

@@ -40,9 +40,10 @@ class MountedImage:
     must run once the mount is ready (prefetch) and when it ends (closing the registry)."""
 
     def __init__(self, tree: MergedTree, content: ContentReader, prefetch: Callable[[], None] = lambda: None,
-                 close: Callable[[], None] = lambda: None) -> None:  # fmt: skip
+                 close: Callable[[], None] = lambda: None, waits_on_network: bool = False) -> None:  # fmt: skip
         self.tree, self.content = tree, content
         self._prefetch, self._close = prefetch, close
+        self.waits_on_network = waits_on_network  # some reads block on a registry (lazy layers)
 
     def start_prefetch(self) -> None:
         self._prefetch()
@@ -137,7 +138,7 @@ def _open_remote(
         loop.run(client.__aexit__(None, None, None))
         raise
     prefetch = partial(_prefetch, lazy, settings.prefetch)
-    return MountedImage(tree, ContentReader(readers), prefetch, close)
+    return MountedImage(tree, ContentReader(readers), prefetch, close, waits_on_network=bool(lazy))
 
 
 class LazyLayerFactory:

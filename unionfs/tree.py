@@ -43,41 +43,60 @@ class MergedTree:
 
 def freeze(root: Node[Entry]) -> MergedTree:
     """Returns the merged tree with inode numbers assigned in sorted depth-first order,
-    so they are the same on every mount of the same image."""
-    walk = list(_walk(root))
-    keys = {id(node): _key(path, node) for path, node in walk}
-    links = Counter(id(node.entry) for _, node in walk if not node.is_dir)
+    so they are the same on every mount of the same image.
+
+    It consumes the node tree: a directory's nodes are let go as soon as its inode exists, so
+    that nodes and inodes never both hold the whole image (the peak of a mount's memory)."""
+    links = _link_counts(root)
     by_path: dict[str, Inode] = {}
     by_entry: dict[int, Inode] = {}
     inodes = 0
-    for _, node in walk:
-        key = keys[id(node)]
+    stack: list[tuple[str, Node[Entry]]] = [("", root)]
+    while stack:
+        key, node = stack.pop()
+        inodes += 1
         if node.children is not None:
-            inodes += 1
-            children = tuple(keys[id(node.children[name])] for name in sorted(node.children))
-            subdirectories = sum(1 for child in node.children.values() if child.is_dir)
-            by_path[key] = Inode(inodes, node.entry or IMPLIED_DIRECTORY, 2 + subdirectories, children)
+            children = _child_keys(key, node.children)
+            subdirectories = sum(1 for _, child in children if child.is_dir)
+            entry = node.entry or IMPLIED_DIRECTORY
+            by_path[key] = Inode(inodes, entry, 2 + subdirectories, tuple(k for k, _ in children))
+            node.children = None
+            stack.extend(reversed(children))
             continue
         assert node.entry is not None
         inode = by_entry.get(id(node.entry))
         if inode is None:
-            inodes += 1
-            inode = by_entry[id(node.entry)] = Inode(inodes, node.entry, links[id(node.entry)], None)
+            inode = by_entry[id(node.entry)] = Inode(inodes, node.entry, links.get(id(node.entry), 1), None)
+        else:
+            inodes -= 1  # another name of an inode already numbered
         by_path[key] = inode
     total = sum(i.entry.size for i in by_entry.values())
     return MergedTree(by_path, inodes, total)
 
 
-def _key(path: str, node: Node[Entry]) -> str:
-    # The entry's own path string where it is the same text: one string per path, not two.
-    return node.entry.path if node.entry is not None and node.entry.path == path else path
+def _child_keys(key: str, children: dict[str, Node[Entry]]) -> list[tuple[str, Node[Entry]]]:
+    """Returns (path, node) of each child, sorted by name. A child's path is its entry's own
+    path string where that is the same text: one string per path, not two."""
+    prefix = key + "/" if key else ""
+    keyed = []
+    for name in sorted(children):
+        child = children[name]
+        path = prefix + name
+        keyed.append((child.entry.path if child.entry is not None and child.entry.path == path else path, child))
+    return keyed
 
 
-def _walk(root: Node[Entry]) -> Iterator[tuple[str, Node[Entry]]]:
-    stack: list[tuple[str, Node[Entry]]] = [("", root)]
+def _link_counts(root: Node[Entry]) -> dict[int, int]:
+    """Returns, for each entry that more than one path holds (hardlinks), how many do."""
+    seen: set[int] = set()
+    counts: Counter[int] = Counter()
+    stack = [root]
     while stack:
-        path, node = stack.pop()
-        yield path, node
-        if node.children:
-            prefix = path + "/" if path else ""
-            stack.extend((prefix + name, node.children[name]) for name in sorted(node.children, reverse=True))
+        node = stack.pop()
+        if node.children is not None:
+            stack.extend(node.children.values())
+        elif id(node.entry) in seen:
+            counts[id(node.entry)] += 1
+        else:
+            seen.add(id(node.entry))
+    return {entry: count + 1 for entry, count in counts.items()}

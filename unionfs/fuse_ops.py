@@ -35,6 +35,8 @@ NAME_MAX = 255
 # for as long as it likes; a day is "forever" for a debugging mount.
 CACHE_SECONDS = 86400
 LAZY_WORKER_THREADS = 16
+FUSE_CAP_READDIRPLUS = 1 << 13  # libfuse 3 fuse_common.h
+FUSE_CAP_READDIRPLUS_AUTO = 1 << 14
 
 
 def _errors_to_errno(method: F) -> F:
@@ -67,7 +69,13 @@ class MergedOperations(mfusepy.Operations):  # type: ignore[misc]
         self._content = image.content
         self._on_ready = on_ready
 
-    def init(self, path: str) -> None:
+    def init_with_config(self, conn_info: Any, config: Any) -> None:
+        if conn_info is not None:
+            # libfuse's high-level API answers READDIRPLUS by calling getattr for every entry
+            # listed, on every listing: a warm `find` then costs a Python call per entry,
+            # although the kernel already holds every attribute (attr_timeout). Plain READDIR
+            # returns names and types, and lookups are made only for what is looked up.
+            conn_info.want &= ~(FUSE_CAP_READDIRPLUS | FUSE_CAP_READDIRPLUS_AUTO)
         self._on_ready()
         self._image.start_prefetch()
 

@@ -18,7 +18,9 @@ from unionfs.entry import Entry
 class LayerReader(Protocol):
     """Reads the bytes of regular-file entries of one layer."""
 
-    def read(self, entry: Entry, offset: int, size: int) -> bytes: ...
+    def read(self, entry: Entry, offset: int, size: int) -> bytes:
+        """Returns bytes [offset, offset + size) of `entry`, a span that lies within it."""
+        ...
 
 
 class TarReader:
@@ -29,9 +31,6 @@ class TarReader:
         self._fd = os.open(tar.path, os.O_RDONLY | os.O_CLOEXEC)
 
     def read(self, entry: Entry, offset: int, size: int) -> bytes:
-        size = max(0, min(size, entry.size - offset))
-        if size == 0:
-            return b""
         data = os.pread(self._fd, size, self._tar.offset + entry.offset + offset)
         if len(data) != size:
             raise OSError(f"layer tar {self._tar.path} is shorter than its index says")
@@ -51,7 +50,7 @@ class ContentReader:
         """Returns up to `size` bytes of `entry` from `offset`; b'' at or past its end."""
         if offset >= entry.size or size <= 0:
             return b""
-        return self._layers[entry.layer].read(entry, offset, size)
+        return self._layers[entry.layer].read(entry, offset, min(size, entry.size - offset))
 
     def close(self) -> None:
         for layer in self._layers:

@@ -99,8 +99,7 @@ class LazyLayer:
         self._inflight: dict[Chunk, asyncio.Future[bytes]] = {}
 
     def read(self, entry: Entry, offset: int, size: int) -> bytes:
-        """Returns up to `size` bytes of `entry` from `offset` (called from FUSE threads)."""
-        size = max(0, min(size, entry.size - offset))
+        """Returns bytes [offset, offset + size) of `entry` (called from FUSE threads)."""
         wanted = chunks_for(entry, offset, size)
         pieces = {c: self._cache.get(self._key(c)) for c in wanted}
         missing = [c for c, data in pieces.items() if data is None]

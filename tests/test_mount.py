@@ -174,6 +174,42 @@ def test_signals_unmount_a_foreground_mount(oci_image: ImageWriter, fuse_works: 
         assert not os.path.ismount(mountpoint)
 
 
+def test_a_warm_walk_and_reread_are_served_by_the_kernel_alone(
+    oci_image: ImageWriter, fuse_works: None, tmp_path: Path
+) -> None:
+    """What the module docstring of unionfs/fuse_ops.py promises: once a tree has been walked
+    and a file read, walking and reading again send the server no request at all (libfuse's
+    debug log names every request it receives)."""
+    image = oci_image([d("etc"), f("etc/hosts", b"127.0.0.1 localhost\n"), d("usr/bin"), f("usr/bin/sh", b"#!")],
+                      [f("usr/bin/ls", b"ls"), wh("etc/hosts"), sym("etc/mtab", "/proc/mounts")])  # fmt: skip
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    log_path = tmp_path / "debug.log"
+    with log_path.open("wb") as log:
+        server = subprocess.Popen([*_command(tmp_path), "-f", "-o", "debug", image, str(mountpoint)], stderr=log)
+    try:
+        _wait_for(lambda: os.path.ismount(mountpoint))
+
+        def walk_and_read() -> list[str]:
+            seen = sorted(str(p.relative_to(mountpoint)) for p in mountpoint.rglob("*"))
+            with open(mountpoint / "usr/bin/ls", "rb", buffering=0) as file:  # no isatty() ioctl
+                assert file.read() == b"ls"
+            assert os.readlink(mountpoint / "etc/mtab") == "/proc/mounts"
+            assert not (mountpoint / "etc/hosts").exists()
+            return seen
+
+        first = walk_and_read()
+        served = len(log_path.read_bytes())
+        assert walk_and_read() == first == ["etc", "etc/mtab", "usr", "usr/bin", "usr/bin/ls", "usr/bin/sh"]
+        again = log_path.read_bytes()[served:].decode(errors="replace")
+        assert "opcode: READ" in log_path.read_text(errors="replace")  # the log is the one we think
+        asked = {line.split("opcode: ")[1].split(",")[0] for line in again.splitlines() if "opcode: " in line}
+        assert asked == set(), f"requests on a warm walk: {asked}"
+    finally:
+        server.send_signal(15)
+        assert server.wait(timeout=20) == 0
+
+
 def _command(tmp_path: Path) -> list[str]:
     from tests.conftest import COMMAND
 

@@ -1,4 +1,13 @@
-"""FUSE operations over a frozen merged tree. The only module that imports mfusepy.
+"""FUSE operations over a frozen merged tree, served by inode through libfuse's low-level API
+(unionfs/lowlevel.py).
+
+What the kernel is allowed to keep, and why it may: the tree never changes while mounted, so
+names, missing names, attributes and symlink targets are valid for a day ("forever" for a
+debugging mount); file pages and directory listings stay cached across opens. To get the last
+two, OPEN and OPENDIR answer ENOSYS: the kernel then stops sending OPEN, OPENDIR, FLUSH and
+RELEASE altogether and treats every file as opened with keep_cache and every directory with
+cache_readdir (Linux 5.1 and later). A `find` that has run once then runs from the kernel's
+caches without a single request, and reading a small file costs one READ.
 
 Caveats (what this filesystem does not do, and why):
 - It is read-only: the mount is made with `ro`, so the kernel answers EROFS to writes,
@@ -6,8 +15,8 @@ Caveats (what this filesystem does not do, and why):
 - Permissions are the kernel's business (`default_permissions`): the owner and mode of
   each file come from the image, so a file the container keeps private stays private.
 - atime and ctime are reported as the image's mtime: the image records nothing else.
-- Paths are served through libfuse's high-level API; inode numbers are the tree's own
-  (`use_ino`), stable from one mount of the same image to the next.
+- Inode numbers are the tree's own, stable from one mount of the same image to the next;
+  since no inode is ever dropped, FORGET needs no bookkeeping.
 """
 
 from __future__ import annotations
@@ -16,52 +25,57 @@ import errno
 import functools
 import logging
 import os
-import posixpath
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-import mfusepy
-
 from registry.errors import ImageError
+from unionfs import lowlevel
 from unionfs.build import MountedImage
+from unionfs.lowlevel import Attributes, Listed
 from unionfs.tree import Inode
 
 log = logging.getLogger("crfs-merge")
-F = TypeVar("F", bound=Callable[..., Any])
+F = TypeVar("F", bound=Callable[..., None])
 BLOCK_SIZE = 4096
 NAME_MAX = 255
-# The tree never changes while mounted, so the kernel may cache names and attributes
-# for as long as it likes; a day is "forever" for a debugging mount.
 CACHE_SECONDS = 86400
 LAZY_WORKER_THREADS = 16
-FUSE_CAP_READDIRPLUS = 1 << 13  # libfuse 3 fuse_common.h
-FUSE_CAP_READDIRPLUS_AUTO = 1 << 14
+MOUNT_OPTIONS = ["ro", "default_permissions", "fsname=crfs-merge", "subtype=crfs-merge"]
 
 
-def _errors_to_errno(method: F) -> F:
-    """Maps exceptions to errno: a missing path is ENOENT; a fault reading bytes is EIO
-    with one log line. mfusepy would turn anything but OSError into EINVAL."""
+def _replies_on_error(method: F) -> F:
+    """Every request must get exactly one reply, or the process that made it hangs: an
+    exception before the reply becomes one. A missing inode or name is ENOENT; a fault reading
+    bytes is EIO with one log line; anything else is a bug, logged with its traceback."""
 
     @functools.wraps(method)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(self: Any, req: int, *args: Any) -> None:
         try:
-            return method(*args, **kwargs)
+            method(self, req, *args)
         except KeyError:
-            raise mfusepy.FuseOSError(errno.ENOENT) from None
-        except mfusepy.FuseOSError:
-            raise
-        except (OSError, ImageError) as exc:
-            log.error("%s%s: %s", method.__name__, args[1:2], exc)
-            raise mfusepy.FuseOSError(errno.EIO) from None
+            lowlevel.reply_err(req, errno.ENOENT)
+        except OSError as exc:
+            log.error("%s%s: %s", method.__name__, args[:1], exc)
+            lowlevel.reply_err(req, errno.EIO)
+        except ImageError as exc:
+            log.error("%s%s: %s", method.__name__, args[:1], exc)
+            lowlevel.reply_err(req, errno.EIO)
+        except BaseException:
+            log.exception("%s%s", method.__name__, args[:1])
+            lowlevel.reply_err(req, errno.EIO)
 
     return wrapper  # type: ignore[return-value]
 
 
-class MergedOperations(mfusepy.Operations):  # type: ignore[misc]
-    """Serves a MountedImage; calls `on_ready` once the kernel has the mount."""
+def attributes(inode: Inode) -> Attributes:
+    entry = inode.entry
+    size = len(os.fsencode(entry.link)) if stat.S_ISLNK(entry.mode) else entry.size
+    return Attributes(inode.ino, entry.mode, inode.nlink, entry.uid, entry.gid, size, entry.rdev, entry.mtime_ns)
 
-    use_ns = True
+
+class MergedFilesystem:
+    """Serves a MountedImage; calls `on_ready` once the kernel has the mount."""
 
     def __init__(self, image: MountedImage, on_ready: Callable[[], None] = lambda: None) -> None:
         self._image = image
@@ -69,94 +83,127 @@ class MergedOperations(mfusepy.Operations):  # type: ignore[misc]
         self._content = image.content
         self._on_ready = on_ready
 
-    def init_with_config(self, conn_info: Any, config: Any) -> None:
-        if conn_info is not None:
-            # libfuse's high-level API answers READDIRPLUS by calling getattr for every entry
-            # listed, on every listing: a warm `find` then costs a Python call per entry,
-            # although the kernel already holds every attribute (attr_timeout). Plain READDIR
-            # returns names and types, and lookups are made only for what is looked up.
-            conn_info.want &= ~(FUSE_CAP_READDIRPLUS | FUSE_CAP_READDIRPLUS_AUTO)
+    def callbacks(self) -> dict[str, Callable[..., None]]:
+        return {
+            "init": self.init, "destroy": self.destroy, "lookup": self.lookup, "forget": self.forget,
+            "forget_multi": self.forget_multi, "getattr": self.getattr, "readlink": self.readlink,
+            "open": self.open, "read": self.read, "opendir": self.opendir, "readdir": self.readdir,
+            "readdirplus": self.readdirplus, "statfs": self.statfs, "getxattr": self.getxattr,
+            "listxattr": self.listxattr,
+        }  # fmt: skip
+
+    def init(self, userdata: int, conn: Any) -> None:
+        info = conn.contents
+        # Plain READDIR where the kernel thinks no one will stat what is listed (`find`), and
+        # READDIRPLUS, with every attribute, where it expects `ls -l`: both from one packer.
+        info.want |= lowlevel.FUSE_CAP_READDIRPLUS | lowlevel.FUSE_CAP_READDIRPLUS_AUTO
+        info.want |= info.capable & lowlevel.FUSE_CAP_CACHE_SYMLINKS
+        info.want &= ~lowlevel.FUSE_CAP_AUTO_INVAL_DATA  # nothing to invalidate: bytes never change
         self._on_ready()
         self._image.start_prefetch()
 
-    def destroy(self, path: str) -> None:
+    def destroy(self, userdata: int) -> None:
         self._image.close()
 
-    @_errors_to_errno
-    def getattr(self, path: str, fh: int | None = None) -> dict[str, int]:
-        return _attributes(self._tree.lookup(path))
-
-    @_errors_to_errno
-    def readdir(self, path: str, fh: int) -> list[tuple[str, dict[str, int], int]]:
-        # Each name carries its inode number: with use_ino, a bare name would reach the
-        # kernel as d_ino 0, and glibc's readdir() drops such entries.
-        directory = self._tree.lookup(path)
-        if directory.children is None:
-            raise mfusepy.FuseOSError(errno.ENOTDIR)
-        parent = self._tree.lookup(posixpath.dirname(path))
-        listing = [(".", directory), ("..", parent), *self._tree.listing(directory)]
-        return [(name, {"st_ino": i.ino, "st_mode": i.entry.mode}, 0) for name, i in listing]
-
-    @_errors_to_errno
-    def readlink(self, path: str) -> str:
-        entry = self._tree.lookup(path).entry
-        if not stat.S_ISLNK(entry.mode):
-            raise mfusepy.FuseOSError(errno.EINVAL)
-        return entry.link
-
-    @_errors_to_errno
-    def open(self, path: str, flags: int) -> int:
-        inode = self._tree.lookup(path)
-        if flags & (os.O_WRONLY | os.O_RDWR):
-            raise mfusepy.FuseOSError(errno.EROFS)
-        return inode.ino
-
-    @_errors_to_errno
-    def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
-        return self._content.read(self._tree.lookup(path).entry, offset, size)
-
-    @_errors_to_errno
-    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+    @_replies_on_error
+    def lookup(self, req: int, parent: int, name: bytes) -> None:
         try:
-            return self._tree.lookup(path).entry.xattrs[name]
+            found: Attributes | None = attributes(self._tree.child(parent, os.fsdecode(name)))
         except KeyError:
-            raise mfusepy.FuseOSError(errno.ENODATA) from None
+            found = None  # a negative entry, cached like the positive ones
+        lowlevel.reply_buf(req, record := lowlevel.entry_record(found, CACHE_SECONDS), len(record))
 
-    @_errors_to_errno
-    def listxattr(self, path: str) -> list[str]:
-        return list(self._tree.lookup(path).entry.xattrs)
+    def forget(self, req: int, ino: int, count: int) -> None:
+        lowlevel.reply_none(req)
 
-    def statfs(self, path: str) -> dict[str, int]:
+    def forget_multi(self, req: int, count: int, forgets: int) -> None:
+        lowlevel.reply_none(req)
+
+    @_replies_on_error
+    def getattr(self, req: int, ino: int, fi: int) -> None:
+        record = lowlevel.attr_record(attributes(self._tree.inode(ino)), CACHE_SECONDS)
+        lowlevel.reply_buf(req, record, len(record))
+
+    @_replies_on_error
+    def readlink(self, req: int, ino: int) -> None:
+        entry = self._tree.inode(ino).entry
+        if not stat.S_ISLNK(entry.mode):
+            lowlevel.reply_err(req, errno.EINVAL)
+            return
+        lowlevel.reply_readlink(req, os.fsencode(entry.link))
+
+    def open(self, req: int, ino: int, fi: int) -> None:
+        lowlevel.reply_err(req, errno.ENOSYS)  # see the module's docstring
+
+    def opendir(self, req: int, ino: int, fi: int) -> None:
+        lowlevel.reply_err(req, errno.ENOSYS)
+
+    @_replies_on_error
+    def read(self, req: int, ino: int, size: int, offset: int, fi: int) -> None:
+        inode = self._tree.inode(ino)
+        if inode.children is not None:
+            lowlevel.reply_err(req, errno.EISDIR)
+            return
+        data = self._content.read(inode.entry, offset, size)
+        lowlevel.reply_buf(req, data, len(data))
+
+    @_replies_on_error
+    def readdir(self, req: int, ino: int, size: int, offset: int, fi: int) -> None:
+        self._reply_listing(req, ino, size, offset, plus=False)
+
+    @_replies_on_error
+    def readdirplus(self, req: int, ino: int, size: int, offset: int, fi: int) -> None:
+        self._reply_listing(req, ino, size, offset, plus=True)
+
+    def _reply_listing(self, req: int, ino: int, size: int, offset: int, plus: bool) -> None:
+        directory = self._tree.inode(ino)
+        if directory.children is None:
+            lowlevel.reply_err(req, errno.ENOTDIR)
+            return
+        buffer = lowlevel.listing_buffer(self._listing(directory, offset, plus), offset, size, plus, CACHE_SECONDS)
+        lowlevel.reply_buf(req, buffer, len(buffer))
+
+    def _listing(self, directory: Inode, offset: int, plus: bool) -> Iterator[Listed]:
+        """Yields '.', '..' and the children, sorted by name, from the `offset`-th."""
+        children = directory.children or ()
+        if offset <= 0:
+            yield Listed(b".", directory.ino, directory.entry.mode, None)
+        if offset <= 1:
+            parent = self._tree.parent(directory.ino)
+            yield Listed(b"..", parent.ino, parent.entry.mode, None)
+        by_path = self._tree.by_path
+        for path in children[max(0, offset - 2) :]:
+            child = by_path[path]
+            name = os.fsencode(path.rpartition("/")[2])
+            yield Listed(name, child.ino, child.entry.mode, attributes(child) if plus else None)
+
+    def statfs(self, req: int, ino: int) -> None:
         blocks = -(-self._tree.total_bytes // BLOCK_SIZE)
-        return {
-            "f_bsize": BLOCK_SIZE,
-            "f_frsize": BLOCK_SIZE,
-            "f_blocks": blocks,
-            "f_bfree": 0,
-            "f_bavail": 0,
-            "f_files": self._tree.inode_count,
-            "f_ffree": 0,
-            "f_favail": 0,
-            "f_namemax": NAME_MAX,
-        }
+        lowlevel.reply_statfs(req, f_bsize=BLOCK_SIZE, f_frsize=BLOCK_SIZE, f_blocks=blocks,
+                              f_files=self._tree.inode_count, f_namemax=NAME_MAX)  # fmt: skip
 
+    @_replies_on_error
+    def getxattr(self, req: int, ino: int, name: bytes, size: int) -> None:
+        value = self._tree.inode(ino).entry.xattrs.get(os.fsdecode(name))
+        if value is None:
+            lowlevel.reply_err(req, errno.ENODATA)
+        else:
+            self._reply_sized(req, value, size)
 
-def _attributes(inode: Inode) -> dict[str, int]:
-    entry = inode.entry
-    size = len(entry.link.encode("utf-8", "surrogateescape")) if stat.S_ISLNK(entry.mode) else entry.size
-    return {
-        "st_ino": inode.ino,
-        "st_mode": entry.mode,
-        "st_nlink": inode.nlink,
-        "st_uid": entry.uid,
-        "st_gid": entry.gid,
-        "st_size": size,
-        "st_blocks": -(-size // 512),
-        "st_rdev": entry.rdev,
-        "st_mtime": entry.mtime_ns,
-        "st_atime": entry.mtime_ns,
-        "st_ctime": entry.mtime_ns,
-    }
+    @_replies_on_error
+    def listxattr(self, req: int, ino: int, size: int) -> None:
+        names = b"".join(os.fsencode(name) + b"\0" for name in self._tree.inode(ino).entry.xattrs)
+        self._reply_sized(req, names, size)
+
+    @staticmethod
+    def _reply_sized(req: int, value: bytes, size: int) -> None:
+        """The xattr convention: size 0 asks how long the value is; too small a size is ERANGE."""
+        if size == 0:
+            lowlevel.reply_xattr(req, len(value))
+        elif size < len(value):
+            lowlevel.reply_err(req, errno.ERANGE)
+        else:
+            lowlevel.reply_buf(req, value, len(value))
 
 
 def _worker_threads(image: MountedImage) -> int:
@@ -167,32 +214,22 @@ def _worker_threads(image: MountedImage) -> int:
     return LAZY_WORKER_THREADS if image.waits_on_network else max(2, os.cpu_count() or 2)
 
 
+def mount_options(options: dict[str, str | bool]) -> list[str]:
+    """The `-o` list for libfuse: ours, then the user's (`allow_other`, `debug`, ...)."""
+    extra = [key if value is True else f"{key}={value}" for key, value in options.items() if value is not False]
+    return MOUNT_OPTIONS + extra
+
+
 def mount(image: MountedImage, mountpoint: str, options: dict[str, str | bool], on_ready: Callable[[], None]) -> None:
     """Serves `image` at `mountpoint` in the foreground until unmounted or signalled."""
-    fixed: dict[str, Any] = {
-        "ro": True,
-        "default_permissions": True,
-        "use_ino": True,
-        "kernel_cache": True,
-        "entry_timeout": CACHE_SECONDS,
-        "attr_timeout": CACHE_SECONDS,
-        "negative_timeout": CACHE_SECONDS,
-        "fsname": "crfs-merge",
-        "subtype": "crfs-merge",
-        "max_idle_threads": 8,  # libfuse 3.14 warns on every mount when this is left unset
-        "max_threads": _worker_threads(image),
-    }
-    served = False
-
-    def ready() -> None:
-        nonlocal served
-        served = True
-        on_ready()
-
+    filesystem = MergedFilesystem(image, on_ready)
     try:
-        mfusepy.FUSE(MergedOperations(image, ready), mountpoint, foreground=True, **(fixed | options))
-    except RuntimeError:
-        # libfuse's fuse_main reports a loop ended by SIGINT/SIGTERM as an error (8), after it
-        # has unmounted. Only a failure before the mount was served is a real one.
-        if not served:
-            raise ImageError(f"{mountpoint}: FUSE mount failed (see the libfuse message above)") from None
+        session = lowlevel.Session(filesystem.callbacks(), mount_options(options))
+    except lowlevel.SessionError as exc:
+        raise ImageError(f"{mountpoint}: FUSE mount failed: {exc} (see the libfuse message above)") from None
+    try:
+        session.serve(mountpoint, _worker_threads(image))
+    except lowlevel.SessionError as exc:
+        raise ImageError(f"FUSE mount failed: {exc} (see the libfuse message above)") from None
+    finally:
+        session.close()

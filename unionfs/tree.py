@@ -1,6 +1,7 @@
-"""Freeze a merged tree into inodes addressed by FUSE path: built once, then read-only.
+"""Freeze a merged tree into inodes, addressed by path and by inode number: built once, then
+read-only.
 
-Being immutable, the tree is shared by mfusepy's worker threads without locks.
+Being immutable, the tree is shared by libfuse's worker threads without locks.
 """
 
 from __future__ import annotations
@@ -28,8 +29,32 @@ class MergedTree:
     """The merged image: an inode for every path."""
 
     by_path: dict[str, Inode]  # by clean path: '' is the root, 'etc/hosts' a file
-    inode_count: int
+    by_ino: list[Inode]  # by inode number less one: the root is 1
+    directory_paths: dict[int, str]  # clean path of each directory, by inode number
     total_bytes: int
+
+    @property
+    def inode_count(self) -> int:
+        return len(self.by_ino)
+
+    def inode(self, ino: int) -> Inode:
+        """Returns inode number `ino`; KeyError if there is none."""
+        if not 0 < ino <= len(self.by_ino):
+            raise KeyError(ino)
+        return self.by_ino[ino - 1]
+
+    def child(self, directory: int, name: str) -> Inode:
+        """Returns the inode called `name` in directory inode `directory`; KeyError if none."""
+        path = self.directory_paths[directory]
+        if name == "..":
+            return self.by_path[path.rpartition("/")[0]]
+        if name == ".":
+            return self.by_path[path]
+        return self.by_path[f"{path}/{name}" if path else name]
+
+    def parent(self, directory: int) -> Inode:
+        """Returns the directory holding directory inode `directory` (the root's is itself)."""
+        return self.child(directory, "..")
 
     def lookup(self, path: str) -> Inode:
         """Returns the inode at FUSE path `path` ('/', '/etc/hosts'); KeyError if none."""
@@ -49,29 +74,32 @@ def freeze(root: Node[Entry]) -> MergedTree:
     that nodes and inodes never both hold the whole image (the peak of a mount's memory)."""
     links = _link_counts(root)
     by_path: dict[str, Inode] = {}
+    by_ino: list[Inode] = []
+    directory_paths: dict[int, str] = {}
     by_entry: dict[int, Inode] = {}
-    inodes = 0
     stack: list[tuple[str, Node[Entry]]] = [("", root)]
     while stack:
         key, node = stack.pop()
-        inodes += 1
+        ino = len(by_ino) + 1
         if node.children is not None:
             children = _child_keys(key, node.children)
             subdirectories = sum(1 for _, child in children if child.is_dir)
             entry = node.entry or IMPLIED_DIRECTORY
-            by_path[key] = Inode(inodes, entry, 2 + subdirectories, tuple(k for k, _ in children))
+            inode = Inode(ino, entry, 2 + subdirectories, tuple(k for k, _ in children))
+            by_ino.append(inode)
+            by_path[key] = inode
+            directory_paths[ino] = key
             node.children = None
             stack.extend(reversed(children))
             continue
         assert node.entry is not None
-        inode = by_entry.get(id(node.entry))
-        if inode is None:
-            inode = by_entry[id(node.entry)] = Inode(inodes, node.entry, links.get(id(node.entry), 1), None)
-        else:
-            inodes -= 1  # another name of an inode already numbered
-        by_path[key] = inode
+        known = by_entry.get(id(node.entry))  # another name of an inode already numbered
+        if known is None:
+            known = by_entry[id(node.entry)] = Inode(ino, node.entry, links.get(id(node.entry), 1), None)
+            by_ino.append(known)
+        by_path[key] = known
     total = sum(i.entry.size for i in by_entry.values())
-    return MergedTree(by_path, inodes, total)
+    return MergedTree(by_path, by_ino, directory_paths, total)
 
 
 def _child_keys(key: str, children: dict[str, Node[Entry]]) -> list[tuple[str, Node[Entry]]]:

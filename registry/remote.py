@@ -27,10 +27,11 @@ from urllib.parse import urlencode, urljoin, urlsplit
 
 import aiohttp
 
-from registry.auth import Challenge, Credentials, parse_challenges
+from registry.auth import Challenge, parse_challenges
 from registry.credentials import find_credentials
 from registry.digest import Digest
 from registry.errors import AuthenticationError, BlobNotFoundError, ManifestError, RegistryError
+from registry.options import RemoteOptions
 from registry.remote_reference import RemoteReference, is_loopback
 from registry.source import MAX_DOCUMENT_SIZE
 
@@ -50,17 +51,6 @@ STREAM_BLOCK = 1 << 20
 Progress = Callable[[int], None]
 # What a dropped, reset, refused or silent connection raises: worth another try.
 NETWORK_ERRORS = (TimeoutError, aiohttp.ClientError, ConnectionError)
-
-
-@dataclass(frozen=True, slots=True)
-class RemoteOptions:
-    """How to talk to registries."""
-
-    credentials: Credentials | None = None  # --creds; otherwise looked up per registry
-    tls_verify: bool = True
-    timeout: float = 30.0  # seconds to connect, and the longest silence while reading
-    retries: int = 4
-    connections: int = 8  # requests in flight to one registry
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,33 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
-from typing import TextIO
 
-from registry.digest import Digest
 from registry.local import resolve_image
 from registry.manifest import Platform
-from registry.media_types import Compression
-from registry.pull import fetch_blobs, resolve_remote
+from registry.options import RemoteOptions
 from registry.reference import REGISTRY, ImageReference
-from registry.remote import Progress, RegistryClient, RemoteOptions
 from registry.remote_reference import RemoteReference
 from registry.source import FileWindow, Image
-from unionfs.aio import EventLoopThread
-from unionfs.chunk_cache import ChunkCache
-from unionfs.content import ContentReader, LayerReader, TarReader
+from unionfs.content import ContentReader, TarReader
 from unionfs.entry import Entry
-from unionfs.estargz import LayerToc
 from unionfs.layer_store import LayerStore
-from unionfs.lazy import LazyLayer, fetch_toc
 from unionfs.tree import MergedTree, freeze
 from whiteout.apply import merge_layers
 
@@ -69,12 +56,9 @@ def open_image(text: str, settings: Settings) -> MountedImage:
     reference = ImageReference.parse(text)
     if reference.transport != REGISTRY:
         return build(resolve_image(reference, settings.platform), store)
-    loop = EventLoopThread().__enter__()
-    try:
-        return _open_remote(RemoteReference.parse(reference.path), settings, store, loop)
-    except BaseException:
-        loop.__exit__(None, None, None)
-        raise
+    from unionfs.remote_image import open_remote  # aiohttp and asyncio only for registry images
+
+    return open_remote(RemoteReference.parse(reference.path), settings, store)
 
 
 def local_layers(text: str, settings: Settings) -> tuple[Image, list[FileWindow]]:
@@ -85,129 +69,18 @@ def local_layers(text: str, settings: Settings) -> tuple[Image, list[FileWindow]
     if reference.transport != REGISTRY:
         image = resolve_image(reference, settings.platform)
     else:
-        with EventLoopThread() as loop:
-            image = loop.run(_pull_whole(RemoteReference.parse(reference.path), settings, store))
+        from unionfs.remote_image import pull_whole
+
+        image = pull_whole(RemoteReference.parse(reference.path), settings, store)
     return image, [store.open(layer, number).tar for number, layer in enumerate(image.layers)]
-
-
-async def _pull_whole(reference: RemoteReference, settings: Settings, store: LayerStore) -> Image:
-    async with RegistryClient(reference, settings.remote, os.environ) as client:
-        image, _ = await _resolve_and_fetch(client, settings, store, lazy=False)
-    return image
-
-
-async def _resolve_and_fetch(
-    client: RegistryClient, settings: Settings, store: LayerStore, lazy: bool
-) -> tuple[Image, dict[int, LayerToc]]:
-    """Resolves the client's image; with `lazy`, learns which layers are eStargz (their TOCs);
-    fetches every other layer that the cache lacks whole."""
-    image = await resolve_remote(client, settings.platform, settings.cache_dir / "blobs")
-    tocs = await _tocs(client, image, store, settings.cache_dir / "toc") if lazy else {}
-    whole = [layer for n, layer in enumerate(image.layers) if n not in tocs and store.needs_blob(layer)]
-    await fetch_blobs(client, whole, _terminal_progress(sys.stderr))
-    return image, tocs
 
 
 def build(image: Image, store: LayerStore) -> MountedImage:
     """Returns the merged view of a local `image`, indexing its layers through `store`."""
     indexed = [store.open(layer, number) for number, layer in enumerate(image.layers)]
     readers = [TarReader(layer.tar) for layer in indexed]
-    return MountedImage(_tree([layer.entries for layer in indexed]), ContentReader(readers))
+    return MountedImage(merged_tree([layer.entries for layer in indexed]), ContentReader(readers))
 
 
-def _tree(layers: list[list[Entry]]) -> MergedTree:
+def merged_tree(layers: list[list[Entry]]) -> MergedTree:
     return freeze(merge_layers(layers, warn=log.warning))
-
-
-def _open_remote(
-    reference: RemoteReference, settings: Settings, store: LayerStore, loop: EventLoopThread
-) -> MountedImage:
-    """Mounts a registry image: eStargz layers lazily (footer and TOC now, chunks on read),
-    others fetched whole into the cache and read as local tars."""
-    client = RegistryClient(reference, settings.remote, os.environ)
-    loop.run(client.__aenter__())
-
-    def close() -> None:
-        loop.run(client.__aexit__(None, None, None))
-        loop.__exit__(None, None, None)
-
-    try:
-        image, tocs = loop.run(_resolve_and_fetch(client, settings, store, lazy=True))
-        tree, readers, lazy = _remote_layers(image, tocs, store, LazyLayerFactory(loop, client, settings))
-    except BaseException:
-        loop.run(client.__aexit__(None, None, None))
-        raise
-    prefetch = partial(_prefetch, lazy, settings.prefetch)
-    return MountedImage(tree, ContentReader(readers), prefetch, close, waits_on_network=bool(lazy))
-
-
-class LazyLayerFactory:
-    """Makes the lazy readers of one mount: they share its loop, client and chunk cache."""
-
-    def __init__(self, loop: EventLoopThread, client: RegistryClient, settings: Settings) -> None:
-        self._loop, self._client = loop, client
-        self._cache = ChunkCache(settings.cache_dir / "chunks")
-        # A read waits for every try of its fetch, and a little more, before it reports EIO.
-        self._timeout = settings.remote.timeout * (settings.remote.retries + 1) * 2
-
-    def __call__(self, blob: Digest) -> LazyLayer:
-        return LazyLayer(self._loop, self._client, blob, self._cache, self._timeout)
-
-
-def _remote_layers(
-    image: Image, tocs: dict[int, LayerToc], store: LayerStore, lazy_layer: LazyLayerFactory
-) -> tuple[MergedTree, list[LayerReader], list[tuple[LazyLayer, LayerToc]]]:
-    """Returns the tree and a reader per layer: lazy where a TOC was found, a local tar else."""
-    readers: list[LayerReader] = []
-    entries: list[list[Entry]] = []
-    lazy: list[tuple[LazyLayer, LayerToc]] = []
-    for number, layer in enumerate(image.layers):
-        if number in tocs and layer.digest is not None:
-            reader = lazy_layer(layer.digest)
-            lazy.append((reader, tocs[number]))
-            readers.append(reader)
-            entries.append(tocs[number].entries)
-        else:
-            indexed = store.open(layer, number)
-            readers.append(TarReader(indexed.tar))
-            entries.append(indexed.entries)
-    return _tree(entries), readers, lazy
-
-
-async def _tocs(client: RegistryClient, image: Image, store: LayerStore, toc_dir: Path) -> dict[int, LayerToc]:
-    """Returns the TOCs of the layers to read lazily: gzip layers not yet in the cache whole."""
-    wanted = [(n, layer) for n, layer in enumerate(image.layers)
-              if layer.compression is Compression.GZIP and store.needs_blob(layer)]  # fmt: skip
-    found = await asyncio.gather(*(fetch_toc(client, layer, n, toc_dir) for n, layer in wanted))
-    return {n: toc for (n, _), toc in zip(wanted, found, strict=True) if toc is not None}
-
-
-def _prefetch(lazy: list[tuple[LazyLayer, LayerToc]], mode: str) -> None:
-    for reader, toc in lazy:
-        chunks = [c for e in toc.entries for c in e.chunks]
-        if mode == "landmark" and toc.prefetch_end is not None:
-            reader.prefetch(c for c in chunks if c.blob_offset < toc.prefetch_end)
-        elif mode == "all":
-            reader.prefetch(chunks)
-
-
-def _terminal_progress(stream: TextIO) -> Callable[[int], Progress] | None:
-    """Returns a progress-line factory for a terminal, or None when nobody is watching."""
-    if not stream.isatty():
-        return None
-
-    def start(total: int) -> Progress:
-        done, shown = 0, 0.0
-
-        def advance(count: int) -> None:
-            nonlocal done, shown
-            done += count
-            if time.monotonic() - shown > 0.2 or done >= total:
-                shown = time.monotonic()
-                end = "\n" if done >= total else ""
-                stream.write(f"\rcrfs-merge: pulling layers {done / 1e6:8.1f} / {total / 1e6:.1f} MB{end}")
-                stream.flush()
-
-        return advance
-
-    return start

@@ -5,10 +5,10 @@
     crfs-merge convert SRC DST           rewrite an image's layers as eStargz (to a layout or registry)
 
 Caveats:
-- Without -f the command starts a second crfs-merge process that serves the mount and
-  reports back through a pipe once the kernel has the mount; the first one then exits 0.
-  Forking this process instead would be unsafe once threads exist (libfuse's daemonize
-  forks after setup), so the server is a fresh interpreter.
+- Without -f the command forks a server process, before any thread exists (libfuse's own
+  daemonize forks after setup, which is unsafe once threads run); the server reports back
+  through a pipe once the kernel has the mount, and the command then exits 0. With --creds
+  the server is a fresh interpreter instead, started without the secret on its command line.
 - eStargz layers of registry images are read lazily, so the server keeps its registry
   session (on one event loop thread) for as long as the mount lives; other layers are
   fetched whole before the mount is ready.
@@ -20,9 +20,11 @@ import argparse
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -126,7 +128,7 @@ def _boolean(text: str) -> bool:
 def _settings(args: argparse.Namespace) -> Settings:
     from registry.auth import Credentials
     from registry.manifest import Platform
-    from registry.remote import RemoteOptions
+    from registry.options import RemoteOptions
     from unionfs.build import Settings
     from unionfs.layer_store import default_cache_dir
 
@@ -174,9 +176,11 @@ def _mount(args: argparse.Namespace, argv: list[str]) -> int:
     ImageReference.parse(image_text)  # a bad reference fails here, before any process starts
     options = parse_options(args.options)
     _preflight(mountpoint)
-    if not args.foreground:
+    if args.foreground:
+        return _serve(args, image_text, mountpoint, options)
+    if args.creds is not None:
         return _spawn_server(argv, mountpoint)
-    return _serve(args, image_text, mountpoint, options)
+    return _fork_server(args, image_text, mountpoint, options)
 
 
 def parse_options(values: list[str]) -> dict[str, str | bool]:
@@ -210,15 +214,57 @@ def _spawn_server(argv: list[str], mountpoint: str) -> int:
     child = subprocess.Popen(command, pass_fds=(write_end,), stdin=subprocess.DEVNULL, env=env,
                              stdout=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     os.close(write_end)
+    return _await_ready(read_end, mountpoint, child.wait, child.terminate)
+
+
+def _fork_server(args: argparse.Namespace, image_text: str, mountpoint: str, options: dict[str, str | bool]) -> int:
+    """Serves the mount from a forked child in its own session; waits until it is ready."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        os._exit(_run_server(args, image_text, mountpoint, options, write_end))
+    os.close(write_end)
+
+    def wait() -> int:
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+    return _await_ready(read_end, mountpoint, wait, lambda: os.kill(pid, signal.SIGTERM))
+
+
+def _run_server(args: argparse.Namespace, image_text: str, mountpoint: str, options: dict[str, str | bool],
+                ready_fd: int) -> int:  # fmt: skip
+    """The forked server's whole life; returns its exit status (it must never return into
+    the parent's code: the caller exits with this)."""
+    try:
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+        args.ready_fd = ready_fd
+        return _serve(args, image_text, mountpoint, options)
+    except (ImageError, OSError) as exc:
+        print(f"crfs-merge: {exc}", file=sys.stderr)
+        return 1
+    except BaseException:
+        logging.exception("crfs-merge: the server failed")
+        return 1
+    finally:
+        sys.stderr.flush()
+
+
+def _await_ready(read_end: int, mountpoint: str, wait: Callable[[], int], stop: Callable[[], None]) -> int:
+    """Returns 0 once the server says its mount is ready; else the server's exit status."""
     try:
         with os.fdopen(read_end, "rb") as pipe:
             ready = pipe.readline() == READY
     except KeyboardInterrupt:
-        child.terminate()  # the user gave up waiting: the server must not mount behind their back
-        child.wait()
+        stop()  # the user gave up waiting: the server must not mount behind their back
+        wait()
         return 130
     if not ready:
-        return child.wait() or 1
+        return wait() or 1
     deadline = time.monotonic() + MOUNT_APPEAR_SECONDS
     while not os.path.ismount(mountpoint) and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import stat
+from dataclasses import fields
 
 from tests.tarvocab import Member, tar_of
 from unionfs.entry import Entry
@@ -13,11 +14,23 @@ from whiteout.apply import merge_layers
 
 
 def merge_tars(*layers: list[Member], warnings: list[str] | None = None) -> tuple[MergedTree, list[bytes]]:
-    """Returns the frozen merged tree of `layers` (bottom first) and the layers' tar bytes."""
+    """Returns the frozen merged tree of `layers` (bottom first) and the layers' tar bytes.
+
+    The tree returned has been through the cache's bytes (to_bytes, from_bytes), after a check
+    that it reads back the same as the tree freeze made: every merge test covers both."""
     sink = warnings if warnings is not None else []
     tars = [tar_of(*members) for members in layers]
     indexed = [index_tar(io.BytesIO(t), len(t), n, sink.append) for n, t in enumerate(tars)]
-    return freeze(merge_layers(indexed, sink.append)), tars
+    fresh = freeze(merge_layers(indexed, sink.append))
+    saved = MergedTree.from_bytes(fresh.to_bytes())
+    assert _comparable(saved) == _comparable(fresh)
+    return saved, tars
+
+
+def _comparable(tree: MergedTree) -> list[tuple[object, ...]]:
+    # Entry compares by identity: compare its fields, xattrs as a plain dict.
+    return [(p, i.ino, i.nlink, *(getattr(i.entry, f.name) for f in fields(Entry) if f.name != "xattrs"),
+             dict(i.entry.xattrs)) for p, i in tree.items()]  # fmt: skip
 
 
 def describe(entry: Entry, tars: list[bytes]) -> str:
@@ -35,4 +48,4 @@ def describe(entry: Entry, tars: list[bytes]) -> str:
 def visible(*layers: list[Member]) -> dict[str, str]:
     """Returns {path: description} of every path below the root of the merged layers."""
     tree, tars = merge_tars(*layers)
-    return {p: describe(i.entry, tars) for p, i in tree.by_path.items() if p}
+    return {p: describe(i.entry, tars) for p, i in tree.items() if p}

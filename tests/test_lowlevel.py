@@ -6,7 +6,8 @@ from __future__ import annotations
 import stat
 import struct
 
-from unionfs.lowlevel import Attributes, Listed, attr_record, entry_record, listing_buffer
+from unionfs.entry import Attributes
+from unionfs.lowlevel import Listed, attr_record, entry_record, listing_buffer
 
 ATTR_FIELDS = "ino size blocks atime mtime ctime atimensec mtimensec ctimensec mode nlink uid gid rdev blksize flags"
 FILE = Attributes(ino=7, mode=stat.S_IFREG | 0o640, nlink=2, uid=1000, gid=50, size=1025, rdev=0,

@@ -84,7 +84,7 @@ def test_every_source_gives_the_same_tree(make_source: Callable[[Path], str], tm
     image = resolve_image(reference, Platform.host())
     mounted = build(image, LayerStore(tmp_path / "cache", print))
     seen = {}
-    for path, inode in mounted.tree.by_path.items():
+    for path, inode in mounted.tree.items():
         entry = inode.entry
         data = mounted.content.read(entry, 0, entry.size).decode()
         seen[f"/{path}" if path else "/"] = f"file:{data}" if entry.is_regular else describe(entry, [])

@@ -76,10 +76,15 @@ def local_layers(text: str, settings: Settings) -> tuple[Image, list[FileWindow]
 
 
 def build(image: Image, store: LayerStore) -> MountedImage:
-    """Returns the merged view of a local `image`, indexing its layers through `store`."""
-    indexed = [store.open(layer, number) for number, layer in enumerate(image.layers)]
-    readers = [TarReader(layer.tar) for layer in indexed]
-    return MountedImage(merged_tree([layer.entries for layer in indexed]), ContentReader(readers))
+    """Returns the merged view of a local `image`, indexing its layers through `store`; the
+    merged tree itself is saved there too, and loaded instead of merged next time."""
+    tars = [store.tar(layer) for layer in image.layers]
+    name = store.tree_name(image.layers, tars)
+    tree = store.load_tree(name)
+    if tree is None:
+        tree = merged_tree([store.open(layer, number).entries for number, layer in enumerate(image.layers)])
+        store.save_tree(name, tree)
+    return MountedImage(tree, ContentReader([TarReader(tar) for tar in tars]))
 
 
 def merged_tree(layers: list[list[Entry]]) -> MergedTree:

@@ -78,3 +78,17 @@ class Entry:
 
 IMPLIED_DIRECTORY = Entry(path="", mode=stat.S_IFDIR | 0o755)
 """Metadata of a directory that no layer has a header for (containerd uses 0755, root)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Attributes:
+    """What the kernel is told about one inode."""
+
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    size: int
+    rdev: int
+    mtime_ns: int

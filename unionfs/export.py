@@ -46,7 +46,7 @@ def export(image: MountedImage, dest: str) -> None:
 def _members(image: MountedImage) -> Iterator[tuple[str, Inode, str | None]]:
     """Yields (relative path, inode, path of an earlier hardlink of it or None), parents first."""
     first_path: dict[int, str] = {}
-    for name, inode in image.tree.by_path.items():
+    for name, inode in image.tree.items():
         if not name:
             continue  # the root
         earlier = first_path.setdefault(inode.ino, name)

@@ -32,8 +32,7 @@ from typing import Any, TypeVar
 from registry.errors import ImageError
 from unionfs import lowlevel
 from unionfs.build import MountedImage
-from unionfs.lowlevel import Attributes, Listed
-from unionfs.tree import Inode
+from unionfs.lowlevel import Listed
 
 log = logging.getLogger("crfs-merge")
 F = TypeVar("F", bound=Callable[..., None])
@@ -66,12 +65,6 @@ def _replies_on_error(method: F) -> F:
             lowlevel.reply_err(req, errno.EIO)
 
     return wrapper  # type: ignore[return-value]
-
-
-def attributes(inode: Inode) -> Attributes:
-    entry = inode.entry
-    size = len(os.fsencode(entry.link)) if stat.S_ISLNK(entry.mode) else entry.size
-    return Attributes(inode.ino, entry.mode, inode.nlink, entry.uid, entry.gid, size, entry.rdev, entry.mtime_ns)
 
 
 class MergedFilesystem:
@@ -107,11 +100,13 @@ class MergedFilesystem:
 
     @_replies_on_error
     def lookup(self, req: int, parent: int, name: bytes) -> None:
-        try:
-            found: Attributes | None = attributes(self._tree.child(parent, os.fsdecode(name)))
-        except KeyError:
-            found = None  # a negative entry, cached like the positive ones
-        lowlevel.reply_buf(req, record := lowlevel.entry_record(found, CACHE_SECONDS), len(record))
+        if not self._tree.is_dir(parent):
+            lowlevel.reply_err(req, errno.ENOTDIR)
+            return
+        found = self._tree.child(parent, name)
+        # A missing name is a negative entry, cached like the positive ones.
+        record = lowlevel.entry_record(None if found is None else self._tree.attributes(found), CACHE_SECONDS)
+        lowlevel.reply_buf(req, record, len(record))
 
     def forget(self, req: int, ino: int, count: int) -> None:
         lowlevel.reply_none(req)
@@ -121,16 +116,15 @@ class MergedFilesystem:
 
     @_replies_on_error
     def getattr(self, req: int, ino: int, fi: int) -> None:
-        record = lowlevel.attr_record(attributes(self._tree.inode(ino)), CACHE_SECONDS)
+        record = lowlevel.attr_record(self._tree.attributes(ino), CACHE_SECONDS)
         lowlevel.reply_buf(req, record, len(record))
 
     @_replies_on_error
     def readlink(self, req: int, ino: int) -> None:
-        entry = self._tree.inode(ino).entry
-        if not stat.S_ISLNK(entry.mode):
+        if not stat.S_ISLNK(self._tree.attributes(ino).mode):
             lowlevel.reply_err(req, errno.EINVAL)
             return
-        lowlevel.reply_readlink(req, os.fsencode(entry.link))
+        lowlevel.reply_readlink(req, os.fsencode(self._tree.link(ino)))
 
     def open(self, req: int, ino: int, fi: int) -> None:
         lowlevel.reply_err(req, errno.ENOSYS)  # see the module's docstring
@@ -140,11 +134,10 @@ class MergedFilesystem:
 
     @_replies_on_error
     def read(self, req: int, ino: int, size: int, offset: int, fi: int) -> None:
-        inode = self._tree.inode(ino)
-        if inode.children is not None:
+        if self._tree.is_dir(ino):
             lowlevel.reply_err(req, errno.EISDIR)
             return
-        data = self._content.read(inode.entry, offset, size)
+        data = self._content.read(self._tree.entry(ino), offset, size)
         lowlevel.reply_buf(req, data, len(data))
 
     @_replies_on_error
@@ -156,26 +149,22 @@ class MergedFilesystem:
         self._reply_listing(req, ino, size, offset, plus=True)
 
     def _reply_listing(self, req: int, ino: int, size: int, offset: int, plus: bool) -> None:
-        directory = self._tree.inode(ino)
-        if directory.children is None:
+        if not self._tree.is_dir(ino):
             lowlevel.reply_err(req, errno.ENOTDIR)
             return
-        buffer = lowlevel.listing_buffer(self._listing(directory, offset, plus), offset, size, plus, CACHE_SECONDS)
+        buffer = lowlevel.listing_buffer(self._listing(ino, offset, plus), offset, size, plus, CACHE_SECONDS)
         lowlevel.reply_buf(req, buffer, len(buffer))
 
-    def _listing(self, directory: Inode, offset: int, plus: bool) -> Iterator[Listed]:
+    def _listing(self, directory: int, offset: int, plus: bool) -> Iterator[Listed]:
         """Yields '.', '..' and the children, sorted by name, from the `offset`-th."""
-        children = directory.children or ()
+        tree = self._tree
         if offset <= 0:
-            yield Listed(b".", directory.ino, directory.entry.mode, None)
+            yield Listed(b".", directory, stat.S_IFDIR, None)
         if offset <= 1:
-            parent = self._tree.parent(directory.ino)
-            yield Listed(b"..", parent.ino, parent.entry.mode, None)
-        by_path = self._tree.by_path
-        for path in children[max(0, offset - 2) :]:
-            child = by_path[path]
-            name = os.fsencode(path.rpartition("/")[2])
-            yield Listed(name, child.ino, child.entry.mode, attributes(child) if plus else None)
+            yield Listed(b"..", tree.parent(directory), stat.S_IFDIR, None)
+        for name, child in tree.children(directory, max(0, offset - 2)):
+            attributes = tree.attributes(child)
+            yield Listed(name, child, attributes.mode, attributes if plus else None)
 
     def statfs(self, req: int, ino: int) -> None:
         blocks = -(-self._tree.total_bytes // BLOCK_SIZE)
@@ -184,7 +173,7 @@ class MergedFilesystem:
 
     @_replies_on_error
     def getxattr(self, req: int, ino: int, name: bytes, size: int) -> None:
-        value = self._tree.inode(ino).entry.xattrs.get(os.fsdecode(name))
+        value = self._tree.xattrs(ino).get(os.fsdecode(name))
         if value is None:
             lowlevel.reply_err(req, errno.ENODATA)
         else:
@@ -192,7 +181,7 @@ class MergedFilesystem:
 
     @_replies_on_error
     def listxattr(self, req: int, ino: int, size: int) -> None:
-        names = b"".join(os.fsencode(name) + b"\0" for name in self._tree.inode(ino).entry.xattrs)
+        names = b"".join(os.fsencode(name) + b"\0" for name in self._tree.xattrs(ino))
         self._reply_sized(req, names, size)
 
     @staticmethod

@@ -3,6 +3,9 @@
 Cache layout (content-addressed, safe to share between concurrent mounts):
     CACHE/tars/ALGO-HEX.tar      uncompressed tar of a compressed layer blob ALGO:HEX
     CACHE/index/v1/ALGO-HEX.json the layer's entries, so a second mount skips the scan
+    CACHE/trees/v1/HEX.tree      the merged tree of a stack of layers (unionfs/tree.py's bytes),
+                                 named by a hash of the layers' names and their tars' stamps, so
+                                 a mount of an image already seen loads arrays and merges nothing
 Files are written under a temporary name and renamed into place, and a per-layer lock
 keeps two mounts from decompressing the same layer at once. An uncompressed layer is
 read in place from its blob, never copied.
@@ -19,7 +22,7 @@ import json
 import os
 import tempfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol, cast
@@ -32,8 +35,10 @@ from registry.media_types import Compression
 from registry.source import FileWindow, Layer
 from unionfs.entry import NO_XATTRS, Entry, sharer
 from unionfs.tar_index import index_tar
+from unionfs.tree import CorruptTreeError, MergedTree
 
 INDEX_FORMAT = 1
+TREE_FORMAT = 1
 COPY_BLOCK = 1 << 20
 
 
@@ -57,8 +62,9 @@ class LayerStore:
     def __init__(self, cache_dir: Path, warn: Callable[[str], None]) -> None:
         self._tars = cache_dir / "tars"
         self._indexes = cache_dir / "index" / f"v{INDEX_FORMAT}"
+        self._trees = cache_dir / "trees" / f"v{TREE_FORMAT}"
         self._warn = warn
-        for directory in (self._tars, self._indexes):
+        for directory in (self._tars, self._indexes, self._trees):
             directory.mkdir(parents=True, exist_ok=True)
 
     def open(self, layer: Layer, number: int) -> IndexedLayer:
@@ -76,6 +82,37 @@ class LayerStore:
                 entries = index_tar(reader, tar.size, number, self._warn)
             _save_index(index_path, stamp, entries)
             return IndexedLayer(entries, tar)
+
+    def tar(self, layer: Layer) -> FileWindow:
+        """Returns the window of the layer's uncompressed tar, decompressing it on first use."""
+        with _locked(self._indexes / f"{layer.key}.lock"):
+            return self._tar_window(layer)
+
+    def tree_name(self, layers: Sequence[Layer], tars: Sequence[FileWindow]) -> str:
+        """Names the merged tree of `layers` (bottom first), whose tars are `tars`."""
+        stamps = [[layer.key, _stamp(tar)] for layer, tar in zip(layers, tars, strict=True)]
+        return hashlib.sha256(json.dumps([TREE_FORMAT, stamps]).encode()).hexdigest()
+
+    def load_tree(self, name: str) -> MergedTree | None:
+        """Returns the saved tree `name`, or None if there is none (or it is damaged)."""
+        try:
+            return MergedTree.from_bytes((self._trees / f"{name}.tree").read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, CorruptTreeError) as exc:
+            self._warn(f"merged tree {name} in the cache is unreadable, merging again: {exc}")
+            return None
+
+    def save_tree(self, name: str, tree: MergedTree) -> None:
+        fd, temp = tempfile.mkstemp(dir=self._trees, prefix=".partial-")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(tree.to_bytes())
+            os.replace(temp, self._trees / f"{name}.tree")
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
 
     def needs_blob(self, layer: Layer) -> bool:
         """True if indexing `layer` will read its blob: it is the tar itself, or its

@@ -25,6 +25,8 @@ from typing import Any
 
 import mfusepy
 
+from unionfs.entry import Attributes
+
 if mfusepy.fuse_version_major != 3:
     raise ImportError(f"crfs-merge needs libfuse 3; mfusepy found {mfusepy.fuse_version_major}")
 
@@ -41,20 +43,6 @@ _ATTR = "QQQQQQIIIIIIIIII"
 _ENTRY_OUT = struct.Struct("<QQQQII" + _ATTR)  # nodeid generation entry_valid attr_valid + nsecs
 _ATTR_OUT = struct.Struct("<QII" + _ATTR)  # attr_valid attr_valid_nsec dummy
 _DIRENT = struct.Struct("<QQII")  # ino off namelen type, then the name padded to 8 bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Attributes:
-    """What the kernel is told about one inode."""
-
-    ino: int
-    mode: int
-    nlink: int
-    uid: int
-    gid: int
-    size: int
-    rdev: int
-    mtime_ns: int
 
 
 def _attr_fields(a: Attributes) -> tuple[int, ...]:

@@ -21,7 +21,7 @@ from registry.remote import Progress, RegistryClient
 from registry.remote_reference import RemoteReference
 from registry.source import Image
 from unionfs.aio import EventLoopThread
-from unionfs.build import MountedImage, Settings, merged_tree
+from unionfs.build import MountedImage, Settings, build, merged_tree
 from unionfs.chunk_cache import ChunkCache
 from unionfs.content import ContentReader, LayerReader, TarReader
 from unionfs.entry import Entry
@@ -81,6 +81,9 @@ def _open_remote(
 
     try:
         image, tocs = loop.run(_resolve_and_fetch(client, settings, store, lazy=True))
+        if not tocs:  # every layer is now a local tar: the local path, with its saved trees
+            whole = build(image, store)
+            return MountedImage(whole.tree, whole.content, close=close)
         tree, readers, lazy = _remote_layers(image, tocs, store, LazyLayerFactory(loop, client, settings))
     except BaseException:
         loop.run(client.__aexit__(None, None, None))

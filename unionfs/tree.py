@@ -1,117 +1,289 @@
-"""Freeze a merged tree into inodes, addressed by path and by inode number: built once, then
-read-only.
+"""Freeze a merged tree into a compact, read-only index: typed arrays, not an object per file.
+
+The children of a directory occupy consecutive slots, sorted by their names' bytes, so a
+lookup is a binary search and a listing a range. Each slot names an inode; hardlinks are
+slots that name the same inode. Per inode, the attributes live in typed arrays; what few
+entries have (symlink targets, device numbers, xattrs, eStargz chunks) lives in dicts by inode
+number. That is about 70 bytes per entry plus its name, where an Entry object, an inode object
+and a dict slot by path took about 600; and the arrays save and load as raw bytes
+(`to_bytes`/`from_bytes`), so a mount of an image already seen skips the merge entirely.
 
 Being immutable, the tree is shared by libfuse's worker threads without locks.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Iterator
+import bisect
+import json
+import os
+import stat
+import sys
+from array import array
+from collections import Counter, deque
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
-from unionfs.entry import IMPLIED_DIRECTORY, Entry
+from unionfs.entry import IMPLIED_DIRECTORY, NO_XATTRS, Attributes, Chunk, Entry
 from whiteout.apply import Node
 
+ROOT = 1
+FORMAT = b"crfs-merge tree 1\n"
+# Per inode (index ino - 1). first_slot and slot_count describe a directory's children.
+INODE_ARRAYS = {"mode": "I", "uid": "I", "gid": "I", "size": "Q", "mtime_ns": "q", "nlink": "I", "layer": "I",
+                "offset": "Q", "first_slot": "I", "slot_count": "I", "parent": "I"}  # fmt: skip
+SLOT_ARRAYS = {"slot_ino": "I", "name_end": "Q"}  # per slot; slot 0 is the root, with no name
 
-@dataclass(frozen=True, slots=True, eq=False)
+
+class CorruptTreeError(ValueError):
+    """Bytes that from_bytes cannot take for a tree."""
+
+
+@dataclass(frozen=True, slots=True)
 class Inode:
-    """A file of the mount. Hardlinked paths share one Inode object."""
+    """A view of one inode, made on demand (export, tests); FUSE reads the arrays directly."""
 
     ino: int
     entry: Entry
     nlink: int
-    children: tuple[str, ...] | None  # the children's paths, sorted by name; None for non-directories
-
-
-@dataclass(frozen=True, slots=True)
-class MergedTree:
-    """The merged image: an inode for every path."""
-
-    by_path: dict[str, Inode]  # by clean path: '' is the root, 'etc/hosts' a file
-    by_ino: list[Inode]  # by inode number less one: the root is 1
-    directory_paths: dict[int, str]  # clean path of each directory, by inode number
-    total_bytes: int
 
     @property
-    def inode_count(self) -> int:
-        return len(self.by_ino)
+    def is_dir(self) -> bool:
+        return self.entry.is_dir
 
-    def inode(self, ino: int) -> Inode:
-        """Returns inode number `ino`; KeyError if there is none."""
-        if not 0 < ino <= len(self.by_ino):
+
+class MergedTree:
+    """The merged image, addressed by inode number (the root is 1) and by path."""
+
+    def __init__(self, arrays: dict[str, array], names: bytes, rare: dict[str, dict[int, object]]) -> None:
+        self._a = arrays
+        self._mode, self._slot_ino, self._name_end = arrays["mode"], arrays["slot_ino"], arrays["name_end"]
+        self._names = names
+        self._links: dict[int, str] = rare.get("links", {})  # type: ignore[assignment]
+        self._rdevs: dict[int, int] = rare.get("rdevs", {})  # type: ignore[assignment]
+        self._xattrs: dict[int, Mapping[str, bytes]] = rare.get("xattrs", {})  # type: ignore[assignment]
+        self._chunks: dict[int, tuple[Chunk, ...]] = rare.get("chunks", {})  # type: ignore[assignment]
+        self.inode_count = len(self._mode)
+        sizes, modes = arrays["size"], self._mode
+        self.total_bytes = sum(sizes[i] for i in range(self.inode_count) if stat.S_ISREG(modes[i]))
+
+    # ------------------------------------------------------------ by inode number (FUSE)
+
+    def _index(self, ino: int) -> int:
+        if not 0 < ino <= self.inode_count:
             raise KeyError(ino)
-        return self.by_ino[ino - 1]
+        return ino - 1
 
-    def child(self, directory: int, name: str) -> Inode:
-        """Returns the inode called `name` in directory inode `directory`; KeyError if none."""
-        path = self.directory_paths[directory]
-        if name == "..":
-            return self.by_path[path.rpartition("/")[0]]
-        if name == ".":
-            return self.by_path[path]
-        return self.by_path[f"{path}/{name}" if path else name]
+    def is_dir(self, ino: int) -> bool:
+        return stat.S_ISDIR(self._mode[self._index(ino)])
 
-    def parent(self, directory: int) -> Inode:
-        """Returns the directory holding directory inode `directory` (the root's is itself)."""
-        return self.child(directory, "..")
+    def attributes(self, ino: int) -> Attributes:
+        i, a = self._index(ino), self._a
+        mode = a["mode"][i]
+        size = len(os.fsencode(self._links[ino])) if stat.S_ISLNK(mode) else a["size"][i]
+        return Attributes(ino, mode, a["nlink"][i], a["uid"][i], a["gid"][i], size, self._rdevs.get(ino, 0),
+                          a["mtime_ns"][i])  # fmt: skip
+
+    def child(self, directory: int, name: bytes) -> int | None:
+        """Returns the inode number called `name` in `directory`, or None."""
+        i = self._index(directory)
+        if name == b".":
+            return directory
+        if name == b"..":
+            return self._a["parent"][i]
+        first = self._a["first_slot"][i]
+        end = first + self._a["slot_count"][i]
+        slot = bisect.bisect_left(range(first, end), name, key=self._name)
+        return self._slot_ino[first + slot] if first + slot < end and self._name(first + slot) == name else None
+
+    def children(self, directory: int, start: int = 0) -> Iterator[tuple[bytes, int]]:
+        """Yields (name, inode number) of the children of `directory` from the `start`-th."""
+        i = self._index(directory)
+        first = self._a["first_slot"][i]
+        for slot in range(first + start, first + self._a["slot_count"][i]):
+            yield self._name(slot), self._slot_ino[slot]
+
+    def parent(self, directory: int) -> int:
+        return self._a["parent"][self._index(directory)]
+
+    def link(self, ino: int) -> str:
+        return self._links.get(ino, "")
+
+    def xattrs(self, ino: int) -> Mapping[str, bytes]:
+        return self._xattrs.get(ino, NO_XATTRS)
+
+    def entry(self, ino: int, path: str = "") -> Entry:
+        """Returns inode `ino` as an Entry (what the content readers take)."""
+        i, a = self._index(ino), self._a
+        return Entry(path, a["mode"][i], a["uid"][i], a["gid"][i], a["size"][i], a["mtime_ns"][i],
+                     self._links.get(ino, ""), False, self._rdevs.get(ino, 0), self.xattrs(ino), a["layer"][i],
+                     a["offset"][i], self._chunks.get(ino, ()))  # fmt: skip
+
+    def _name(self, slot: int) -> bytes:
+        return self._names[self._name_end[slot - 1] : self._name_end[slot]]
+
+    # ------------------------------------------------------------ by path (export, tests)
+
+    def inode(self, ino: int, path: str = "") -> Inode:
+        return Inode(ino, self.entry(ino, path), self._a["nlink"][self._index(ino)])
 
     def lookup(self, path: str) -> Inode:
-        """Returns the inode at FUSE path `path` ('/', '/etc/hosts'); KeyError if none."""
-        return self.by_path[path[1:]]
+        """Returns the inode at `path` ('/', '/etc/hosts'); KeyError if none."""
+        ino: int | None = ROOT
+        for part in (p for p in path.split("/") if p):
+            if ino is None or not self.is_dir(ino):
+                raise KeyError(path)
+            ino = self.child(ino, os.fsencode(part))
+        if ino is None:
+            raise KeyError(path)
+        return self.inode(ino, path.strip("/"))
 
-    def listing(self, directory: Inode) -> Iterator[tuple[str, Inode]]:
-        """Yields (name, inode) of each child of `directory`, sorted by name."""
-        for path in directory.children or ():
-            yield path.rpartition("/")[2], self.by_path[path]
+    def items(self) -> Iterator[tuple[str, Inode]]:
+        """Yields (clean path, inode) of every path, the root ('') first, depth first by name."""
+        stack = [("", ROOT)]
+        while stack:
+            path, ino = stack.pop()
+            yield path, self.inode(ino, path)
+            if self.is_dir(ino):
+                prefix = path + "/" if path else ""
+                kids = [(prefix + os.fsdecode(name), child) for name, child in self.children(ino)]
+                stack.extend(reversed(kids))
+
+    # ------------------------------------------------------------ as bytes (the cache)
+
+    def to_bytes(self) -> bytes:
+        """The tree as one byte string: a JSON header (lengths, the rare fields), then the raw arrays."""
+        if self._chunks:
+            raise ValueError("trees of lazily read layers are not saved")
+        header = {
+            "byteorder": sys.byteorder,
+            "arrays": {name: len(values) for name, values in self._a.items()},
+            "names": len(self._names),
+            "links": self._links,
+            "rdevs": self._rdevs,
+            "xattrs": {ino: {k: v.decode("latin-1") for k, v in x.items()} for ino, x in self._xattrs.items()},
+        }
+        encoded = json.dumps(header).encode()
+        parts = [FORMAT, len(encoded).to_bytes(8, "little"), encoded]
+        parts += [self._a[name].tobytes() for name in (*INODE_ARRAYS, *SLOT_ARRAYS)]
+        return b"".join([*parts, self._names])
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> MergedTree:
+        """The inverse of to_bytes; CorruptTreeError for anything it did not write."""
+        try:
+            return cls._parse(memoryview(data))
+        except (ValueError, KeyError, TypeError, IndexError, OverflowError) as exc:
+            raise CorruptTreeError(f"not a saved tree: {exc}") from None
+
+    @classmethod
+    def _parse(cls, data: memoryview) -> MergedTree:
+        if bytes(data[: len(FORMAT)]) != FORMAT:
+            raise ValueError("unknown format")
+        at = len(FORMAT) + 8
+        length = int.from_bytes(data[at - 8 : at], "little")
+        header = json.loads(bytes(data[at : at + length]))
+        at += length
+        if header["byteorder"] != sys.byteorder:
+            raise ValueError("saved on a machine of the other byte order")
+        arrays: dict[str, array] = {}
+        for name, typecode in (*INODE_ARRAYS.items(), *SLOT_ARRAYS.items()):
+            values = array(typecode)
+            end = at + header["arrays"][name] * values.itemsize
+            values.frombytes(data[at:end])
+            arrays[name], at = values, end
+        names = bytes(data[at:])
+        _check_shape(arrays, len(names), header["names"])
+        rare: dict[str, dict[int, object]] = {
+            "links": {int(k): str(v) for k, v in header["links"].items()},
+            "rdevs": {int(k): int(v) for k, v in header["rdevs"].items()},
+            "xattrs": {
+                int(k): MappingProxyType({n: v.encode("latin-1") for n, v in x.items()})
+                for k, x in header["xattrs"].items()
+            },
+        }
+        return cls(arrays, names, rare)
+
+
+def _check_shape(arrays: dict[str, array], names_length: int, expected_names: int) -> None:
+    """Refuses arrays that would send a lookup out of bounds: a damaged file is rebuilt, not
+    served."""
+    inodes = len(arrays["mode"])
+    slots = len(arrays["slot_ino"])
+    if names_length != expected_names or inodes == 0 or slots == 0 or len(arrays["name_end"]) != slots:
+        raise ValueError("lengths disagree")
+    if any(len(arrays[name]) != inodes for name in INODE_ARRAYS):
+        raise ValueError("inode arrays disagree")
+    if max(arrays["slot_ino"]) > inodes or min(arrays["slot_ino"]) < 1 or max(arrays["parent"]) > inodes:
+        raise ValueError("inode number out of range")
+    if arrays["name_end"][-1] != names_length or any(
+        f + c > slots for f, c in zip(arrays["first_slot"], arrays["slot_count"], strict=True)
+    ):
+        raise ValueError("slot out of range")
+
+
+class _Builder:
+    """Appends inodes and slots; freeze() drives it."""
+
+    def __init__(self) -> None:
+        self.arrays = {name: array(typecode) for name, typecode in (*INODE_ARRAYS.items(), *SLOT_ARRAYS.items())}
+        self.names = bytearray()
+        self.rare: dict[str, dict[int, object]] = {"links": {}, "rdevs": {}, "xattrs": {}, "chunks": {}}
+
+    def add_inode(self, entry: Entry, nlink: int, parent: int) -> int:
+        a = self.arrays
+        ino = len(a["mode"]) + 1
+        for name, value in (("mode", entry.mode), ("uid", entry.uid), ("gid", entry.gid), ("size", entry.size),
+                            ("mtime_ns", entry.mtime_ns), ("nlink", nlink), ("layer", entry.layer),
+                            ("offset", entry.offset), ("first_slot", 0), ("slot_count", 0),
+                            ("parent", parent)):  # fmt: skip
+            a[name].append(value)
+        if stat.S_ISLNK(entry.mode):
+            self.rare["links"][ino] = entry.link
+        extras: tuple[tuple[str, object], ...] = (("rdevs", entry.rdev), ("xattrs", entry.xattrs),
+                                                  ("chunks", entry.chunks))  # fmt: skip
+        for kind, extra in extras:
+            if extra:
+                self.rare[kind][ino] = extra
+        return ino
+
+    def add_slot(self, name: bytes, ino: int) -> None:
+        self.names += name
+        self.arrays["slot_ino"].append(ino)
+        self.arrays["name_end"].append(len(self.names))
 
 
 def freeze(root: Node[Entry]) -> MergedTree:
-    """Returns the merged tree with inode numbers assigned in sorted depth-first order,
-    so they are the same on every mount of the same image.
+    """Returns the merged tree with inode numbers assigned breadth first, children by name, so
+    they are the same on every mount of the same image.
 
-    It consumes the node tree: a directory's nodes are let go as soon as its inode exists, so
-    that nodes and inodes never both hold the whole image (the peak of a mount's memory)."""
+    It consumes the node tree: a directory's nodes are let go as soon as its children have
+    slots, so that nodes and arrays never both hold the whole image."""
     links = _link_counts(root)
-    by_path: dict[str, Inode] = {}
-    by_ino: list[Inode] = []
-    directory_paths: dict[int, str] = {}
-    by_entry: dict[int, Inode] = {}
-    stack: list[tuple[str, Node[Entry]]] = [("", root)]
-    while stack:
-        key, node = stack.pop()
-        ino = len(by_ino) + 1
-        if node.children is not None:
-            children = _child_keys(key, node.children)
-            subdirectories = sum(1 for _, child in children if child.is_dir)
-            entry = node.entry or IMPLIED_DIRECTORY
-            inode = Inode(ino, entry, 2 + subdirectories, tuple(k for k, _ in children))
-            by_ino.append(inode)
-            by_path[key] = inode
-            directory_paths[ino] = key
-            node.children = None
-            stack.extend(reversed(children))
-            continue
-        assert node.entry is not None
-        known = by_entry.get(id(node.entry))  # another name of an inode already numbered
-        if known is None:
-            known = by_entry[id(node.entry)] = Inode(ino, node.entry, links.get(id(node.entry), 1), None)
-            by_ino.append(known)
-        by_path[key] = known
-    total = sum(i.entry.size for i in by_entry.values())
-    return MergedTree(by_path, by_ino, directory_paths, total)
-
-
-def _child_keys(key: str, children: dict[str, Node[Entry]]) -> list[tuple[str, Node[Entry]]]:
-    """Returns (path, node) of each child, sorted by name. A child's path is its entry's own
-    path string where that is the same text: one string per path, not two."""
-    prefix = key + "/" if key else ""
-    keyed = []
-    for name in sorted(children):
-        child = children[name]
-        path = prefix + name
-        keyed.append((child.entry.path if child.entry is not None and child.entry.path == path else path, child))
-    return keyed
+    builder = _Builder()
+    builder.add_inode(root.entry or IMPLIED_DIRECTORY, 2, ROOT)
+    builder.add_slot(b"", ROOT)
+    by_entry: dict[int, int] = {}
+    queue: deque[tuple[int, Node[Entry]]] = deque([(ROOT, root)])
+    while queue:
+        ino, node = queue.popleft()
+        assert node.children is not None
+        children = sorted((os.fsencode(name), child) for name, child in node.children.items())
+        node.children = None
+        builder.arrays["first_slot"][ino - 1] = len(builder.arrays["slot_ino"])
+        builder.arrays["slot_count"][ino - 1] = len(children)
+        for name, child in children:
+            if child.children is not None:
+                child_ino = builder.add_inode(child.entry or IMPLIED_DIRECTORY, 2, ino)
+                queue.append((child_ino, child))
+                builder.arrays["nlink"][ino - 1] += 1
+            else:
+                assert child.entry is not None
+                known = by_entry.get(id(child.entry))  # another name of an inode already numbered
+                child_ino = known or builder.add_inode(child.entry, links.get(id(child.entry), 1), 0)
+                by_entry[id(child.entry)] = child_ino
+            builder.add_slot(name, child_ino)
+    return MergedTree(builder.arrays, bytes(builder.names), builder.rare)
 
 
 def _link_counts(root: Node[Entry]) -> dict[int, int]:

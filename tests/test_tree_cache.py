@@ -1,0 +1,96 @@
+"""The compact tree and its saved form in the cache: a second build loads what the first
+merged, a damaged file is merged again (never served), and lookups hold up at the edges."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from array import array
+from pathlib import Path
+
+import pytest
+
+from registry.local import resolve_image
+from registry.manifest import Platform
+from registry.reference import ImageReference
+from tests.merge_helpers import merge_tars
+from tests.tarvocab import d, dev, f, hl, sym, wh
+from tests.test_sources import oci_layout
+from unionfs import build as build_module
+from unionfs.build import build
+from unionfs.layer_store import LayerStore
+from unionfs.tree import FORMAT, INODE_ARRAYS, ROOT, CorruptTreeError, MergedTree
+
+RICH = [d("etc"), f("etc/hosts", b"h"), sym("etc/mtab", "/proc/mounts"), dev("dev/null", "c", 1, 3),
+        f("bin/a", b"a", xattrs={"user.x": "\xff\x00v"}), hl("bin/b", "bin/a"), f("caf\xe9", b"latin")]  # fmt: skip
+
+
+def tree_files(tmp: Path) -> list[Path]:
+    return sorted((tmp / "cache" / "trees").rglob("*.tree"))
+
+
+def snapshot(tree: MergedTree) -> dict[str, tuple[object, ...]]:
+    return {p: (i.ino, i.nlink, i.entry.mode, i.entry.size, i.entry.link, i.entry.rdev, dict(i.entry.xattrs),
+                i.entry.layer, i.entry.offset) for p, i in tree.items()}  # fmt: skip
+
+
+def test_a_second_build_loads_the_saved_tree_and_merges_nothing(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    image = resolve_image(ImageReference.parse(oci_layout(tmp_path)), Platform.host())
+    first = build(image, LayerStore(tmp_path / "cache", print))
+    assert len(tree_files(tmp_path)) == 1
+
+    def no_merge(*args: object) -> None:
+        raise AssertionError("merged again although the tree was saved")
+
+    monkeypatch.setattr(build_module, "merged_tree", no_merge)
+    second = build(image, LayerStore(tmp_path / "cache", print))
+    assert snapshot(second.tree) == snapshot(first.tree)
+    entry = second.tree.lookup("/var/log").entry
+    assert second.content.read(entry, 0, entry.size) == first.content.read(entry, 0, entry.size)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_a_damaged_saved_tree_is_merged_again_with_a_warning(tmp_path: Path, damage: str) -> None:
+    image = resolve_image(ImageReference.parse(oci_layout(tmp_path)), Platform.host())
+    first = build(image, LayerStore(tmp_path / "cache", print))
+    saved = tree_files(tmp_path)[0]
+    data = saved.read_bytes()
+    saved.write_bytes({"truncate": data[: len(data) // 2], "garbage": os.urandom(len(data)), "empty": b""}[damage])
+    warnings: list[str] = []
+    again = build(image, LayerStore(tmp_path / "cache", warnings.append))
+    assert snapshot(again.tree) == snapshot(first.tree)
+    assert any("merging again" in w for w in warnings)
+    assert saved.read_bytes() == data  # and saved whole again
+
+
+def test_out_of_range_numbers_in_saved_bytes_are_refused() -> None:
+    data = merge_tars(RICH)[0].to_bytes()
+    header_end = len(FORMAT) + 8 + int.from_bytes(data[len(FORMAT) : len(FORMAT) + 8], "little")
+    header = json.loads(data[len(FORMAT) + 8 : header_end])
+    slots_at = header_end + sum(header["arrays"][n] * array(t).itemsize for n, t in INODE_ARRAYS.items())
+    bad = bytearray(data)
+    bad[slots_at : slots_at + 4] = (10**6).to_bytes(4, sys.byteorder)  # slot 0 names inode 10**6
+    for damaged in (bytes(bad), data[:-3], FORMAT + (10**6).to_bytes(8, "little") + b"{}", b"x" + data[1:]):
+        with pytest.raises(CorruptTreeError):
+            MergedTree.from_bytes(damaged)
+
+
+def test_lookups_at_the_edges() -> None:
+    tree, _ = merge_tars(RICH, [wh("etc/hosts")])
+    etc = tree.child(ROOT, b"etc")
+    assert etc is not None
+    assert tree.child(etc, b"hosts") is None  # whited out
+    assert tree.child(etc, b"mtab") is not None and tree.link(tree.child(etc, b"mtab") or 0) == "/proc/mounts"
+    assert tree.child(etc, b"..") == ROOT and tree.child(etc, b".") == etc and tree.parent(ROOT) == ROOT
+    assert tree.child(etc, b"") is None and tree.child(etc, b"zzzz") is None and tree.child(etc, b"a") is None
+    assert tree.child(ROOT, "café".encode()) is not None and tree.child(ROOT, "café".encode("latin-1")) is None
+    assert [name for name, _ in tree.children(ROOT)] == sorted(name for name, _ in tree.children(ROOT))
+    a, b = tree.child(tree.child(ROOT, b"bin") or 0, b"a"), tree.child(tree.child(ROOT, b"bin") or 0, b"b")
+    assert a == b and tree.attributes(a or 0).nlink == 2
+    assert tree.xattrs(a or 0) == {"user.x": "\xff\x00v".encode()}
+    null = tree.attributes(tree.child(tree.child(ROOT, b"dev") or 0, b"null") or 0)
+    assert (os.major(null.rdev), os.minor(null.rdev)) == (1, 3)
+    for ino in (0, -1, tree.inode_count + 1):
+        with pytest.raises(KeyError):
+            tree.attributes(ino)

@@ -71,9 +71,9 @@ def test_a_device_number_goes_out_as_the_kernel_encodes_it() -> None:
 
 
 def items(count: int, plus: bool) -> list[Listed]:
-    dots = [Listed(b".", 1, stat.S_IFDIR, None), Listed(b"..", 1, stat.S_IFDIR, None)]
-    names = [Listed(f"n{i:0{i % 7 + 1}d}".encode(), 10 + i, stat.S_IFREG | 0o644,
-                    Attributes(10 + i, stat.S_IFREG | 0o644, 1, 0, 0, i, 0, 0) if plus else None)
+    dots: list[Listed] = [(b".", 1, stat.S_IFDIR, None), (b"..", 1, stat.S_IFDIR, None)]
+    names: list[Listed] = [(f"n{i:0{i % 7 + 1}d}".encode(), 10 + i, stat.S_IFREG | 0o644,
+                            Attributes(10 + i, stat.S_IFREG | 0o644, 1, 0, 0, i, 0, 0) if plus else None)
              for i in range(count)]  # fmt: skip
     return dots + names
 
@@ -99,7 +99,7 @@ def test_a_listing_resumed_at_an_offset_continues_the_numbering() -> None:
     all_items = items(10, False)
     resumed = parse_listing(listing_buffer(all_items[5:], 5, 4096, False, 1), plus=False)
     assert [r["off"] for r in resumed] == list(range(6, 13))
-    assert resumed[0]["name"] == all_items[5].name
+    assert resumed[0]["name"] == all_items[5][0]
 
 
 def test_a_plus_listing_links_children_but_not_the_dots() -> None:

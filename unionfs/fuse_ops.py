@@ -159,12 +159,17 @@ class MergedFilesystem:
         """Yields '.', '..' and the children, sorted by name, from the `offset`-th."""
         tree = self._tree
         if offset <= 0:
-            yield Listed(b".", directory, stat.S_IFDIR, None)
+            yield b".", directory, stat.S_IFDIR, None
         if offset <= 1:
-            yield Listed(b"..", tree.parent(directory), stat.S_IFDIR, None)
-        for name, child in tree.children(directory, max(0, offset - 2)):
-            attributes = tree.attributes(child)
-            yield Listed(name, child, attributes.mode, attributes if plus else None)
+            yield b"..", tree.parent(directory), stat.S_IFDIR, None
+        children = tree.children(directory, max(0, offset - 2))
+        if plus:
+            for name, child in children:
+                attributes = tree.attributes(child)
+                yield name, child, attributes.mode, attributes
+        else:
+            for name, child in children:
+                yield name, child, tree.mode(child), None
 
     def statfs(self, req: int, ino: int) -> None:
         blocks = -(-self._tree.total_bytes // BLOCK_SIZE)

@@ -20,7 +20,6 @@ import ctypes.util
 import signal
 import struct
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import mfusepy
@@ -65,37 +64,28 @@ def attr_record(a: Attributes, timeout: int) -> bytes:
     return _ATTR_OUT.pack(timeout, 0, 0, *_attr_fields(a))
 
 
-def _dirent(ino: int, offset: int, mode: int, name: bytes) -> bytes:
-    header = _DIRENT.pack(ino, offset, len(name), (mode >> 12) & 0o17)
-    return header + name + b"\0" * (-(len(name)) % 8)
+Listed = tuple[bytes, int, int, Attributes | None]
+"""One name of a directory listing: name, inode number, mode, and the attributes for a
+READDIRPLUS (None for '.' and '..', which the kernel links itself)."""
 
-
-@dataclass(frozen=True, slots=True)
-class Listed:
-    """One name of a directory listing; `attributes` None for '.' and '..', which the kernel
-    links itself."""
-
-    name: bytes
-    ino: int
-    mode: int
-    attributes: Attributes | None
+_NO_ENTRY = bytes(_ENTRY_OUT.size)  # a zero nodeid: the kernel links nothing for the name
+_PADDING = [b"\0" * n for n in range(8)]
 
 
 def listing_buffer(items: Iterable[Listed], first_offset: int, size: int, plus: bool, timeout: int) -> bytes:
     """Packs a READDIR (or READDIRPLUS) answer of at most `size` bytes: the items from the one
     at `first_offset`, each carrying the offset of the next so that the kernel resumes there."""
     records: list[bytes] = []
-    used = 0
-    for offset, item in enumerate(items, start=first_offset + 1):
-        record = _dirent(item.ino, offset, item.mode, item.name)
+    room = size
+    pack = _DIRENT.pack
+    for offset, (name, ino, mode, attributes) in enumerate(items, start=first_offset + 1):
+        record = pack(ino, offset, len(name), (mode >> 12) & 0o17) + name + _PADDING[-len(name) % 8]
         if plus:
-            # A zero nodeid ('.', '..') tells the kernel to link nothing for that name.
-            entry = entry_record(item.attributes, timeout) if item.attributes else bytes(_ENTRY_OUT.size)
-            record = entry + record
-        if used + len(record) > size:
+            record = (_NO_ENTRY if attributes is None else entry_record(attributes, timeout)) + record
+        room -= len(record)
+        if room < 0:
             break
         records.append(record)
-        used += len(record)
     return b"".join(records)
 
 

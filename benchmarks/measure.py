@@ -12,6 +12,7 @@ import os
 import random
 import shlex
 import shutil
+import statistics
 import subprocess
 import tarfile
 import tempfile
@@ -120,15 +121,18 @@ def tail(log: Path) -> str:
 
 
 def server_pid(mountpoint: str) -> int | None:
-    """The pid of the crfs-merge server serving `mountpoint`, found by its command line."""
+    """The pid of the crfs-merge server serving `mountpoint`, found by its command line: either a
+    fresh interpreter given --ready-fd (as with --creds), or a child forked by the command, which
+    keeps the command's own command line (the command itself has exited once the mount is ready)."""
+    commands = (b"crfs-merge", b"unionfs.cli")
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+        if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
             args = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"--ready-fd" in args and mountpoint.encode() in args:
+        if mountpoint.encode() in args and (b"--ready-fd" in args or any(a.endswith(commands) for a in args)):
             return int(entry)
     return None
 
@@ -197,6 +201,23 @@ def ancestors(path: str) -> list[str]:
     """The directories above relative `path`, outermost first: "a/b/c" gives ["a", "a/b"]."""
     parts = path.split("/")[:-1]
     return ["/".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def spread(values: Iterable[Any]) -> dict[str, float] | None:
+    """Median, min, max and count of the numbers among `values`; None if there are none."""
+    numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+    if not numbers:
+        return None
+    return {"median": statistics.median(numbers), "min": min(numbers), "max": max(numbers), "n": len(numbers)}
+
+
+def summarize(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The spread of every key over `rounds` (an "error" key aside)."""
+    keys = {key for r in rounds for key in r if key != "error"}
+    return {key: spread(r.get(key) for r in rounds) for key in sorted(keys)}
 
 
 # ---------------------------------------------------------------- report

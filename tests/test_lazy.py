@@ -29,8 +29,10 @@ from unionfs.estargz import FOOTER_SIZE, parse_footer, parse_toc, read_toc_membe
 
 MIB = 1024 * 1024
 BIG = {f"data/blob{i:02}": os.urandom(MIB) for i in range(12)}  # incompressible: bytes on the wire are real
+PAGES = {f"docs/page{i:03}": f"page {i}\n".encode() * (20 + i) for i in range(200)}  # a tree of small files
 LOWER = [d("data/"), *(f(name, data) for name, data in BIG.items()), f("etc/motd", b"old"), d("cache/"),
-         f("cache/stale", b"s"), f("bin/tool", b"#!/bin/sh\n" * 5000, mode=0o755)]  # fmt: skip
+         f("cache/stale", b"s"), f("bin/tool", b"#!/bin/sh\n" * 5000, mode=0o755),
+         *(f(name, data) for name, data in PAGES.items())]  # fmt: skip
 # Hardlinks within one layer: upstream's eStargz reader refuses a link to a lower layer's file
 # (our merge takes it; test_whiteout covers that case).
 UPPER = [wh("etc/motd"), opq("cache"), f("cache/fresh", b"n"), f("bin/tool2", b"2"), hl("bin/tool-link", "bin/tool2"),
@@ -145,6 +147,18 @@ def test_reading_one_file_fetches_about_that_file(images: dict[str, str], proxy:
     fetched = proxy.served_bytes - before
     image = _image_bytes(images, "upstream-64k")
     assert MIB <= fetched < 1.2 * MIB and fetched < image * 0.1, (fetched, image)
+
+
+@pytest.mark.parametrize("name", ["upstream", "ours"])
+def test_reading_a_tree_of_small_files_in_order_takes_few_requests(
+    name: str, images: dict[str, str], proxy: FaultProxy, mount: Mounter
+) -> None:
+    root = mount(f"{proxy.host}/{images[name]}", "--prefetch", "none")
+    before = proxy.requests["range"]
+    for path, data in sorted(PAGES.items()):
+        assert (root / path).read_bytes() == data
+    requests = proxy.requests["range"] - before
+    assert 1 <= requests <= 10, f"{requests} range requests for {len(PAGES)} small files"
 
 
 def test_corrupted_chunks_read_as_eio_and_do_not_poison_the_cache(

@@ -8,6 +8,7 @@ without locks: the first reader starts the fetch, later ones await the same futu
 from __future__ import annotations
 
 import asyncio
+import bisect
 import hashlib
 import logging
 import os
@@ -38,6 +39,11 @@ from unionfs.estargz import (
 
 log = logging.getLogger("crfs-merge")
 READAHEAD_CHUNKS = 4  # on a miss, also start fetching this many following chunks of the file
+# Once a read reaches the end of a file, the small files that follow it in the blob (within
+# this many compressed bytes) are fetched too, in one request: a tar, a copy or a build reads
+# a tree in about the order it was written, and a request per small file would bound it.
+SMALL_FILE_SPAN = 1024 * 1024
+SMALL_FILE_MAX = 64 * 1024  # compressed size of a one-chunk file that counts as small
 MERGE_GAP = 64 * 1024  # fetch across gaps this small rather than make another request
 PREFETCH_SPAN = 16 * 1024 * 1024  # the largest range one prefetch request asks for
 
@@ -93,10 +99,11 @@ class LazyLayer:
     """Reads file bytes of one eStargz layer through the registry and the chunk cache."""
 
     def __init__(self, loop: EventLoopThread, client: RegistryClient, blob: Digest, cache: ChunkCache,
-                 timeout: float) -> None:  # fmt: skip
+                 timeout: float, entries: Iterable[Entry] = ()) -> None:  # fmt: skip
         self._loop, self._client, self._blob, self._cache = loop, client, blob, cache
         self._timeout = timeout
         self._inflight: dict[Chunk, asyncio.Future[bytes]] = {}
+        self._small_files = small_files(entries)
 
     def read(self, entry: Entry, offset: int, size: int) -> bytes:
         """Returns bytes [offset, offset + size) of `entry` (called from FUSE threads)."""
@@ -107,6 +114,8 @@ class LazyLayer:
             fetched = self._loop.run(self._get(missing), self._timeout)
             pieces.update(fetched)
             self._readahead(entry, wanted[-1])
+            if wanted[-1] == entry.chunks[-1]:
+                self._read_neighbours(wanted[-1])
         # Slice each chunk to the span asked for before joining: a FUSE read is 128 KiB, a chunk
         # 4 MiB, and joining whole chunks first would copy 32 times what is returned.
         end = offset + size
@@ -134,10 +143,22 @@ class LazyLayer:
         if after:
             self.prefetch(after)
 
+    def _read_neighbours(self, last: Chunk) -> None:
+        start = bisect.bisect_right(self._small_files, last.blob_offset, key=lambda c: c.blob_offset)
+        after = []
+        for chunk in self._small_files[start:]:
+            if chunk.blob_end - last.blob_end > SMALL_FILE_SPAN:
+                break
+            after.append(chunk)
+        if after:
+            self.prefetch(after)
+
     async def _get(self, chunks: list[Chunk]) -> dict[Chunk, bytes]:
         loop = asyncio.get_running_loop()
         waiting = {c: self._inflight[c] for c in chunks if c in self._inflight}
-        mine = [c for c in chunks if c not in waiting]
+        # A fetch (a readahead) may have finished since the reader missed the cache.
+        cached = {c: data for c in chunks if c not in waiting and (data := self._cache.get(self._key(c))) is not None}
+        mine = [c for c in chunks if c not in waiting and c not in cached]
         for chunk in mine:
             self._inflight[chunk] = loop.create_future()
         try:
@@ -148,7 +169,7 @@ class LazyLayer:
                 future.set_exception(OSError(f"layer {self._blob}: fetch failed: {exc}"))
                 future.exception()  # retrieved: readers that shared it have their own error
             raise
-        got = {chunk: data for part in parts for chunk, data in part.items()}
+        got = cached | {chunk: data for part in parts for chunk, data in part.items()}
         for chunk in mine:
             self._inflight.pop(chunk).set_result(got[chunk])
         for chunk, future in waiting.items():
@@ -174,6 +195,16 @@ class LazyLayer:
     def _key(self, chunk: Chunk) -> str:
         # Legacy stargz chunks carry no digest: keep them by position, in memory only.
         return chunk.digest or f"{self._blob}@{chunk.blob_offset}+{chunk.inner_offset}"
+
+
+def small_files(entries: Iterable[Entry]) -> list[Chunk]:
+    """Returns the chunks of the layer's small one-chunk files, in blob order."""
+    small = [
+        e.chunks[0]
+        for e in entries
+        if len(e.chunks) == 1 and e.chunks[0].blob_end - e.chunks[0].blob_offset <= SMALL_FILE_MAX
+    ]
+    return sorted(small, key=lambda c: c.blob_offset)
 
 
 def _hex(digest: str, data: bytes) -> str:

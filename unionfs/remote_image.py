@@ -101,8 +101,8 @@ class LazyLayerFactory:
         # A read waits for every try of its fetch, and a little more, before it reports EIO.
         self._timeout = settings.remote.timeout * (settings.remote.retries + 1) * 2
 
-    def __call__(self, blob: Digest) -> LazyLayer:
-        return LazyLayer(self._loop, self._client, blob, self._cache, self._timeout)
+    def __call__(self, blob: Digest, entries: list[Entry]) -> LazyLayer:
+        return LazyLayer(self._loop, self._client, blob, self._cache, self._timeout, entries)
 
 
 def _remote_layers(
@@ -114,7 +114,7 @@ def _remote_layers(
     lazy: list[tuple[LazyLayer, LayerToc]] = []
     for number, layer in enumerate(image.layers):
         if number in tocs and layer.digest is not None:
-            reader = lazy_layer(layer.digest)
+            reader = lazy_layer(layer.digest, tocs[number].entries)
             lazy.append((reader, tocs[number]))
             readers.append(reader)
             entries.append(tocs[number].entries)

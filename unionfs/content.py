@@ -36,6 +36,15 @@ class TarReader:
             raise OSError(f"layer tar {self._tar.path} is shorter than its index says")
         return data
 
+    def span(self, entry: Entry, offset: int, size: int) -> tuple[int, int, int]:
+        """Where bytes [offset, offset + size) of `entry` are: (fd, position, size), for a
+        reply that sends them straight from the file. The file is checked to still hold them:
+        a tar cut short under the mount must read as an error, not as a short file."""
+        position = self._tar.offset + entry.offset + offset
+        if os.fstat(self._fd).st_size < position + size:
+            raise OSError(f"layer tar {self._tar.path} is shorter than its index says")
+        return self._fd, position, size
+
     def close(self) -> None:
         os.close(self._fd)
 
@@ -51,6 +60,15 @@ class ContentReader:
         if offset >= entry.size or size <= 0:
             return b""
         return self._layers[entry.layer].read(entry, offset, min(size, entry.size - offset))
+
+    def span(self, entry: Entry, offset: int, size: int) -> tuple[int, int, int] | None:
+        """(fd, position, size) of up to `size` bytes of `entry` from `offset` where they lie
+        in a local file (see TarReader.span); None where they must be read (lazy layers) or
+        there is nothing to read."""
+        layer = self._layers[entry.layer]
+        if offset >= entry.size or size <= 0 or not isinstance(layer, TarReader):
+            return None
+        return layer.span(entry, offset, min(size, entry.size - offset))
 
     def close(self) -> None:
         for layer in self._layers:

@@ -90,7 +90,7 @@ class MergedFilesystem:
         # Plain READDIR where the kernel thinks no one will stat what is listed (`find`), and
         # READDIRPLUS, with every attribute, where it expects `ls -l`: both from one packer.
         info.want |= lowlevel.FUSE_CAP_READDIRPLUS | lowlevel.FUSE_CAP_READDIRPLUS_AUTO
-        info.want |= info.capable & lowlevel.FUSE_CAP_CACHE_SYMLINKS
+        info.want |= info.capable & (lowlevel.FUSE_CAP_CACHE_SYMLINKS | lowlevel.FUSE_CAP_SPLICE_WRITE)
         info.want &= ~lowlevel.FUSE_CAP_AUTO_INVAL_DATA  # nothing to invalidate: bytes never change
         self._on_ready()
         self._image.start_prefetch()
@@ -137,7 +137,12 @@ class MergedFilesystem:
         if self._tree.is_dir(ino):
             lowlevel.reply_err(req, errno.EISDIR)
             return
-        data = self._content.read(self._tree.entry(ino), offset, size)
+        entry = self._tree.entry(ino)
+        span = self._content.span(entry, offset, size)
+        if span is not None:
+            lowlevel.reply_file_range(req, *span)
+            return
+        data = self._content.read(entry, offset, size)
         lowlevel.reply_buf(req, data, len(data))
 
     @_replies_on_error

@@ -31,6 +31,7 @@ if mfusepy.fuse_version_major != 3:
 
 _lib = ctypes.CDLL(ctypes.util.find_library("fuse3") or "libfuse3.so.3")
 
+FUSE_CAP_SPLICE_WRITE = 1 << 7
 FUSE_CAP_AUTO_INVAL_DATA = 1 << 12
 FUSE_CAP_READDIRPLUS = 1 << 13
 FUSE_CAP_READDIRPLUS_AUTO = 1 << 14
@@ -167,6 +168,18 @@ class _Args(ctypes.Structure):
     _fields_ = [("argc", ctypes.c_int), ("argv", ctypes.POINTER(ctypes.c_char_p)), ("allocated", ctypes.c_int)]
 
 
+class _Buf(ctypes.Structure):  # struct fuse_buf
+    _fields_ = [("size", ctypes.c_size_t), ("flags", ctypes.c_int), ("mem", ctypes.c_void_p), ("fd", ctypes.c_int),
+                ("pos", ctypes.c_int64)]  # fmt: skip
+
+
+class _BufVec(ctypes.Structure):  # struct fuse_bufvec, with its one inline buffer
+    _fields_ = [("count", ctypes.c_size_t), ("idx", ctypes.c_size_t), ("off", ctypes.c_size_t), ("buf", _Buf * 1)]
+
+
+_FILE_RANGE = 1 << 1 | 1 << 2 | 1 << 3  # FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK | FUSE_BUF_FD_RETRY
+
+
 class _LoopConfigV1(ctypes.Structure):  # libfuse 3.2 - 3.11
     _fields_ = [("clone_fd", ctypes.c_int), ("max_idle_threads", ctypes.c_uint)]
 
@@ -195,6 +208,7 @@ _declare("fuse_reply_err", ctypes.c_int, _req, ctypes.c_int)
 _declare("fuse_reply_none", None, _req)
 _declare("fuse_reply_buf", ctypes.c_int, _req, ctypes.c_char_p, ctypes.c_size_t)
 _declare("fuse_reply_readlink", ctypes.c_int, _req, ctypes.c_char_p)
+_declare("fuse_reply_data", ctypes.c_int, _req, ctypes.POINTER(_BufVec), ctypes.c_int)
 _declare("fuse_reply_xattr", ctypes.c_int, _req, ctypes.c_size_t)
 _declare("fuse_reply_statfs", ctypes.c_int, _req, ctypes.POINTER(mfusepy.c_statvfs))
 
@@ -203,6 +217,15 @@ reply_none: Callable[[int], None] = _lib.fuse_reply_none
 reply_buf: Callable[[int, bytes, int], int] = _lib.fuse_reply_buf
 reply_readlink: Callable[[int, bytes], int] = _lib.fuse_reply_readlink
 reply_xattr: Callable[[int, int], int] = _lib.fuse_reply_xattr
+
+
+def reply_file_range(req: int, fd: int, position: int, size: int) -> int:
+    """Answers a READ with `size` bytes of file `fd` from `position`, without passing them
+    through Python: libfuse splices them from the file to the kernel where the connection
+    allows (FUSE_CAP_SPLICE_WRITE), else copies them in C."""
+    vector = _BufVec(1, 0, 0)
+    vector.buf[0] = _Buf(size, _FILE_RANGE, None, fd, position)
+    return int(_lib.fuse_reply_data(req, ctypes.byref(vector), 0))
 
 
 def reply_statfs(req: int, **fields: int) -> int:

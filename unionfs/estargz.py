@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import dataclasses
 import datetime
+import functools
 import gzip
 import io
 import itertools
@@ -179,7 +179,9 @@ def _with_chunks(entry: Entry, chunks: list[Chunk]) -> Entry:
     gapless = all(a.file_offset + a.size == b.file_offset for a, b in itertools.pairwise(sized))
     if covered != entry.size or not gapless or sized[0].file_offset != 0:
         raise LayerFormatError(f"eStargz TOC: chunks of {entry.path!r} do not tile its {entry.size} bytes")
-    return dataclasses.replace(entry, chunks=sized)
+    e = entry  # Entry(...) by position: dataclasses.replace costs twice as much, per file
+    return Entry(e.path, e.mode, e.uid, e.gid, e.size, e.mtime_ns, e.link, e.hardlink, e.rdev, e.xattrs, e.layer,
+                 e.offset, sized)  # fmt: skip
 
 
 def _entry(row: dict[str, Any], name: str, layer: int, share: Callable[[Any], Any]) -> Entry:
@@ -217,6 +219,7 @@ def _xattr(value: str) -> bytes:
         raise LayerFormatError(f"eStargz TOC: xattr value {value!r} is not base64") from None
 
 
+@functools.lru_cache(maxsize=4096)  # an image repeats a few modtimes over thousands of files
 def _modtime_ns(text: str) -> int:
     if not text:
         return 0

@@ -99,11 +99,11 @@ class LazyLayer:
     """Reads file bytes of one eStargz layer through the registry and the chunk cache."""
 
     def __init__(self, loop: EventLoopThread, client: RegistryClient, blob: Digest, cache: ChunkCache,
-                 timeout: float, entries: Iterable[Entry] = ()) -> None:  # fmt: skip
+                 timeout: float, files: Iterable[tuple[Chunk, ...]] = ()) -> None:  # fmt: skip
         self._loop, self._client, self._blob, self._cache = loop, client, blob, cache
         self._timeout = timeout
         self._inflight: dict[Chunk, asyncio.Future[bytes]] = {}
-        self._small_files = small_files(entries)
+        self._small_files = small_files(files)
 
     def read(self, entry: Entry, offset: int, size: int) -> bytes:
         """Returns bytes [offset, offset + size) of `entry` (called from FUSE threads)."""
@@ -197,13 +197,9 @@ class LazyLayer:
         return chunk.digest or f"{self._blob}@{chunk.blob_offset}+{chunk.inner_offset}"
 
 
-def small_files(entries: Iterable[Entry]) -> list[Chunk]:
+def small_files(files: Iterable[tuple[Chunk, ...]]) -> list[Chunk]:
     """Returns the chunks of the layer's small one-chunk files, in blob order."""
-    small = [
-        e.chunks[0]
-        for e in entries
-        if len(e.chunks) == 1 and e.chunks[0].blob_end - e.chunks[0].blob_offset <= SMALL_FILE_MAX
-    ]
+    small = [c[0] for c in files if len(c) == 1 and c[0].blob_end - c[0].blob_offset <= SMALL_FILE_MAX]
     return sorted(small, key=lambda c: c.blob_offset)
 
 

@@ -26,7 +26,7 @@ from unionfs.aio import EventLoopThread
 from unionfs.build import MountedImage, Settings, build, merged_tree
 from unionfs.chunk_cache import ChunkCache
 from unionfs.content import ContentReader, LayerReader, TarReader
-from unionfs.entry import Entry
+from unionfs.entry import Chunk, Entry
 from unionfs.estargz import LayerToc
 from unionfs.layer_store import LayerStore
 from unionfs.lazy import LazyLayer, fetch_toc
@@ -91,7 +91,7 @@ def _open_remote(
     except BaseException:
         loop.run(client.__aexit__(None, None, None))
         raise
-    prefetch = partial(_prefetch, lazy, settings.prefetch)
+    prefetch = partial(_prefetch, lazy)
     return MountedImage(tree, ContentReader(readers), prefetch, close, waits_on_network=bool(lazy))
 
 
@@ -100,13 +100,14 @@ class LazyLayerFactory:
 
     def __init__(self, loop: EventLoopThread, client: RegistryClient, settings: Settings) -> None:
         self._loop, self._client = loop, client
+        self.prefetch_mode = settings.prefetch
         _return_big_buffers_to_the_system()
         self._cache = ChunkCache(settings.cache_dir / "chunks")
         # A read waits for every try of its fetch, and a little more, before it reports EIO.
         self._timeout = settings.remote.timeout * (settings.remote.retries + 1) * 2
 
-    def __call__(self, blob: Digest, entries: list[Entry]) -> LazyLayer:
-        return LazyLayer(self._loop, self._client, blob, self._cache, self._timeout, entries)
+    def __call__(self, blob: Digest, files: list[tuple[Chunk, ...]]) -> LazyLayer:
+        return LazyLayer(self._loop, self._client, blob, self._cache, self._timeout, files)
 
 
 def _return_big_buffers_to_the_system() -> None:
@@ -120,22 +121,44 @@ def _return_big_buffers_to_the_system() -> None:
 
 def _remote_layers(
     image: Image, tocs: dict[int, LayerToc], store: LayerStore, lazy_layer: LazyLayerFactory
-) -> tuple[MergedTree, list[LayerReader], list[tuple[LazyLayer, LayerToc]]]:
-    """Returns the tree and a reader per layer: lazy where a TOC was found, a local tar else."""
-    readers: list[LayerReader] = []
+) -> tuple[MergedTree, list[LayerReader], list[tuple[LazyLayer, list[Chunk]]]]:
+    """Returns the tree, a reader per layer (lazy where a TOC was found, a local tar else), and
+    the lazy readers with the chunks their prefetch mode asks for. The TOCs' entries are let
+    go once the tree holds what it needs of them (an Entry per file is most of a lazy
+    mount's memory otherwise)."""
     entries: list[list[Entry]] = []
-    lazy: list[tuple[LazyLayer, LayerToc]] = []
+    tars: dict[int, TarReader] = {}
     for number, layer in enumerate(image.layers):
         if number in tocs and layer.digest is not None:
-            reader = lazy_layer(layer.digest, tocs[number].entries)
-            lazy.append((reader, tocs[number]))
-            readers.append(reader)
             entries.append(tocs[number].entries)
         else:
             indexed = store.open(layer, number)
-            readers.append(TarReader(indexed.tar))
+            tars[number] = TarReader(indexed.tar)
             entries.append(indexed.entries)
-    return merged_tree(entries), readers, lazy
+    tree = merged_tree(entries)
+    del entries
+    readers: list[LayerReader] = []
+    lazy: list[tuple[LazyLayer, list[Chunk]]] = []
+    for number, layer in enumerate(image.layers):
+        if number in tars or layer.digest is None:
+            readers.append(tars[number])
+            continue
+        files = tree.file_chunks(number)
+        reader = lazy_layer(layer.digest, files)
+        readers.append(reader)
+        lazy.append((reader, _prefetched(files, tocs[number].prefetch_end, lazy_layer.prefetch_mode)))
+    return tree, readers, lazy
+
+
+def _prefetched(files: list[tuple[Chunk, ...]], landmark_end: int | None, mode: str) -> list[Chunk]:
+    """The chunks a prefetch mode fetches in the background: all of them, those before the
+    landmark (the image's prioritized files), or none."""
+    chunks = [c for chunks in files for c in chunks]
+    if mode == "all":
+        return chunks
+    if mode == "landmark" and landmark_end is not None:
+        return [c for c in chunks if c.blob_offset < landmark_end]
+    return []
 
 
 async def _tocs(client: RegistryClient, image: Image, store: LayerStore, toc_dir: Path) -> dict[int, LayerToc]:
@@ -146,12 +169,9 @@ async def _tocs(client: RegistryClient, image: Image, store: LayerStore, toc_dir
     return {n: toc for (n, _), toc in zip(wanted, found, strict=True) if toc is not None}
 
 
-def _prefetch(lazy: list[tuple[LazyLayer, LayerToc]], mode: str) -> None:
-    for reader, toc in lazy:
-        chunks = [c for e in toc.entries for c in e.chunks]
-        if mode == "landmark" and toc.prefetch_end is not None:
-            reader.prefetch(c for c in chunks if c.blob_offset < toc.prefetch_end)
-        elif mode == "all":
+def _prefetch(lazy: list[tuple[LazyLayer, list[Chunk]]]) -> None:
+    for reader, chunks in lazy:
+        if chunks:
             reader.prefetch(chunks)
 
 

@@ -120,6 +120,11 @@ class MergedTree:
     def xattrs(self, ino: int) -> Mapping[str, bytes]:
         return self._xattrs.get(ino, NO_XATTRS)
 
+    def file_chunks(self, layer: int) -> list[tuple[Chunk, ...]]:
+        """The chunks of each file of the tree whose bytes are in lazily read layer `layer`."""
+        layers = self._a["layer"]
+        return [chunks for ino, chunks in self._chunks.items() if layers[ino - 1] == layer]
+
     def entry(self, ino: int, path: str = "") -> Entry:
         """Returns inode `ino` as an Entry (what the content readers take)."""
         i, a = self._index(ino), self._a

@@ -10,8 +10,11 @@ def clean_path(name: str) -> str | None:
     components vanish, and '..' is resolved lexically. A '..' that would climb above the root
     makes the whole name invalid: the caller skips the entry with a warning.
     """
+    split = name.split("/")
+    if "" not in split and "." not in split and ".." not in split:
+        return name  # already clean, as nearly every name is: no loop, and no new string
     parts: list[str] = []
-    for part in name.split("/"):
+    for part in split:
         if part in ("", "."):
             continue
         if part == "..":

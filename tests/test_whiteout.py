@@ -119,6 +119,15 @@ def test_seed_issue_tree() -> None:
     assert sorted(seen) == sorted(["etc", *(f"etc/{n}" for n in names)])
 
 
+def test_a_directory_replaced_by_a_file_mid_layer_takes_its_subtree_with_it() -> None:
+    # The merge remembers the last parent directory an entry went into: entries after that
+    # directory (or one above it) is replaced must land in the tree, not in what was detached.
+    seen = visible([d("a"), f("a/x", b"x"), f("a", b"file"), f("a/y", b"y")])
+    assert seen == {"a": "dir", "a/y": "file:y"}
+    seen = visible([d("a/b"), f("a/b/x", b"x"), sym("a", "elsewhere"), f("a/b/y", b"y")])
+    assert seen == {"a": "dir", "a/b": "dir", "a/b/y": "file:y"}
+
+
 def test_hardlinks_share_one_inode_and_count_links() -> None:
     tree, _ = merge_tars([f("a", b"1"), hl("b", "a"), hl("c", "a")], [wh("c")])
     a, b = tree.lookup("/a"), tree.lookup("/b")

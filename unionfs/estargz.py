@@ -144,8 +144,8 @@ def _entries(rows: list[dict[str, Any]], layer: int, toc_offset: int) -> LayerTo
         elif name in ARTIFACTS:
             prefetch_end = int(row.get("offset", 0)) if name == PREFETCH_LANDMARK else prefetch_end
         else:
-            if row["type"] == "reg" and int(row.get("size", 0)):
-                chunks[name] = [_chunk(row, ends)]
+            if row["type"] == "reg" and (size := int(row.get("size", 0))):
+                chunks[name] = [_chunk(row, ends, size)]
             kept.append((row, name))
     # then each entry, built once with its chunks
     return LayerToc([_entry(row, name, layer, share, chunks.get(name)) for row, name in kept], prefetch_end)
@@ -157,16 +157,14 @@ def _member_ends(rows: list[dict[str, Any]], toc_offset: int) -> dict[int, int]:
     return dict(zip(starts, [*starts[1:], toc_offset], strict=True))
 
 
-def _chunk(row: dict[str, Any], ends: dict[int, int]) -> Chunk:
+def _chunk(row: dict[str, Any], ends: dict[int, int], file_size: int = 0) -> Chunk:
+    """A chunk row, or the first chunk of a "reg" row (`file_size` known: a chunk without a
+    chunkSize runs to the end of the file; for "chunk" rows that is fixed in _tiled)."""
     offset = int(row["offset"])
-    return Chunk(
-        file_offset=int(row.get("chunkOffset", 0)),
-        size=int(row.get("chunkSize", 0)),  # 0: up to the end of the file, fixed below
-        blob_offset=offset,
-        blob_end=ends[offset],
-        inner_offset=int(row.get("innerOffset", 0)),
-        digest=str(row.get("chunkDigest", "")),
-    )
+    file_offset = int(row.get("chunkOffset", 0))
+    size = int(row.get("chunkSize", 0)) or max(0, file_size - file_offset)
+    return Chunk(file_offset, size, offset, ends[offset], int(row.get("innerOffset", 0)),
+                 str(row.get("chunkDigest", "")))  # fmt: skip
 
 
 def _tiled(path: str, size: int, chunks: list[Chunk] | None) -> tuple[Chunk, ...]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import stat
@@ -149,6 +150,26 @@ def test_random_reads_and_metadata(oci_image: ImageWriter, mount: Mounter) -> No
     with pytest.raises(OSError) as raised:
         os.getxattr(root / "blob", "user.absent")
     assert raised.value.errno == errno.ENODATA
+
+
+def test_large_listings_and_xattr_sizes_through_the_kernel(oci_image: ImageWriter, mount: Mounter) -> None:
+    # 1,500 names of up to 200 bytes take many READDIR(PLUS) requests, each resumed at the
+    # offset the previous one ended with; the listing must come back whole, once each.
+    names = [f"{i:04d}-" + "n" * (i % 190) for i in range(1500)]
+    root = mount(oci_image([d("big/"), *(f(f"big/{n}", n.encode()) for n in names),
+                            f("x", b"1", xattrs={"user.k": "value"})]))  # fmt: skip
+    assert sorted(os.listdir(root / "big")) == sorted(names)
+    with os.scandir(root / "big") as listing:  # stats every entry, as `ls -l` does
+        sizes = {e.name: e.stat(follow_symlinks=False).st_size for e in listing}
+    assert sizes == {n: len(n) for n in names}
+    libc = ctypes.CDLL(None, use_errno=True)
+    path = str(root / "x").encode()
+    assert libc.getxattr(path, b"user.k", None, 0) == 5  # size 0 asks how long the value is
+    small = ctypes.create_string_buffer(2)
+    assert libc.getxattr(path, b"user.k", small, 2) == -1 and ctypes.get_errno() == errno.ERANGE
+    assert libc.listxattr(path, None, 0) == len(b"user.k\0")
+    assert libc.listxattr(path, small, 2) == -1 and ctypes.get_errno() == errno.ERANGE
+    assert os.getxattr(root / "x", "user.k") == b"value" and os.listxattr(root / "x") == ["user.k"]
 
 
 def test_second_mount_reuses_the_index(oci_image: ImageWriter, mount: Mounter, tmp_path: Path) -> None:

@@ -6,8 +6,10 @@ names, missing names, attributes and symlink targets are valid for a day ("forev
 debugging mount); file pages and directory listings stay cached across opens. To get the last
 two, OPEN and OPENDIR answer ENOSYS: the kernel then stops sending OPEN, OPENDIR, FLUSH and
 RELEASE altogether and treats every file as opened with keep_cache and every directory with
-cache_readdir (Linux 5.1 and later). A `find` that has run once then runs from the kernel's
-caches without a single request, and reading a small file costs one READ.
+cache_readdir (Linux 5.1 and later; an older kernel, which would take ENOSYS for an error, is
+answered with those two flags instead, and still opens and releases). A `find` that has run
+once then runs from the kernel's caches without a single request, and reading a small file
+costs one READ.
 
 Caveats (what this filesystem does not do, and why):
 - It is read-only: the mount is made with `ro`, so the kernel answers EROFS to writes,
@@ -40,6 +42,8 @@ BLOCK_SIZE = 4096
 NAME_MAX = 255
 CACHE_SECONDS = 86400
 LAZY_WORKER_THREADS = 16
+# For tests: serve as on a kernel that cannot skip OPEN and OPENDIR (Linux before 5.1).
+OLD_KERNEL_VARIABLE = "CRFS_MERGE_AS_OLD_KERNEL"
 MOUNT_OPTIONS = ["ro", "default_permissions", "fsname=crfs-merge", "subtype=crfs-merge"]
 
 
@@ -54,10 +58,7 @@ def _replies_on_error(method: F) -> F:
             method(self, req, *args)
         except KeyError:
             lowlevel.reply_err(req, errno.ENOENT)
-        except OSError as exc:
-            log.error("%s%s: %s", method.__name__, args[:1], exc)
-            lowlevel.reply_err(req, errno.EIO)
-        except ImageError as exc:
+        except (OSError, ImageError) as exc:
             log.error("%s%s: %s", method.__name__, args[:1], exc)
             lowlevel.reply_err(req, errno.EIO)
         except BaseException:
@@ -75,6 +76,7 @@ class MergedFilesystem:
         self._tree = image.tree
         self._content = image.content
         self._on_ready = on_ready
+        self._skip_open = self._skip_opendir = False  # what the kernel can do without: see init
 
     def callbacks(self) -> dict[str, Callable[..., None]]:
         return {
@@ -92,6 +94,11 @@ class MergedFilesystem:
         info.want |= lowlevel.FUSE_CAP_READDIRPLUS | lowlevel.FUSE_CAP_READDIRPLUS_AUTO
         info.want |= info.capable & (lowlevel.FUSE_CAP_CACHE_SYMLINKS | lowlevel.FUSE_CAP_SPLICE_WRITE)
         info.want &= ~lowlevel.FUSE_CAP_AUTO_INVAL_DATA  # nothing to invalidate: bytes never change
+        # Kernels before 5.1 take ENOSYS from OPENDIR for an error: those get an OPENDIR answer
+        # that asks them to keep the listing (and likewise for OPEN, on much older ones).
+        emulate = os.environ.get(OLD_KERNEL_VARIABLE) == "1"
+        self._skip_open = bool(info.capable & lowlevel.FUSE_CAP_NO_OPEN_SUPPORT) and not emulate
+        self._skip_opendir = bool(info.capable & lowlevel.FUSE_CAP_NO_OPENDIR_SUPPORT) and not emulate
         self._on_ready()
         self._image.start_prefetch()
 
@@ -126,11 +133,19 @@ class MergedFilesystem:
             return
         lowlevel.reply_readlink(req, os.fsencode(self._tree.link(ino)))
 
-    def open(self, req: int, ino: int, fi: int) -> None:
-        lowlevel.reply_err(req, errno.ENOSYS)  # see the module's docstring
+    @_replies_on_error
+    def open(self, req: int, ino: int, fi: Any) -> None:
+        if self._skip_open:
+            lowlevel.reply_err(req, errno.ENOSYS)  # see the module's docstring
+        else:
+            lowlevel.reply_open_cached(req, fi)
 
-    def opendir(self, req: int, ino: int, fi: int) -> None:
-        lowlevel.reply_err(req, errno.ENOSYS)
+    @_replies_on_error
+    def opendir(self, req: int, ino: int, fi: Any) -> None:
+        if self._skip_opendir:
+            lowlevel.reply_err(req, errno.ENOSYS)
+        else:
+            lowlevel.reply_open_cached(req, fi)
 
     @_replies_on_error
     def read(self, req: int, ino: int, size: int, offset: int, fi: int) -> None:
@@ -176,6 +191,7 @@ class MergedFilesystem:
             for name, child in children:
                 yield name, child, tree.mode(child), None
 
+    @_replies_on_error
     def statfs(self, req: int, ino: int) -> None:
         blocks = -(-self._tree.total_bytes // BLOCK_SIZE)
         lowlevel.reply_statfs(req, f_bsize=BLOCK_SIZE, f_frsize=BLOCK_SIZE, f_blocks=blocks,

@@ -35,7 +35,9 @@ FUSE_CAP_SPLICE_WRITE = 1 << 7
 FUSE_CAP_AUTO_INVAL_DATA = 1 << 12
 FUSE_CAP_READDIRPLUS = 1 << 13
 FUSE_CAP_READDIRPLUS_AUTO = 1 << 14
+FUSE_CAP_NO_OPEN_SUPPORT = 1 << 17
 FUSE_CAP_CACHE_SYMLINKS = 1 << 23
+FUSE_CAP_NO_OPENDIR_SUPPORT = 1 << 24
 
 # struct fuse_attr: ino size blocks atime mtime ctime, the three nsecs, mode nlink uid gid
 # rdev blksize flags.
@@ -102,9 +104,9 @@ _CALLBACKS: dict[str, Any] = {
     "forget": ctypes.CFUNCTYPE(None, _req, _ino, ctypes.c_uint64),
     "getattr": ctypes.CFUNCTYPE(None, _req, _ino, _fi),
     "readlink": ctypes.CFUNCTYPE(None, _req, _ino),
-    "open": ctypes.CFUNCTYPE(None, _req, _ino, _fi),
+    "open": ctypes.CFUNCTYPE(None, _req, _ino, ctypes.POINTER(mfusepy.fuse_file_info)),
     "read": ctypes.CFUNCTYPE(None, _req, _ino, ctypes.c_size_t, ctypes.c_int64, _fi),
-    "opendir": ctypes.CFUNCTYPE(None, _req, _ino, _fi),
+    "opendir": ctypes.CFUNCTYPE(None, _req, _ino, ctypes.POINTER(mfusepy.fuse_file_info)),
     "readdir": ctypes.CFUNCTYPE(None, _req, _ino, ctypes.c_size_t, ctypes.c_int64, _fi),
     "statfs": ctypes.CFUNCTYPE(None, _req, _ino),
     "getxattr": ctypes.CFUNCTYPE(None, _req, _ino, ctypes.c_char_p, ctypes.c_size_t),
@@ -208,6 +210,7 @@ _declare("fuse_reply_err", ctypes.c_int, _req, ctypes.c_int)
 _declare("fuse_reply_none", None, _req)
 _declare("fuse_reply_buf", ctypes.c_int, _req, ctypes.c_char_p, ctypes.c_size_t)
 _declare("fuse_reply_readlink", ctypes.c_int, _req, ctypes.c_char_p)
+_declare("fuse_reply_open", ctypes.c_int, _req, ctypes.POINTER(mfusepy.fuse_file_info))
 _declare("fuse_reply_data", ctypes.c_int, _req, ctypes.POINTER(_BufVec), ctypes.c_int)
 _declare("fuse_reply_xattr", ctypes.c_int, _req, ctypes.c_size_t)
 _declare("fuse_reply_statfs", ctypes.c_int, _req, ctypes.POINTER(mfusepy.c_statvfs))
@@ -217,6 +220,14 @@ reply_none: Callable[[int], None] = _lib.fuse_reply_none
 reply_buf: Callable[[int, bytes, int], int] = _lib.fuse_reply_buf
 reply_readlink: Callable[[int, bytes], int] = _lib.fuse_reply_readlink
 reply_xattr: Callable[[int, int], int] = _lib.fuse_reply_xattr
+
+
+def reply_open_cached(req: int, fi: Any) -> int:
+    """Answers OPEN or OPENDIR with the kernel told to keep what it caches of the file (its
+    pages, or its listing) across opens: for kernels that cannot skip OPEN altogether."""
+    fi.contents.keep_cache = 1
+    fi.contents.cache_readdir = 1
+    return int(_lib.fuse_reply_open(req, fi))
 
 
 def reply_file_range(req: int, fd: int, position: int, size: int) -> int:

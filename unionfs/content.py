@@ -57,20 +57,23 @@ class ContentReader:
 
     def read(self, entry: Entry, offset: int, size: int) -> bytes:
         """Returns up to `size` bytes of `entry` from `offset`; b'' at or past its end."""
-        if offset >= entry.size or size <= 0:
-            return b""
-        return self._layers[entry.layer].read(entry, offset, min(size, entry.size - offset))
+        size = _within(entry, offset, size)
+        return self._layers[entry.layer].read(entry, offset, size) if size else b""
 
     def span(self, entry: Entry, offset: int, size: int) -> tuple[int, int, int] | None:
         """(fd, position, size) of up to `size` bytes of `entry` from `offset` where they lie
         in a local file (see TarReader.span); None where they must be read (lazy layers) or
         there is nothing to read."""
         layer = self._layers[entry.layer]
-        if offset >= entry.size or size <= 0 or not isinstance(layer, TarReader):
-            return None
-        return layer.span(entry, offset, min(size, entry.size - offset))
+        size = _within(entry, offset, size)
+        return layer.span(entry, offset, size) if size and isinstance(layer, TarReader) else None
 
     def close(self) -> None:
         for layer in self._layers:
             if isinstance(layer, TarReader):
                 layer.close()
+
+
+def _within(entry: Entry, offset: int, size: int) -> int:
+    """How many of `size` bytes from `offset` lie within `entry` (0 at or past its end)."""
+    return max(0, min(size, entry.size - offset))

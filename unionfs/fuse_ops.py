@@ -149,10 +149,10 @@ class MergedFilesystem:
 
     @_replies_on_error
     def read(self, req: int, ino: int, size: int, offset: int, fi: int) -> None:
-        if self._tree.is_dir(ino):
+        entry = self._tree.entry(ino)
+        if entry.is_dir:
             lowlevel.reply_err(req, errno.EISDIR)
             return
-        entry = self._tree.entry(ino)
         span = self._content.span(entry, offset, size)
         if span is not None:
             lowlevel.reply_file_range(req, *span)

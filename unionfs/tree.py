@@ -98,8 +98,8 @@ class MergedTree:
             return directory
         if name == b"..":
             return self._a["parent"][i]
-        first = self._a["first_slot"][i]
-        end = first + self._a["slot_count"][i]
+        first = self._first_slot[i]
+        end = first + self._slot_count[i]
         slot = bisect.bisect_left(range(first, end), name, key=self._name)
         return self._slot_ino[first + slot] if first + slot < end and self._name(first + slot) == name else None
 

@@ -53,6 +53,12 @@ class ChunkCache:
             self._remember(key, data)
         return data
 
+    def get_recent(self, key: str) -> bytes | None:
+        """Returns the chunk if it is in the memory cache; never reads the disk (for the event
+        loop, which must not wait on files)."""
+        with self._lock:
+            return self._memory.get(key)
+
     def contains(self, key: str) -> bool:
         """True if the chunk is probably cached (for prefetch: no read, no hashing)."""
         with self._lock:
@@ -89,8 +95,8 @@ class ChunkCache:
         return data
 
     def _write_disk(self, key: str, data: bytes) -> None:
-        path = os.path.join(self._directory, key.replace(":", "-"))
-        if os.path.exists(path):
+        path = self._path(key)
+        if path.exists():
             return
         # A temporary name unique to this process and thread, made without mkstemp's random
         # names and Python file objects: a tree of small files writes a chunk per file, and
@@ -105,7 +111,7 @@ class ChunkCache:
                 os.close(fd)
             os.replace(temp, path)
         except OSError as exc:  # a full disk costs the cache, never the read
-            log.warning("chunk cache: cannot store %s: %s", os.path.basename(path), exc.strerror)
+            log.warning("chunk cache: cannot store %s: %s", path.name, exc.strerror)
             with contextlib.suppress(OSError):
                 os.unlink(temp)
             return

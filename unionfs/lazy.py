@@ -156,8 +156,10 @@ class LazyLayer:
     async def _get(self, chunks: list[Chunk]) -> dict[Chunk, bytes]:
         loop = asyncio.get_running_loop()
         waiting = {c: self._inflight[c] for c in chunks if c in self._inflight}
-        # A fetch (a readahead) may have finished since the reader missed the cache.
-        cached = {c: data for c in chunks if c not in waiting and (data := self._cache.get(self._key(c))) is not None}
+        # A fetch (a readahead) may have finished since the reader missed the cache; it left
+        # its chunks in memory, and this runs on the loop, which must not read files.
+        recent = self._cache.get_recent
+        cached = {c: data for c in chunks if c not in waiting and (data := recent(self._key(c))) is not None}
         mine = [c for c in chunks if c not in waiting and c not in cached]
         for chunk in mine:
             self._inflight[chunk] = loop.create_future()

@@ -6,8 +6,9 @@ without locks: the first reader starts the fetch, later ones await the same futu
 
 A read has a deadline (registry.options: twice --timeout): its fetch gives up there, and the
 FUSE thread stops waiting there (then EIO), cancelling what it started. A fetch that fails
-or is abandoned leaves nothing behind: its chunks are no longer in flight, the cache holds
-only verified chunks, and the next read of them fetches afresh.
+or is abandoned leaves nothing behind: the cache holds only verified chunks, and its chunks
+stop being in flight at once (a bad chunk) or a second later (no registry: see
+FAILURE_MEMORY), after which a read of them fetches afresh.
 """
 
 from __future__ import annotations

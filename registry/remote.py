@@ -7,7 +7,10 @@ Every request goes through one path, `_get`, which:
 - follows redirects itself, sending the registry's Authorization header only to the
   registry's own host, and asks the registry again when a signed URL has expired (403);
 - retries resets, timeouts, 429 and 5xx with exponential backoff and jitter, honouring
-  Retry-After, with at most `connections` requests in flight per registry.
+  Retry-After, for as long as a time budget allows (registry.retry: the policy), with at most
+  `connections` requests in flight per registry;
+- keeps a request that someone is waiting for (a lazy read) within its deadline: each try is
+  cut at the deadline, and no try starts after it.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import random
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -33,6 +35,7 @@ from registry.digest import Digest
 from registry.errors import AuthenticationError, BlobNotFoundError, ManifestError, RegistryError
 from registry.options import RemoteOptions
 from registry.remote_reference import RemoteReference, is_loopback
+from registry.retry import Patience, RetryClock, parse_retry_after
 from registry.source import MAX_DOCUMENT_SIZE
 
 log = logging.getLogger("crfs-merge")
@@ -51,6 +54,7 @@ STREAM_BLOCK = 1 << 20
 Progress = Callable[[int], None]
 # What a dropped, reset, refused or silent connection raises: worth another try.
 NETWORK_ERRORS = (TimeoutError, aiohttp.ClientError, ConnectionError)
+DEADLINE_PASSED = asyncio.TimeoutError  # what asyncio.wait_for raises; builtin TimeoutError from 3.11
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,9 +66,12 @@ class Send:
 
 
 class _Retryable(Exception):
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+    """A failure worth another try; `unreachable` when the registry has never answered."""
+
+    def __init__(self, reason: str, retry_after: float | None = None, unreachable: bool = False) -> None:
         super().__init__(reason)
         self.retry_after = retry_after
+        self.unreachable = unreachable
 
 
 class RegistryClient:
@@ -117,13 +124,15 @@ class RegistryClient:
         dropped connection where the registry allows it."""
         with open(dest, "wb") as out:
             state = _Download(out, digest.hasher(), size, progress)
-            await self._get(self._blob_path(digest), state.headers, state.consume, what=f"blob {digest}")
+            await self._get(self._blob_path(digest), state.headers, state.consume, f"blob {digest}",
+                            progress=lambda: state.received)  # fmt: skip
         if state.received != size:
             raise RegistryError(f"blob {digest}: got {state.received} bytes, expected {size}")
         digest.verify(state.hashed, f"blob {digest} from {self.reference.registry}")
 
-    async def read_range(self, digest: Digest, start: int, end: int) -> bytes:
-        """Returns bytes start..end (inclusive) of a blob with one closed Range request.
+    async def read_range(self, digest: Digest, start: int, end: int, patience: Patience | None = None) -> bytes:
+        """Returns bytes start..end (inclusive) of a blob with one closed Range request,
+        retried within `patience` (by default the mount's).
 
         A 200 answer means the registry ignores ranges for this blob (pull-through caches do
         this on a miss): the wanted bytes are then cut out of the stream."""
@@ -138,7 +147,7 @@ class RegistryClient:
             return data
 
         headers = {"Range": f"bytes={start}-{end}"}
-        return await self._get(self._blob_path(digest), headers, read, what=f"blob {digest} range")
+        return await self._get(self._blob_path(digest), headers, read, f"blob {digest} range", patience=patience)
 
     async def push_blob(self, digest: Digest, path: Path, size: int) -> None:
         """Uploads a blob from a local file unless the registry has it (distribution spec,
@@ -170,26 +179,63 @@ class RegistryClient:
         consume: Callable[[aiohttp.ClientResponse], Awaitable[T]],
         what: str,
         send: Send | None = None,
+        patience: Patience | None = None,
+        progress: Callable[[], int] | None = None,
     ) -> T:
         """Requests `path` (GET, or `send.method` with its body) and returns what `consume`
-        makes of the answer; the one place requests are retried."""
-        for attempt in range(self._options.retries + 1):
+        makes of the answer; the one place requests are retried: within `patience` (by
+        default the mount's), a try that moves `progress` on starting the count again."""
+        clock = RetryClock(patience or Patience(self._options.mount_patience), time.monotonic())
+        while True:
+            try_started, before = time.monotonic(), progress() if progress else 0
             try:
-                async with self._limit:
-                    base = await self._base_url()
-                    wanted = headers() if callable(headers) else headers
-                    url = path if path.startswith(("http://", "https://")) else base + path
-                    return await self._follow(url, base, wanted, consume, what, send)
+                return await self._try_within(clock, path, headers, consume, what, send)
             except _Retryable as exc:
-                if attempt == self._options.retries:
-                    tries = attempt + 1
-                    raise RegistryError(
-                        f"{self.reference.registry}: {what}: {exc} (gave up after {tries} tries)"
-                    ) from None
-                delay = _backoff(attempt, exc.retry_after)
+                if exc.unreachable:  # a wrong name or a dead host: no reason to wait minutes
+                    clock.patience = Patience(min(clock.patience.seconds, self._options.read_deadline),
+                                              clock.patience.deadline)  # fmt: skip
+                now = time.monotonic()
+                moved = progress is not None and progress() != before
+                delay = clock.after_failure(try_started, now, exc.retry_after, moved)
+                if delay is None:
+                    raise RegistryError(f"{self.reference.registry}: {what}: {exc} ({clock.gave_up(now)})") from None
                 log.info("%s: %s; retrying in %.1fs", what, exc, delay)
                 await asyncio.sleep(delay)
-        raise AssertionError("unreachable")
+
+    async def _try_within(
+        self,
+        clock: RetryClock,
+        path: str,
+        headers: Mapping[str, str] | Callable[[], Mapping[str, str]],
+        consume: Callable[[aiohttp.ClientResponse], Awaitable[T]],
+        what: str,
+        send: Send | None,
+    ) -> T:
+        """Makes one try, cut at the clock's deadline if it has one."""
+        remaining = clock.remaining(time.monotonic())
+        if remaining is None:
+            return await self._try(path, headers, consume, what, send)
+        try:
+            return await asyncio.wait_for(self._try(path, headers, consume, what, send), max(remaining, 0.0))
+        except DEADLINE_PASSED:
+            clock.tries += 1
+            raise RegistryError(
+                f"{self.reference.registry}: {what}: no answer before the deadline ({clock.gave_up(time.monotonic())})"
+            ) from None
+
+    async def _try(
+        self,
+        path: str,
+        headers: Mapping[str, str] | Callable[[], Mapping[str, str]],
+        consume: Callable[[aiohttp.ClientResponse], Awaitable[T]],
+        what: str,
+        send: Send | None,
+    ) -> T:
+        async with self._limit:
+            base = await self._base_url()
+            wanted = headers() if callable(headers) else headers
+            url = path if path.startswith(("http://", "https://")) else base + path
+            return await self._follow(url, base, wanted, consume, what, send)
 
     async def _follow(
         self,
@@ -247,7 +293,7 @@ class RegistryClient:
         for scheme in schemes:
             try:
                 async with self._request(f"{scheme}://{host}/v2/", {}) as response:
-                    if response.status >= 500:
+                    if response.status == 429 or response.status >= 500:
                         raise _Retryable(f"HTTP {response.status} from {scheme}://{host}/v2/", _retry_after(response))
                     if response.status == 400:  # plain HTTP sent to a TLS port: not this scheme
                         failures.append(f"{scheme}: HTTP 400")
@@ -260,7 +306,7 @@ class RegistryClient:
                 failures.append(f"{scheme}: {type(exc).__name__}: {exc}")
         if any("Certificate" in f for f in failures):
             raise RegistryError(f"{host}: TLS certificate not trusted ({'; '.join(failures)}); see --tls-verify")
-        raise _Retryable(f"cannot reach {host} ({'; '.join(failures)})")
+        raise _Retryable(f"cannot reach {host} ({'; '.join(failures)})", unreachable=True)
 
     # --- authentication ---------------------------------------------------------------
 
@@ -402,16 +448,7 @@ def _check(response: aiohttp.ClientResponse, what: str, where: str) -> None:
 
 
 def _retry_after(response: aiohttp.ClientResponse) -> float | None:
-    try:
-        return min(60.0, float(response.headers.get("Retry-After", "")))
-    except ValueError:
-        return None
-
-
-def _backoff(attempt: int, retry_after: float | None) -> float:
-    # Exponential with full jitter, so many clients that failed together do not retry together.
-    ceiling = min(10.0, 0.25 * 2**attempt)
-    return retry_after if retry_after is not None else random.uniform(ceiling / 2, ceiling)
+    return parse_retry_after(response.headers.get("Retry-After"), time.time())
 
 
 async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:

@@ -4,8 +4,12 @@
   auth, htpasswd Basic auth, or token auth trusting our token server's certificate;
 - `TokenServer`: an aiohttp token endpoint issuing real RS256 JWTs with an x5c chain,
   which the registry verifies against its rootcertbundle;
-- `FaultProxy`: an aiohttp reverse proxy that resets, refuses (503/429), stalls, truncates,
-  redirects to another host, or ignores Range, as a test plans it; it counts what it serves.
+- `FaultProxy`: an aiohttp reverse proxy that resets, refuses (503/429, with a Retry-After in
+  seconds or as an HTTP-date), stalls, truncates, redirects to another host, or ignores Range,
+  as a test plans it; it counts what it serves.
+
+`Registry.pause()` stops the registry process (SIGSTOP) as a hung server: the kernel still
+accepts connections for it, but nothing answers; `resume()` (SIGCONT) lets it go on.
 """
 
 from __future__ import annotations
@@ -13,8 +17,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime
+import email.utils
 import ipaddress
 import json
+import os
+import signal
 import socket
 import ssl
 import subprocess
@@ -108,7 +115,17 @@ class Registry:
         )
         _wait_until_serving(f"{'https' if tls else 'http'}://{self.host}/v2/", self._process)
 
+    def pause(self) -> None:
+        """Stops the registry process: connections are still accepted, nothing answers."""
+        os.kill(self._process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Lets a paused registry go on (harmless when it is not paused)."""
+        if self._process.poll() is None:
+            os.kill(self._process.pid, signal.SIGCONT)
+
     def stop(self) -> None:
+        self.resume()  # a stopped process cannot act on SIGTERM
         self._process.terminate()
         try:
             self._process.wait(timeout=10)
@@ -225,6 +242,13 @@ class Fault:
     count: int = 1
     path_part: str = "/blobs/"
     status: int = 503
+    retry_after: float = 0  # what a `status` answer's Retry-After asks for, in seconds
+    retry_after_as_date: bool = False  # sent as the HTTP-date that many seconds from now
+
+    def retry_after_header(self) -> str:
+        if self.retry_after_as_date:
+            return email.utils.formatdate(time.time() + self.retry_after, usegmt=True)
+        return f"{self.retry_after:g}"
 
 
 @dataclass
@@ -237,6 +261,7 @@ class FaultProxy:
     faults: list[Fault] = field(default_factory=list)
     served_bytes: int = 0
     requests: Counter[str] = field(default_factory=Counter)
+    paths: Counter[str] = field(default_factory=Counter)  # requests per path
     stall_seconds: float = 30.0
     redirect_to: str | None = None  # base URL of a BlobStorage
 
@@ -261,13 +286,14 @@ class FaultProxy:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.requests[_kind(request)] += 1
+        self.paths[request.path] += 1
         fault = self._take(request.path)
         if fault and fault.kind == "reset":
             assert request.transport is not None
             request.transport.abort()
             return web.Response(status=500)
         if fault and fault.kind == "status":
-            return web.Response(status=fault.status, headers={"Retry-After": "0"})
+            return web.Response(status=fault.status, headers={"Retry-After": fault.retry_after_header()})
         if fault and fault.kind == "stall":
             await asyncio.sleep(self.stall_seconds)
         if fault and fault.kind == "redirect":

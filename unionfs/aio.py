@@ -4,6 +4,7 @@ one event loop in one long-lived thread, so HTTP sessions and connections are sh
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections.abc import Coroutine
 from concurrent.futures import Future
@@ -29,8 +30,16 @@ class EventLoopThread:
         self._loop.close()
 
     def run(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        """Returns the coroutine's result, raising what it raised; waits at most `timeout`."""
-        return self.submit(coroutine).result(timeout)
+        """Returns the coroutine's result, raising what it raised. After `timeout` seconds it
+        stops waiting, cancels the coroutine (which may clean up on the loop meanwhile) and
+        raises TimeoutError: a caller never waits longer, and nothing it abandoned runs on."""
+        future = self.submit(coroutine)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            if not future.cancel() and future.done():
+                return future.result()  # it finished just now
+            raise TimeoutError(f"no result within {timeout:.1f}s") from None
 
     def submit(self, coroutine: Coroutine[Any, Any, T]) -> Future[T]:
         """Starts the coroutine on the loop; returns a future of its result."""

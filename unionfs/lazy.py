@@ -3,6 +3,12 @@ the chunks that hold the bytes asked for, verified against their chunkDigest.
 
 All fetching runs on the one event loop thread, so misses for the same chunk coalesce
 without locks: the first reader starts the fetch, later ones await the same future.
+
+A read has a deadline (registry.options: twice --timeout): its fetch gives up there, and the
+FUSE thread stops waiting there (then EIO), cancelling what it started. A fetch that fails
+or is abandoned leaves nothing behind: the cache holds only verified chunks, and its chunks
+stop being in flight at once (a bad chunk) or a second later (no registry: see
+FAILURE_MEMORY), after which a read of them fetches afresh.
 """
 
 from __future__ import annotations
@@ -13,14 +19,16 @@ import hashlib
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterable
 from concurrent.futures import Future
 from pathlib import Path
 
 from registry.digest import Digest
-from registry.errors import DigestMismatchError, LayerFormatError
+from registry.errors import DigestMismatchError, LayerFormatError, RegistryError
 from registry.media_types import TOC_DIGEST_ANNOTATION
 from registry.remote import RegistryClient
+from registry.retry import Patience
 from registry.source import Layer
 from unionfs.aio import EventLoopThread
 from unionfs.chunk_cache import ChunkCache
@@ -46,6 +54,13 @@ SMALL_FILE_SPAN = 1024 * 1024
 SMALL_FILE_MAX = 64 * 1024  # compressed size of a one-chunk file that counts as small
 MERGE_GAP = 64 * 1024  # fetch across gaps this small rather than make another request
 PREFETCH_SPAN = 16 * 1024 * 1024  # the largest range one prefetch request asks for
+# How long past its deadline a FUSE thread still waits for a fetch that is ending by itself
+# (it gives up at the deadline too), before cancelling it.
+DEADLINE_GRACE = 0.5
+# How long a fetch that found no registry (it gave up, or its reader's deadline passed) keeps
+# failing the reads that join it. The kernel asks again for the page of a read that failed
+# right away; without this, one read() would wait out two deadlines.
+FAILURE_MEMORY = 1.0
 
 
 async def fetch_toc(client: RegistryClient, layer: Layer, number: int, toc_dir: Path) -> LayerToc | None:
@@ -99,9 +114,9 @@ class LazyLayer:
     """Reads file bytes of one eStargz layer through the registry and the chunk cache."""
 
     def __init__(self, loop: EventLoopThread, client: RegistryClient, blob: Digest, cache: ChunkCache,
-                 timeout: float, files: Iterable[tuple[Chunk, ...]] = ()) -> None:  # fmt: skip
+                 deadline: float, files: Iterable[tuple[Chunk, ...]] = ()) -> None:  # fmt: skip
         self._loop, self._client, self._blob, self._cache = loop, client, blob, cache
-        self._timeout = timeout
+        self._deadline = deadline  # seconds a read may take, fetching included
         self._inflight: dict[Chunk, asyncio.Future[bytes]] = {}
         self._small_files = small_files(files)
 
@@ -111,8 +126,7 @@ class LazyLayer:
         pieces = {c: self._cache.get(self._key(c)) for c in wanted}
         missing = [c for c, data in pieces.items() if data is None]
         if missing:
-            fetched = self._loop.run(self._get(missing), self._timeout)
-            pieces.update(fetched)
+            pieces.update(self._fetch_by_deadline(missing))
             self._readahead(entry, wanted[-1])
             if wanted[-1] == entry.chunks[-1]:
                 self._read_neighbours(wanted[-1])
@@ -124,6 +138,15 @@ class LazyLayer:
             for c in wanted
         )
 
+    def _fetch_by_deadline(self, missing: list[Chunk]) -> dict[Chunk, bytes]:
+        """Returns the missing chunks, or raises OSError once the read's deadline has passed."""
+        deadline = time.monotonic() + self._deadline
+        try:
+            return self._loop.run(self._get(missing, Patience(self._deadline, deadline)),
+                                  self._deadline + DEADLINE_GRACE)  # fmt: skip
+        except TimeoutError:
+            raise OSError(f"layer {self._blob}: no answer from the registry within {self._deadline:g}s") from None
+
     def prefetch(self, chunks: Iterable[Chunk]) -> Future[None]:
         """Starts fetching `chunks` in the background, one bounded range at a time so that
         reads, which run concurrently, are not queued behind it."""
@@ -133,7 +156,9 @@ class LazyLayer:
     async def _prefetch(self, chunks: list[Chunk]) -> None:
         for fetch in plan_fetches(chunks, MERGE_GAP, PREFETCH_SPAN):
             try:
-                await self._get(list(fetch.chunks))
+                # No deadline: nobody waits for it (a reader that joins it waits until its
+                # own); it gives up after the same span of failures in a row.
+                await self._get(list(fetch.chunks), Patience(self._deadline))
             except Exception as exc:  # a failed prefetch costs only time: reads try again
                 log.info("prefetch of %s failed: %s", self._blob, exc)
                 return
@@ -153,7 +178,7 @@ class LazyLayer:
         if after:
             self.prefetch(after)
 
-    async def _get(self, chunks: list[Chunk]) -> dict[Chunk, bytes]:
+    async def _get(self, chunks: list[Chunk], patience: Patience) -> dict[Chunk, bytes]:
         loop = asyncio.get_running_loop()
         waiting = {c: self._inflight[c] for c in chunks if c in self._inflight}
         # A fetch (a readahead) may have finished since the reader missed the cache; it left
@@ -164,22 +189,36 @@ class LazyLayer:
         for chunk in mine:
             self._inflight[chunk] = loop.create_future()
         try:
-            parts = await asyncio.gather(*(self._fetch(f) for f in plan_fetches(mine, MERGE_GAP)))
-        except BaseException as exc:
-            for chunk in mine:
-                future = self._inflight.pop(chunk)
-                future.set_exception(OSError(f"layer {self._blob}: fetch failed: {exc}"))
-                future.exception()  # retrieved: readers that shared it have their own error
+            parts = await asyncio.gather(*(self._fetch(f, patience) for f in plan_fetches(mine, MERGE_GAP)))
+        except BaseException as exc:  # failed, or cancelled by a reader whose deadline passed
+            self._fail(mine, exc, remember=isinstance(exc, (RegistryError, asyncio.CancelledError)))
             raise
         got = cached | {chunk: data for part in parts for chunk, data in part.items()}
         for chunk in mine:
             self._inflight.pop(chunk).set_result(got[chunk])
         for chunk, future in waiting.items():
-            got[chunk] = await future
+            # Shielded: a reader that stops waiting must not cancel a fetch others share.
+            got[chunk] = await asyncio.shield(future)
         return got
 
-    async def _fetch(self, fetch: Fetch) -> dict[Chunk, bytes]:
-        compressed = await self._client.read_range(self._blob, fetch.start, fetch.end - 1)
+    def _fail(self, chunks: list[Chunk], exc: BaseException, remember: bool) -> None:
+        """Fails the in-flight futures of `chunks`; drops them now, or after FAILURE_MEMORY."""
+        loop = asyncio.get_running_loop()
+        for chunk in chunks:
+            future = self._inflight[chunk]
+            future.set_exception(OSError(f"layer {self._blob}: fetch failed: {exc or type(exc).__name__}"))
+            future.exception()  # retrieved: readers that shared it have their own error
+            if remember:
+                loop.call_later(FAILURE_MEMORY, self._forget, chunk, future)
+            else:
+                del self._inflight[chunk]
+
+    def _forget(self, chunk: Chunk, future: asyncio.Future[bytes]) -> None:
+        if self._inflight.get(chunk) is future:
+            del self._inflight[chunk]
+
+    async def _fetch(self, fetch: Fetch, patience: Patience) -> dict[Chunk, bytes]:
+        compressed = await self._client.read_range(self._blob, fetch.start, fetch.end - 1, patience)
         # Decompressing, hashing and writing the disk cache take longer than the transfer;
         # zlib and hashlib let go of the GIL, so a worker thread keeps the loop free for I/O.
         return await asyncio.to_thread(self._unpack, compressed, fetch)

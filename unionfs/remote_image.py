@@ -103,11 +103,11 @@ class LazyLayerFactory:
         self.prefetch_mode = settings.prefetch
         _return_big_buffers_to_the_system()
         self._cache = ChunkCache(settings.cache_dir / "chunks")
-        # A read waits for every try of its fetch, and a little more, before it reports EIO.
-        self._timeout = settings.remote.timeout * (settings.remote.retries + 1) * 2
+        # A read gets its bytes within this, or EIO; its fetch stops trying there too.
+        self._read_deadline = settings.remote.read_deadline
 
     def __call__(self, blob: Digest, files: list[tuple[Chunk, ...]]) -> LazyLayer:
-        return LazyLayer(self._loop, self._client, blob, self._cache, self._timeout, files)
+        return LazyLayer(self._loop, self._client, blob, self._cache, self._read_deadline, files)
 
 
 def _return_big_buffers_to_the_system() -> None:

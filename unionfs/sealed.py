@@ -14,8 +14,8 @@ import hashlib
 import os
 from pathlib import Path
 
-MAGIC = b"crfs-merge sealed blake2b-256\n"
-DIGEST_SIZE = 32
+MAGIC = b"crfs-merge sealed sha256\n"
+DIGEST_SIZE = 32  # SHA-256 runs at about 1.7 GB/s where the CPU has SHA extensions (blake2b: 0.7)
 
 
 class DamagedCacheFile(ValueError):
@@ -62,6 +62,6 @@ def _head(label: str) -> bytes:
 
 
 def _digest(head: bytes, payload: bytes | memoryview) -> bytes:
-    hashed = hashlib.blake2b(head, digest_size=DIGEST_SIZE)
+    hashed = hashlib.sha256(head)
     hashed.update(payload)
     return hashed.digest()

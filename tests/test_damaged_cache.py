@@ -8,6 +8,7 @@ counting proxy that shows what was fetched again."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -282,12 +283,34 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
     try:
         for kind in ("gzip", "esgz"):
             skopeo_copy(f"oci:{root / kind}:v1", f"docker://{server.host}/damaged/{kind}:v1")
-        with EventLoopThread() as loop:  # skopeo would compress the uncompressed layers
-            loop.run(_push(root / "plain", f"{server.host}/damaged/plain:v1"))
+        shutil.copytree(root / "gzip", root / "bad-diff-id")
+        _break_first_diff_id(root / "bad-diff-id")
+        with EventLoopThread() as loop:  # skopeo would compress the uncompressed layers, or refuse
+            for kind in ("plain", "bad-diff-id"):
+                loop.run(_push(root / kind, f"{server.host}/damaged/{kind}:v1"))
         yield {"host": server.host, "layout": str(root / "gzip"),
-               **{kind: f"damaged/{kind}:v1" for kind in ("gzip", "plain", "esgz")}}  # fmt: skip
+               **{kind: f"damaged/{kind}:v1" for kind in ("gzip", "plain", "esgz", "bad-diff-id")}}  # fmt: skip
     finally:
         server.stop()
+
+
+def _break_first_diff_id(layout: Path) -> None:
+    """Makes the config's first diff_id wrong, and stores config and manifest under their new
+    digests: every blob is then what its descriptor says, but the image is wrong."""
+    blobs = layout / "blobs" / "sha256"
+    index = json.loads((layout / "index.json").read_text())
+    manifest = json.loads((blobs / index["manifests"][0]["digest"].split(":")[1]).read_bytes())
+    config = json.loads((blobs / manifest["config"]["digest"].split(":")[1]).read_bytes())
+    config["rootfs"]["diff_ids"][0] = "sha256:" + "1" * 64
+    manifest["config"].update(_store(blobs, json.dumps(config).encode()))
+    index["manifests"][0].update(_store(blobs, json.dumps(manifest).encode()))
+    (layout / "index.json").write_text(json.dumps(index))
+
+
+def _store(blobs: Path, data: bytes) -> dict[str, object]:
+    digest = hashlib.sha256(data).hexdigest()
+    (blobs / digest).write_bytes(data)
+    return {"digest": f"sha256:{digest}", "size": len(data)}
 
 
 async def _push(layout: Path, image: str) -> None:
@@ -385,3 +408,19 @@ def test_a_damaged_cached_toc_is_fetched_again(
     assert "is damaged" in one_line_naming(stderr, first)
     unmount(mountpoint)
     assert mounted_tree(mount, image, cache, "--prefetch", "none") == (remote_fresh, "")  # saved right again
+
+
+def test_a_layer_that_fails_when_fetched_fresh_is_the_images_error(
+    registry: dict[str, str], proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """A blob that matches its digest but not its diff_id is the image's fault: one line, the
+    same on every mount, and not fetched again to find that out."""
+    image, mountpoint = f"{proxy.host}/{registry['bad-diff-id']}", tmp_path / "mnt"
+    mountpoint.mkdir()
+    for blob_requests in (3, 1):  # the config and both layers; then the config only
+        proxy.requests.clear()
+        run = subprocess.run([*COMMAND, "--cache-dir", str(tmp_path / "cache"), image, str(mountpoint)],
+                             capture_output=True, text=True, timeout=MOUNT_TIMEOUT)  # fmt: skip
+        assert run.returncode == 1 and not os.path.ismount(mountpoint)
+        assert run.stderr.count("\n") == 1 and "expected sha256:1111" in run.stderr, run.stderr
+        assert proxy.requests["blob"] == blob_requests

@@ -163,8 +163,8 @@ class LayerStore:
                 raise RefetchNeeded(layer, None) from None
             raise
         except (DigestMismatchError, LayerFormatError) as exc:
-            if not self._owns(layer):
-                raise  # the image's own blob: its fault, and never ours to delete
+            if not self._owns(layer) or _intact(layer):
+                raise  # the image's own blob, or bytes that are what the registry serves: its fault
             self._drop(Path(layer.window.path), exc, "fetching it again")
             raise RefetchNeeded(layer, exc) from None
         self._verified.add(json.dumps(_stamp(FileWindow(str(path), 0, path.stat().st_size))))
@@ -180,7 +180,7 @@ class LayerStore:
             try:
                 _verify_plain(layer)
             except DigestMismatchError as exc:
-                if not self._owns(layer):
+                if not self._owns(layer) or _intact(layer):
                     raise
                 self._drop(Path(tar.path), exc, "fetching it again")
                 raise RefetchNeeded(layer, exc) from None
@@ -268,6 +268,18 @@ def _verify_plain(layer: Layer) -> None:
             for hashed in hashers.values():
                 hashed.update(block)
     _check(hashers, layer)
+
+
+def _intact(layer: Layer) -> bool:
+    """True if the layer's blob hashes to its digest (or has none to hash to): then what is
+    wrong with it is the image's doing, and fetching it again would bring the same bytes."""
+    if layer.digest is None:
+        return True
+    try:
+        _verify_file(layer.window, layer.digest)
+    except (DigestMismatchError, OSError):
+        return False
+    return True
 
 
 def _verify_file(tar: FileWindow, digest: Digest) -> None:

@@ -123,7 +123,10 @@ class LayerStore:
             return MergedTree.from_bytes(unseal(name, path.read_bytes()))
         except FileNotFoundError:
             return None
-        except (OSError, DamagedCacheFile, CorruptTreeError) as exc:
+        except OSError as exc:
+            self._warn(f"cannot read the merged tree {path}: {exc.strerror}; merging again")
+            return None
+        except (DamagedCacheFile, CorruptTreeError) as exc:
             self._drop(path, exc, "merging again")
             return None
 
@@ -165,7 +168,7 @@ class LayerStore:
         except (DigestMismatchError, LayerFormatError) as exc:
             if not self._owns(layer) or _intact(layer):
                 raise  # the image's own blob, or bytes that are what the registry serves: its fault
-            self._drop(Path(layer.window.path), exc, "fetching it again")
+            self._drop(Path(layer.window.path), exc, "fetching it again", must_go=True)
             raise RefetchNeeded(layer, exc) from None
         self._verified.add(json.dumps(_stamp(FileWindow(str(path), 0, path.stat().st_size))))
         if self._owns(layer):
@@ -182,7 +185,7 @@ class LayerStore:
             except DigestMismatchError as exc:
                 if not self._owns(layer) or _intact(layer):
                     raise
-                self._drop(Path(tar.path), exc, "fetching it again")
+                self._drop(Path(tar.path), exc, "fetching it again", must_go=True)
                 raise RefetchNeeded(layer, exc) from None
         elif layer.diff_id is None:  # nothing to check it against: make it again from the blob
             os.unlink(tar.path)
@@ -191,7 +194,7 @@ class LayerStore:
             try:
                 _verify_file(tar, layer.diff_id)
             except DigestMismatchError as exc:
-                self._drop(Path(tar.path), exc, "making it again from its blob")
+                self._drop(Path(tar.path), exc, "making it again from its blob", must_go=True)
                 return self._tar_window(layer)
         self._verified.add(json.dumps(_stamp(tar)))
         return tar
@@ -200,10 +203,21 @@ class LayerStore:
         """True if the layer's blob is one this cache fetched (from a registry)."""
         return os.path.dirname(os.path.abspath(layer.window.path)) == os.path.abspath(self._blobs)
 
-    def _drop(self, path: Path, damage: Exception, then: str) -> None:
-        self._warn(f"cache: {path} is damaged ({damage}); removed, {then}")
-        with contextlib.suppress(OSError):
+    def _drop(self, path: Path, damage: Exception, then: str, must_go: bool = False) -> None:
+        """Removes a damaged cache file, with one warning naming it. A file that would be
+        used again if left (`must_go`: a tar, a blob) that cannot be removed (a read-only
+        cache) fails the mount instead; a tree or index is then just not used."""
+        try:
             path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            if must_go:
+                raise OSError(exc.errno, f"cache: {path} is damaged ({damage}) and cannot be removed: "
+                                         f"{exc.strerror}") from None  # fmt: skip
+            self._warn(f"cache: {path} is damaged ({damage}); {then}")
+            return
+        self._warn(f"cache: {path} is damaged ({damage}); removed, {then}")
 
     def _load_index(self, path: Path, key: str, stamp: list[object], number: int) -> list[Entry] | None:
         """Returns the entries of the saved index if it is whole and describes the tar as it
@@ -212,12 +226,15 @@ class LayerStore:
             document = json.loads(bytes(unseal(key, path.read_bytes())))
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:  # DamagedCacheFile is a ValueError, as is bad JSON
+        except OSError as exc:
+            self._warn(f"cannot read the index {path}: {exc.strerror}; indexing again")
+            return None
+        except ValueError as exc:  # DamagedCacheFile is a ValueError, as is bad JSON
             self._drop(path, exc, "indexing again")
             return None
-        if document.get("format") != INDEX_FORMAT or document.get("stamp") != stamp:
-            return None  # the tar changed since: verified and indexed again
         try:
+            if document["format"] != INDEX_FORMAT or document["stamp"] != stamp:
+                return None  # the tar changed since: verified and indexed again
             share = sharer()
             return [_decode(row, number, share) for row in document["entries"]]
         except (ValueError, KeyError, TypeError) as exc:

@@ -424,3 +424,20 @@ def test_a_layer_that_fails_when_fetched_fresh_is_the_images_error(
         assert run.returncode == 1 and not os.path.ismount(mountpoint)
         assert run.stderr.count("\n") == 1 and "expected sha256:1111" in run.stderr, run.stderr
         assert proxy.requests["blob"] == blob_requests
+
+
+def test_convert_from_a_registry_fetches_a_damaged_layer_again(
+    registry: dict[str, str], proxy: FaultProxy, remote_fresh: Tree, mount: Mount, tmp_path: Path
+) -> None:
+    """`convert` reads whole layers through the same cache (pull_whole), with the same checks."""
+    image, cache = f"{proxy.host}/{registry['gzip']}", tmp_path / "cache"
+    mounted_tree(mount, image, cache)
+    tar = lower_tar(cache)
+    os.truncate(tar, member_offsets(tar)["usr/share/doc/f100"][0])
+    proxy.requests.clear()
+    run = subprocess.run([*COMMAND, "convert", "--cache-dir", str(cache), image, f"oci:{tmp_path / 'esgz'}:v1"],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "is damaged" in one_line_naming(run.stderr, tar)
+    assert proxy.requests["blob"] == 2  # the config, and that one layer again
+    assert mounted_tree(mount, f"oci:{tmp_path / 'esgz'}:v1", tmp_path / "cache2")[0] == remote_fresh

@@ -87,7 +87,7 @@ async def _resolve_and_fetch(
     image = await resolve_remote(client, settings.platform, settings.cache_dir / "blobs")
     tocs = await _tocs(client, image, store, settings.cache_dir / "toc") if lazy else {}
     whole = [layer for n, layer in enumerate(image.layers) if n not in tocs and store.needs_blob(layer)]
-    await fetch_blobs(client, whole, _terminal_progress(sys.stderr))
+    await fetch_blobs(client, whole, _terminal_progress(sys.stderr), store.needs_blob)
     return image, tocs
 
 

@@ -239,6 +239,17 @@ def test_a_read_only_cache_that_holds_everything_mounts(
     assert tree == fresh and stderr == ""
 
 
+def test_a_tar_that_does_not_fit_is_one_line_naming_it(layout: str, tmp_path: Path, small_disk: Path) -> None:
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    run = subprocess.run([*COMMAND, "--cache-dir", str(small_disk), layout, str(mountpoint)],
+                         capture_output=True, text=True, timeout=MOUNT_TIMEOUT)  # fmt: skip
+    assert run.returncode == 1 and not os.path.ismount(mountpoint)
+    assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr, run.stderr
+    assert f"cannot write the uncompressed tar {small_disk / 'tars'}" in run.stderr, run.stderr
+    assert "No space left on device" in run.stderr and not list(small_disk.rglob(".partial-*"))
+
+
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 4 KiB tmpfs: room for lock files, not for an index or a tree."""
@@ -354,6 +365,14 @@ def test_a_damaged_tar_of_a_registry_layer_is_fetched_again(
     assert "is damaged" in one_line_naming(stderr, tar)
     assert proxy.requests["blob"] == 2  # the config, and that one layer again
     assert layer_blobs(cache) == []  # one copy per layer: the tar, not the blob too
+
+
+def test_a_read_only_cache_that_holds_a_registry_image_mounts(
+    registry: dict[str, str], remote_fresh: Tree, mount: Mount, tmp_path: Path, read_only: Callable[[Path], Path]
+) -> None:
+    image, cache = f"{registry['host']}/{registry['gzip']}", tmp_path / "cache"
+    mounted_tree(mount, image, cache)
+    assert mounted_tree(mount, image, read_only(cache)) == (remote_fresh, "")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "byte-flipped"])

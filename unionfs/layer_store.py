@@ -87,7 +87,11 @@ class LayerStore:
         self._warn = warn
         self._verified: set[str] = set()  # stamps of tars this process made or verified
         for directory in (self._tars, self._indexes, self._trees):
-            directory.mkdir(parents=True, exist_ok=True)
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # a read-only cache: read what it holds, save nothing
+                if exc.errno not in READ_ONLY_ERRORS:
+                    raise
 
     def open(self, layer: Layer, number: int) -> IndexedLayer:
         """Returns layer `number` indexed, verifying and decompressing it on first use, and

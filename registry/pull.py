@@ -47,14 +47,17 @@ def _layer(descriptor: Descriptor, diff_id: Digest, blob_dir: Path) -> Layer:
 
 
 async def fetch_blobs(
-    client: RegistryClient, layers: list[Layer], start_progress: Callable[[int], Progress] | None = None
+    client: RegistryClient, layers: list[Layer], start_progress: Callable[[int], Progress] | None = None,
+    needed: Callable[[Layer], bool] = lambda layer: True,
 ) -> None:
-    """Downloads the blobs of `layers` into their windows' files (verified, shared)."""
+    """Downloads the blobs of `layers` into their windows' files (verified, shared), except
+    those no longer `needed` once their lock is held (another mount made the layer's tar from
+    its blob, and deleted the blob, while this one waited)."""
     if not layers:
         return
     Path(layers[0].window.path).parent.mkdir(parents=True, exist_ok=True)
     progress = start_progress(sum(layer.window.size for layer in layers)) if start_progress else None
-    await asyncio.gather(*(_fetch(client, layer, progress) for layer in layers))
+    await asyncio.gather(*(_fetch(client, layer, progress, needed) for layer in layers))
 
 
 def _blob_path(blob_dir: Path, descriptor: Descriptor) -> Path:
@@ -80,12 +83,13 @@ def _bare_media_type(content_type: str | None) -> str | None:
     return media_type if media_type and media_type not in ("application/json", "text/plain") else None
 
 
-async def _fetch(client: RegistryClient, layer: Layer, progress: Progress | None) -> None:
+async def _fetch(client: RegistryClient, layer: Layer, progress: Progress | None,
+                 needed: Callable[[Layer], bool]) -> None:  # fmt: skip
     path = Path(layer.window.path)
     if path.exists():
         return  # written only after verification, under its digest
     async with _exclusive(path.with_name(path.name + ".lock")):
-        if path.exists():
+        if path.exists() or not needed(layer):
             return  # another mount fetched it while we waited
         fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".partial-")
         os.close(fd)

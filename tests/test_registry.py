@@ -141,8 +141,10 @@ def test_registry_mount_equals_the_local_mount(
     plain: Registry, tag: str, mount: Mounter, local_tree: dict[str, tuple[object, ...]], tmp_path: Path
 ) -> None:
     assert describe_tree(mount(f"{plain.host}/public/rich:{tag}")) == local_tree
-    fetched = [p for p in (tmp_path / "cache" / "blobs").iterdir() if not p.name.endswith(".lock")]
-    assert len(fetched) == 2  # both layers came over the wire
+    fetched = list((tmp_path / "cache" / "tars").glob("*.tar"))
+    assert len(fetched) == 2  # both layers came over the wire, and were decompressed
+    kept = [p for p in (tmp_path / "cache" / "blobs").iterdir() if not p.name.endswith(".lock")]
+    assert kept == []  # one copy per layer: the verified tar, not the blob too
 
 
 def test_docker_transport_prefix_and_digest_pin(plain: Registry, mount: Mounter, tmp_path: Path) -> None:

@@ -66,24 +66,35 @@ def local_layers(text: str, settings: Settings) -> tuple[Image, list[FileWindow]
     fetching whole whatever is in a registry and not yet in the cache (for convert)."""
     store = LayerStore(settings.cache_dir, log.warning)
     reference = ImageReference.parse(text)
-    if reference.transport != REGISTRY:
-        image = resolve_image(reference, settings.platform)
-    else:
+    if reference.transport == REGISTRY:
         from unionfs.remote_image import pull_whole
 
-        image = pull_whole(RemoteReference.parse(reference.path), settings, store)
-    return image, [store.open(layer, number).tar for number, layer in enumerate(image.layers)]
+        return pull_whole(RemoteReference.parse(reference.path), settings, store)
+    image = resolve_image(reference, settings.platform)
+    return image, layer_tars(image, store)
+
+
+def layer_tars(image: Image, store: LayerStore) -> list[FileWindow]:
+    """Returns the uncompressed tar of each layer of `image`, indexed (and so verified)."""
+    return [store.open(layer, number).tar for number, layer in enumerate(image.layers)]
 
 
 def build(image: Image, store: LayerStore) -> MountedImage:
     """Returns the merged view of a local `image`, indexing its layers through `store`; the
-    merged tree itself is saved there too, and loaded instead of merged next time."""
+    merged tree itself is saved there too, and loaded instead of merged next time.
+
+    A saved tree is named by its tars' stamps, so it is loaded only while every tar is the
+    file it was merged from; otherwise each layer is opened, which verifies a changed tar
+    again (and makes it anew if it is damaged), and the tree is named by the tars as they
+    are then."""
     tars = [store.tar(layer) for layer in image.layers]
-    name = store.tree_name(image.layers, tars)
-    tree = store.load_tree(name)
+    tree = store.load_tree(store.tree_name(image.layers, tars))
     if tree is None:
-        tree = merged_tree([store.open(layer, number).entries for number, layer in enumerate(image.layers)])
-        store.save_tree(name, tree)
+        indexed = [store.open(layer, number) for number, layer in enumerate(image.layers)]
+        tars = [layer.tar for layer in indexed]
+        tree = merged_tree([layer.entries for layer in indexed])
+        del indexed
+        store.save_tree(store.tree_name(image.layers, tars), tree)
     return MountedImage(tree, ContentReader([TarReader(tar) for tar in tars]))
 
 

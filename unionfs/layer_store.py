@@ -1,20 +1,28 @@
 """Turn layer blobs into indexed, randomly readable tars, once, in a cache directory.
 
 Cache layout (content-addressed, safe to share between concurrent mounts):
+    CACHE/blobs/ALGO-HEX         a registry layer blob, kept only until its tar is made
     CACHE/tars/ALGO-HEX.tar      uncompressed tar of a compressed layer blob ALGO:HEX
-    CACHE/index/v1/ALGO-HEX.json the layer's entries, so a second mount skips the scan
-    CACHE/trees/v1/HEX.tree      the merged tree of a stack of layers (unionfs/tree.py's bytes),
+    CACHE/index/v2/ALGO-HEX.json the layer's entries, so a second mount skips the scan
+    CACHE/trees/v2/HEX.tree      the merged tree of a stack of layers (unionfs/tree.py's bytes),
                                  named by a hash of the layers' names and their tars' stamps, so
                                  a mount of an image already seen loads arrays and merges nothing
-Files are written under a temporary name and renamed into place, and a per-layer lock
-keeps two mounts from decompressing the same layer at once. An uncompressed layer is
-read in place from its blob, never copied.
+Index and tree files are sealed (unionfs/sealed.py): any change to their bytes is noticed
+on load, and the file is dropped and made again. A tar is verified against its diff_id when
+it is made, and again whenever its stamp (size, mtime, inode) differs from the one its index
+was written for. Files are written under a temporary name and renamed into place, and a
+per-layer lock keeps two mounts from decompressing the same layer at once. An uncompressed
+layer is read in place from its blob, never copied; a blob this cache fetched from a
+registry is deleted once its tar is made and verified (one copy per layer), and one found
+damaged is deleted and fetched again (RefetchNeeded), while the blobs of a local image are
+never touched.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import fcntl
 import gzip
 import hashlib
@@ -30,16 +38,19 @@ from typing import IO, Any, Protocol, cast
 import zstandard
 
 from registry.digest import Digest
-from registry.errors import LayerFormatError
+from registry.errors import DigestMismatchError, ImageError, LayerFormatError
 from registry.media_types import Compression
 from registry.source import FileWindow, Layer
 from unionfs.entry import NO_XATTRS, Entry, sharer
+from unionfs.sealed import DamagedCacheFile, seal, unseal, write_atomically
 from unionfs.tar_index import index_tar
 from unionfs.tree import CorruptTreeError, MergedTree
 
-INDEX_FORMAT = 1
-TREE_FORMAT = 1
+INDEX_FORMAT = 2
+TREE_FORMAT = 2
 COPY_BLOCK = 1 << 20
+# A cache directory we may read but not write: mount from what it holds, without locks.
+READ_ONLY_ERRORS = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +59,15 @@ class IndexedLayer:
 
     entries: list[Entry]
     tar: FileWindow
+
+
+class RefetchNeeded(ImageError):
+    """A registry blob that the cache needs is missing or was found damaged (and removed):
+    fetch it again and retry. `cause` is the damage found, None if the blob is just gone."""
+
+    def __init__(self, layer: Layer, cause: ImageError | None) -> None:
+        super().__init__(f"layer {layer.digest}: {cause or 'its blob is not in the cache'}")
+        self.layer, self.cause = layer, cause
 
 
 def default_cache_dir() -> Path:
@@ -60,27 +80,33 @@ class LayerStore:
     """Indexes layers into a cache directory and hands back IndexedLayers."""
 
     def __init__(self, cache_dir: Path, warn: Callable[[str], None]) -> None:
+        self._blobs = cache_dir / "blobs"
         self._tars = cache_dir / "tars"
         self._indexes = cache_dir / "index" / f"v{INDEX_FORMAT}"
         self._trees = cache_dir / "trees" / f"v{TREE_FORMAT}"
         self._warn = warn
+        self._verified: set[str] = set()  # stamps of tars this process made or verified
         for directory in (self._tars, self._indexes, self._trees):
-            directory.mkdir(parents=True, exist_ok=True)
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # a read-only cache: read what it holds, save nothing
+                if exc.errno not in READ_ONLY_ERRORS:
+                    raise
 
     def open(self, layer: Layer, number: int) -> IndexedLayer:
-        """Returns layer `number` indexed, verifying and decompressing it on first use."""
+        """Returns layer `number` indexed, verifying and decompressing it on first use, and
+        verifying its tar again if it changed since it was indexed."""
         index_path = self._indexes / f"{layer.key}.json"
         with _locked(self._indexes / f"{layer.key}.lock"):
             tar = self._tar_window(layer)
-            stamp = _stamp(tar)
-            cached = _load_index(index_path, stamp, number)
+            cached = self._load_index(index_path, layer.key, _stamp(tar), number)
             if cached is not None:
                 return IndexedLayer(cached, tar)
-            if layer.compression is Compression.NONE:
-                _verify_plain(layer)
+            if json.dumps(_stamp(tar)) not in self._verified:
+                tar = self._verify_again(layer, tar)
             with tar.open() as reader:
                 entries = index_tar(reader, tar.size, number, self._warn)
-            _save_index(index_path, stamp, entries)
+            self._save_index(index_path, layer.key, _stamp(tar), entries)
             return IndexedLayer(entries, tar)
 
     def tar(self, layer: Layer) -> FileWindow:
@@ -94,25 +120,28 @@ class LayerStore:
         return hashlib.sha256(json.dumps([TREE_FORMAT, stamps]).encode()).hexdigest()
 
     def load_tree(self, name: str) -> MergedTree | None:
-        """Returns the saved tree `name`, or None if there is none (or it is damaged)."""
+        """Returns the saved tree `name`, or None if there is none (or it is damaged: then
+        it is removed, with a warning)."""
+        path = self._trees / f"{name}.tree"
         try:
-            return MergedTree.from_bytes((self._trees / f"{name}.tree").read_bytes())
+            return MergedTree.from_bytes(unseal(name, path.read_bytes()))
         except FileNotFoundError:
             return None
-        except (OSError, CorruptTreeError) as exc:
-            self._warn(f"merged tree {name} in the cache is unreadable, merging again: {exc}")
+        except OSError as exc:
+            self._warn(f"cannot read the merged tree {path}: {exc.strerror}; merging again")
+            return None
+        except (DamagedCacheFile, CorruptTreeError) as exc:
+            self._drop(path, exc, "merging again")
             return None
 
     def save_tree(self, name: str, tree: MergedTree) -> None:
-        fd, temp = tempfile.mkstemp(dir=self._trees, prefix=".partial-")
+        """Saves `tree` as `name`; a cache that cannot take it (full, read-only) costs the
+        next mount a merge, not this one its mount: one warning."""
+        path = self._trees / f"{name}.tree"
         try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(tree.to_bytes())
-            os.replace(temp, self._trees / f"{name}.tree")
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
-            raise
+            write_atomically(path, seal(name, tree.to_bytes()))
+        except OSError as exc:
+            self._warn(f"cannot save the merged tree to {path}: {exc.strerror}; mounting without it")
 
     def needs_blob(self, layer: Layer) -> bool:
         """True if indexing `layer` will read its blob: it is the tar itself, or its
@@ -123,18 +152,128 @@ class LayerStore:
 
     def _tar_window(self, layer: Layer) -> FileWindow:
         if layer.compression is Compression.NONE:
+            if self._owns(layer) and not os.path.exists(layer.window.path):
+                raise RefetchNeeded(layer, None)
             return layer.window
         path = self._tars / f"{layer.key}.tar"
         if not path.exists():
-            _decompress_verified(layer, path)
+            self._decompress(layer, path)
         return FileWindow(str(path), 0, path.stat().st_size)
+
+    def _decompress(self, layer: Layer, path: Path) -> None:
+        """Makes the layer's tar from its blob; a registry blob is then deleted (the tar is
+        the one copy kept), or, if damaged, deleted so that it is fetched again."""
+        try:
+            _decompress_verified(layer, path)
+        except FileNotFoundError as exc:
+            if exc.filename == layer.window.path and self._owns(layer):
+                raise RefetchNeeded(layer, None) from None
+            raise
+        except (DigestMismatchError, LayerFormatError) as exc:
+            if not self._owns(layer) or _intact(layer):
+                raise  # the image's own blob, or bytes that are what the registry serves: its fault
+            self._drop(Path(layer.window.path), exc, "fetching it again", must_go=True)
+            raise RefetchNeeded(layer, exc) from None
+        self._verified.add(json.dumps(_stamp(FileWindow(str(path), 0, path.stat().st_size))))
+        if self._owns(layer):
+            with contextlib.suppress(OSError):  # a read-only cache keeps both
+                os.unlink(layer.window.path)
+
+    def _verify_again(self, layer: Layer, tar: FileWindow) -> FileWindow:
+        """Returns the layer's tar once verified: `tar` (whose stamp changed since it was
+        indexed, or whose index is gone) if it still hashes right, else one made again
+        from the blob. A damaged blob of a local image is that image's error."""
+        if layer.compression is Compression.NONE:
+            try:
+                _verify_plain(layer)
+            except DigestMismatchError as exc:
+                if not self._owns(layer) or _intact(layer):
+                    raise
+                self._drop(Path(tar.path), exc, "fetching it again", must_go=True)
+                raise RefetchNeeded(layer, exc) from None
+        elif layer.diff_id is None:  # nothing to check it against: make it again from the blob
+            os.unlink(tar.path)
+            return self._tar_window(layer)
+        else:
+            try:
+                _verify_file(tar, layer.diff_id)
+            except DigestMismatchError as exc:
+                self._drop(Path(tar.path), exc, "making it again from its blob", must_go=True)
+                return self._tar_window(layer)
+        self._verified.add(json.dumps(_stamp(tar)))
+        return tar
+
+    def _owns(self, layer: Layer) -> bool:
+        """True if the layer's blob is one this cache fetched (from a registry)."""
+        return os.path.dirname(os.path.abspath(layer.window.path)) == os.path.abspath(self._blobs)
+
+    def _drop(self, path: Path, damage: Exception, then: str, must_go: bool = False) -> None:
+        """Removes a damaged cache file, with one warning naming it. A file that would be
+        used again if left (`must_go`: a tar, a blob) that cannot be removed (a read-only
+        cache) fails the mount instead; a tree or index is then just not used."""
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            if must_go:
+                raise OSError(exc.errno, f"cache: {path} is damaged ({damage}) and cannot be removed: "
+                                         f"{exc.strerror}") from None  # fmt: skip
+            self._warn(f"cache: {path} is damaged ({damage}); {then}")
+            return
+        self._warn(f"cache: {path} is damaged ({damage}); removed, {then}")
+
+    def _load_index(self, path: Path, key: str, stamp: list[object], number: int) -> list[Entry] | None:
+        """Returns the entries of the saved index if it is whole and describes the tar as it
+        is now (`stamp`); None if absent, stale or damaged (then removed, with a warning)."""
+        try:
+            document = json.loads(bytes(unseal(key, path.read_bytes())))
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            self._warn(f"cannot read the index {path}: {exc.strerror}; indexing again")
+            return None
+        except ValueError as exc:  # DamagedCacheFile is a ValueError, as is bad JSON
+            self._drop(path, exc, "indexing again")
+            return None
+        try:
+            if document["format"] != INDEX_FORMAT or document["stamp"] != stamp:
+                return None  # the tar changed since: verified and indexed again
+            share = sharer()
+            return [_decode(row, number, share) for row in document["entries"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            self._drop(path, exc, "indexing again")
+            return None
+
+    def _save_index(self, path: Path, key: str, stamp: list[object], entries: list[Entry]) -> None:
+        document = {"format": INDEX_FORMAT, "stamp": stamp, "entries": [_encode(e) for e in entries]}
+        try:
+            write_atomically(path, seal(key, json.dumps(document, separators=(",", ":")).encode()))
+        except OSError as exc:
+            self._warn(f"cannot save the index of layer {key} to {path}: {exc.strerror}; mounting without it")
 
 
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    """Holds an exclusive flock on `path`. In a cache this process cannot write, it takes
+    the lock if the file is there and goes without otherwise: nothing can be written there
+    anyway, and reading needs no lock."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno not in READ_ONLY_ERRORS:
+            raise
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            fd = -1
+    try:
+        if fd >= 0:
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def _stamp(tar: FileWindow) -> list[object]:
@@ -150,6 +289,26 @@ def _verify_plain(layer: Layer) -> None:
             for hashed in hashers.values():
                 hashed.update(block)
     _check(hashers, layer)
+
+
+def _intact(layer: Layer) -> bool:
+    """True if the layer's blob hashes to its digest (or has none to hash to): then what is
+    wrong with it is the image's doing, and fetching it again would bring the same bytes."""
+    if layer.digest is None:
+        return True
+    try:
+        _verify_file(layer.window, layer.digest)
+    except (DigestMismatchError, OSError):
+        return False
+    return True
+
+
+def _verify_file(tar: FileWindow, digest: Digest) -> None:
+    hashed = digest.hasher()
+    with tar.open() as reader:
+        while block := reader.read(COPY_BLOCK):
+            hashed.update(block)
+    digest.verify(hashed, "diff_id check")
 
 
 def _hashers(*digests: Digest | None) -> dict[Digest, hashlib._Hash]:
@@ -170,7 +329,7 @@ def _decompress_verified(layer: Layer, final: Path) -> None:
         with os.fdopen(fd, "wb") as out, layer.window.open() as raw:
             hashing = _HashingReader(raw, list(blob_hash.values()))
             for block in _decompressed_blocks(layer.compression, hashing):
-                out.write(block)
+                _write(out, block, final)
                 for hashed in tar_hash.values():
                     hashed.update(block)
             hashing.drain()
@@ -180,6 +339,13 @@ def _decompress_verified(layer: Layer, final: Path) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temp)
         raise
+
+
+def _write(out: IO[bytes], block: bytes, final: Path) -> None:
+    try:
+        out.write(block)
+    except OSError as exc:  # a full disk: say where, and what needed the space
+        raise OSError(exc.errno, f"cannot write the uncompressed tar {final}: {exc.strerror}") from None
 
 
 class Readable(Protocol):
@@ -218,25 +384,6 @@ class _HashingReader:
         """Reads what the decompressor left, so the digest covers the whole blob."""
         while self.read(COPY_BLOCK):
             pass
-
-
-def _save_index(path: Path, stamp: list[object], entries: list[Entry]) -> None:
-    document = {"format": INDEX_FORMAT, "stamp": stamp, "entries": [_encode(e) for e in entries]}
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".partial-")
-    with os.fdopen(fd, "w") as out:
-        json.dump(document, out, separators=(",", ":"))
-    os.replace(temp, path)
-
-
-def _load_index(path: Path, stamp: list[object], number: int) -> list[Entry] | None:
-    try:
-        document = json.loads(path.read_text())
-        if document.get("format") != INDEX_FORMAT or document.get("stamp") != stamp:
-            return None
-        share = sharer()
-        return [_decode(row, number, share) for row in document["entries"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # absent or damaged: scan again
 
 
 def _encode(entry: Entry) -> list[object]:

@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import hashlib
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Iterable
 from concurrent.futures import Future
 from pathlib import Path
 
 from registry.digest import Digest
-from registry.errors import DigestMismatchError, LayerFormatError, RegistryError
+from registry.errors import DigestMismatchError, ImageError, LayerFormatError, RegistryError
 from registry.media_types import TOC_DIGEST_ANNOTATION
 from registry.remote import RegistryClient
 from registry.retry import Patience
@@ -44,6 +43,7 @@ from unionfs.estargz import (
     plan_fetches,
     read_toc_member,
 )
+from unionfs.sealed import DamagedCacheFile, seal, unseal, write_atomically
 
 log = logging.getLogger("crfs-merge")
 READAHEAD_CHUNKS = 4  # on a miss, also start fetching this many following chunks of the file
@@ -61,6 +61,7 @@ DEADLINE_GRACE = 0.5
 # failing the reads that join it. The kernel asks again for the page of a read that failed
 # right away; without this, one read() would wait out two deadlines.
 FAILURE_MEMORY = 1.0
+TOC_FORMAT = 2  # CACHE/toc/v2/ALGO-HEX.toc: sealed "offset\nTOC JSON"
 
 
 async def fetch_toc(client: RegistryClient, layer: Layer, number: int, toc_dir: Path) -> LayerToc | None:
@@ -68,23 +69,23 @@ async def fetch_toc(client: RegistryClient, layer: Layer, number: int, toc_dir: 
 
     Two closed-range requests, the footer then the TOC member, unless an earlier mount left
     the TOC in `toc_dir`. A TOC that does not match the layer's toc.digest annotation is an
-    error, not a fallback: the layer is not what its manifest says."""
+    error, not a fallback: the layer is not what its manifest says. A cached TOC is sealed
+    (unionfs/sealed.py) and checked against the annotation too: one that fails is removed,
+    with a warning, and fetched again."""
     digest, size = layer.digest, layer.window.size
     if digest is None or size < FOOTER_SIZE:
         return None
-    cached = toc_dir / f"{layer.key}.json"
-    if cached.exists():
-        toc_json, toc_offset = _read_cached_toc(cached)
-    else:
-        found = await _fetch_toc_json(client, digest, size)
-        if found is None:
-            return None
-        toc_json, toc_offset = found
-    if layer.toc_digest is not None:
-        Digest.parse(layer.toc_digest).check_bytes(toc_json, f"TOC of layer {digest} ({TOC_DIGEST_ANNOTATION})")
+    cached = toc_dir / f"v{TOC_FORMAT}" / f"{layer.key}.toc"
+    toc = _load_cached_toc(cached, layer, number)
+    if toc is not None:
+        return toc
+    found = await _fetch_toc_json(client, digest, size)
+    if found is None:
+        return None
+    toc_json, toc_offset = found
+    _check_toc_digest(layer, toc_json)
     toc = parse_toc(toc_json, number, toc_offset)
-    if not cached.exists():
-        _write_cached_toc(cached, toc_json, toc_offset)
+    _write_cached_toc(cached, layer, toc_json, toc_offset)
     return toc
 
 
@@ -96,18 +97,44 @@ async def _fetch_toc_json(client: RegistryClient, digest: Digest, size: int) -> 
     return read_toc_member(member), footer.toc_offset
 
 
-def _read_cached_toc(path: Path) -> tuple[bytes, int]:
-    offset_line, _, toc_json = path.read_bytes().partition(b"\n")
-    return toc_json, int(offset_line)
+def _check_toc_digest(layer: Layer, toc_json: bytes) -> None:
+    if layer.toc_digest is not None:
+        what = f"TOC of layer {layer.digest} ({TOC_DIGEST_ANNOTATION})"
+        Digest.parse(layer.toc_digest).check_bytes(toc_json, what)
 
 
-def _write_cached_toc(path: Path, toc_json: bytes, toc_offset: int) -> None:
-    # Written only once verified (or with nothing to verify against): "offset\nTOC JSON".
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".partial-")
-    with os.fdopen(fd, "wb") as out:
-        out.write(b"%d\n" % toc_offset + toc_json)
-    os.replace(temp, path)
+def _load_cached_toc(path: Path, layer: Layer, number: int) -> LayerToc | None:
+    """Returns the TOC an earlier mount saved at `path`, or None if there is none, or it is
+    damaged (then removed with a warning): its seal, its annotation and its parse must hold."""
+    try:
+        payload = unseal(layer.key, path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, DamagedCacheFile) as exc:
+        _drop_cached_toc(path, exc)
+        return None
+    offset_line, _, toc_json = bytes(payload).partition(b"\n")
+    try:
+        _check_toc_digest(layer, toc_json)
+        return parse_toc(toc_json, number, int(offset_line))
+    except (ValueError, ImageError) as exc:
+        _drop_cached_toc(path, exc)
+        return None
+
+
+def _drop_cached_toc(path: Path, damage: Exception) -> None:
+    log.warning("cache: %s is damaged (%s); removed, fetching the TOC again", path, damage)
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def _write_cached_toc(path: Path, layer: Layer, toc_json: bytes, toc_offset: int) -> None:
+    # Written only once verified (or with nothing to verify against): "offset\nTOC JSON", sealed.
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, seal(layer.key, b"%d\n" % toc_offset + toc_json))
+    except OSError as exc:  # a full or read-only cache costs the next mount two requests
+        log.warning("cannot save the TOC of layer %s to %s: %s", layer.digest, path, exc.strerror)
 
 
 class LazyLayer:

@@ -14,26 +14,27 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import TextIO
+from typing import TextIO, TypeVar
 
 from registry.digest import Digest
 from registry.media_types import Compression
 from registry.pull import fetch_blobs, resolve_remote
 from registry.remote import Progress, RegistryClient
 from registry.remote_reference import RemoteReference
-from registry.source import Image
+from registry.source import FileWindow, Image, Layer
 from unionfs.aio import EventLoopThread
-from unionfs.build import MountedImage, Settings, build, merged_tree
+from unionfs.build import MountedImage, Settings, build, layer_tars, merged_tree
 from unionfs.chunk_cache import ChunkCache
 from unionfs.content import ContentReader, LayerReader, TarReader
 from unionfs.entry import Chunk, Entry
 from unionfs.estargz import LayerToc
-from unionfs.layer_store import LayerStore
+from unionfs.layer_store import LayerStore, RefetchNeeded
 from unionfs.lazy import LazyLayer, fetch_toc
 from unionfs.tree import MergedTree
 
 log = logging.getLogger("crfs-merge")
 M_MMAP_THRESHOLD = -3  # mallopt parameter, malloc.h
+T = TypeVar("T")
 
 
 def open_remote(reference: RemoteReference, settings: Settings, store: LayerStore) -> MountedImage:
@@ -46,16 +47,36 @@ def open_remote(reference: RemoteReference, settings: Settings, store: LayerStor
         raise
 
 
-def pull_whole(reference: RemoteReference, settings: Settings, store: LayerStore) -> Image:
-    """Resolves a registry image and fetches whatever of it the cache lacks, whole."""
+def pull_whole(reference: RemoteReference, settings: Settings, store: LayerStore) -> tuple[Image, list[FileWindow]]:
+    """Resolves a registry image, fetches whatever of it the cache lacks, whole, and returns
+    it with the uncompressed tar of each layer."""
     with EventLoopThread() as loop:
-        return loop.run(_pull_whole(reference, settings, store))
+        client = RegistryClient(reference, settings.remote, os.environ)
+        loop.run(client.__aenter__())
+        try:
+            image, _ = loop.run(_resolve_and_fetch(client, settings, store, lazy=False))
+            return image, refetching(lambda: layer_tars(image, store), partial(_refetch, loop, client))
+        finally:
+            loop.run(client.__aexit__(None, None, None))
 
 
-async def _pull_whole(reference: RemoteReference, settings: Settings, store: LayerStore) -> Image:
-    async with RegistryClient(reference, settings.remote, os.environ) as client:
-        image, _ = await _resolve_and_fetch(client, settings, store, lazy=False)
-    return image
+def refetching(attempt: Callable[[], T], refetch: Callable[[Layer], None]) -> T:
+    """Returns attempt(), fetching again (once per layer) each registry blob that the cache
+    found damaged (and removed) or missing: only fresh bytes that fail too are the image's
+    error, and that error is raised as it was found."""
+    refetched: set[str] = set()
+    while True:
+        try:
+            return attempt()
+        except RefetchNeeded as needed:
+            if needed.layer.key in refetched:
+                raise needed.cause or needed from None
+            refetched.add(needed.layer.key)
+            refetch(needed.layer)
+
+
+def _refetch(loop: EventLoopThread, client: RegistryClient, layer: Layer) -> None:
+    loop.run(fetch_blobs(client, [layer], _terminal_progress(sys.stderr)))
 
 
 async def _resolve_and_fetch(
@@ -66,7 +87,7 @@ async def _resolve_and_fetch(
     image = await resolve_remote(client, settings.platform, settings.cache_dir / "blobs")
     tocs = await _tocs(client, image, store, settings.cache_dir / "toc") if lazy else {}
     whole = [layer for n, layer in enumerate(image.layers) if n not in tocs and store.needs_blob(layer)]
-    await fetch_blobs(client, whole, _terminal_progress(sys.stderr))
+    await fetch_blobs(client, whole, _terminal_progress(sys.stderr), store.needs_blob)
     return image, tocs
 
 
@@ -82,12 +103,14 @@ def _open_remote(
         loop.run(client.__aexit__(None, None, None))
         loop.__exit__(None, None, None)
 
+    refetch = partial(_refetch, loop, client)
     try:
         image, tocs = loop.run(_resolve_and_fetch(client, settings, store, lazy=True))
         if not tocs:  # every layer is now a local tar: the local path, with its saved trees
-            whole = build(image, store)
+            whole = refetching(lambda: build(image, store), refetch)
             return MountedImage(whole.tree, whole.content, close=close)
-        tree, readers, lazy = _remote_layers(image, tocs, store, LazyLayerFactory(loop, client, settings))
+        factory = LazyLayerFactory(loop, client, settings)
+        tree, readers, lazy = refetching(lambda: _remote_layers(image, tocs, store, factory), refetch)
     except BaseException:
         loop.run(client.__aexit__(None, None, None))
         raise
@@ -127,16 +150,17 @@ def _remote_layers(
     go once the tree holds what it needs of them (an Entry per file is most of a lazy
     mount's memory otherwise)."""
     entries: list[list[Entry]] = []
-    tars: dict[int, TarReader] = {}
+    windows: dict[int, FileWindow] = {}
     for number, layer in enumerate(image.layers):
         if number in tocs and layer.digest is not None:
             entries.append(tocs[number].entries)
         else:
-            indexed = store.open(layer, number)
-            tars[number] = TarReader(indexed.tar)
+            indexed = store.open(layer, number)  # may ask for a blob again: open no file before
+            windows[number] = indexed.tar
             entries.append(indexed.entries)
     tree = merged_tree(entries)
     del entries
+    tars = {number: TarReader(window) for number, window in windows.items()}
     readers: list[LayerReader] = []
     lazy: list[tuple[LazyLayer, list[Chunk]]] = []
     for number, layer in enumerate(image.layers):

@@ -182,8 +182,9 @@ class MergedTree:
         return b"".join([*parts, self._names])
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> MergedTree:
-        """The inverse of to_bytes; CorruptTreeError for anything it did not write."""
+    def from_bytes(cls, data: bytes | memoryview) -> MergedTree:
+        """The inverse of to_bytes; CorruptTreeError for anything it did not write whose
+        shape is wrong (the cache also seals the bytes with a digest: unionfs/sealed.py)."""
         try:
             return cls._parse(memoryview(data))
         except (ValueError, KeyError, TypeError, IndexError, OverflowError) as exc:

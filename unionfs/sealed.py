@@ -1,0 +1,67 @@
+"""Cache files that prove their own integrity: a label, a digest, then the payload.
+
+A file in the cache outlives crashes, full disks and other tools: it may be cut short,
+have a byte flipped, or be another file copied over its name. A sealed file is trusted only
+if its digest matches its bytes and its label names what it is expected to be (a file
+copied over another's name carries the other's label), so a damaged one is dropped and
+rebuilt, never served.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from pathlib import Path
+
+MAGIC = b"crfs-merge sealed sha256\n"
+DIGEST_SIZE = 32  # SHA-256 runs at about 1.7 GB/s where the CPU has SHA extensions (blake2b: 0.7)
+
+
+class DamagedCacheFile(ValueError):
+    """A sealed file whose digest or label does not match."""
+
+
+def seal(label: str, payload: bytes) -> bytes:
+    """Returns `payload` behind a header naming `label` and a digest over both."""
+    head = _head(label)
+    return head + _digest(head, payload) + payload
+
+
+def unseal(label: str, data: bytes) -> memoryview:
+    """Returns the payload of `data` (without copying it); DamagedCacheFile unless `data` is
+    what seal(label, payload) returned."""
+    head = _head(label)
+    if not data.startswith(MAGIC):
+        raise DamagedCacheFile("not a sealed cache file")
+    if not data.startswith(head):
+        raise DamagedCacheFile(f"it is not the file of {label}")
+    stored = data[len(head) : len(head) + DIGEST_SIZE]
+    payload = memoryview(data)[len(head) + DIGEST_SIZE :]
+    if _digest(head, payload) != stored:
+        raise DamagedCacheFile("its digest does not match its contents")
+    return payload
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Writes `data` to `path` under a temporary name renamed into place, so that readers
+    see the old file or the whole new one; leaves nothing behind if the write fails."""
+    temp = path.with_name(f".partial-{os.getpid()}-{path.name}")
+    try:
+        with open(temp, "wb") as out:
+            out.write(data)
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+
+
+def _head(label: str) -> bytes:
+    return MAGIC + label.encode() + b"\n"
+
+
+def _digest(head: bytes, payload: bytes | memoryview) -> bytes:
+    hashed = hashlib.sha256(head)
+    hashed.update(payload)
+    return hashed.digest()

@@ -19,8 +19,10 @@ import fcntl
 import gzip
 import hashlib
 import json
+import logging
 import os
 import tempfile
+import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -36,6 +38,8 @@ from registry.source import FileWindow, Layer
 from unionfs.entry import NO_XATTRS, Entry, sharer
 from unionfs.tar_index import index_tar
 from unionfs.tree import CorruptTreeError, MergedTree
+
+log = logging.getLogger("crfs-merge")
 
 INDEX_FORMAT = 1
 TREE_FORMAT = 1
@@ -75,12 +79,16 @@ class LayerStore:
             stamp = _stamp(tar)
             cached = _load_index(index_path, stamp, number)
             if cached is not None:
+                log.debug("layer %d (%s): index loaded from the cache, %d entries", number, layer.key, len(cached))
                 return IndexedLayer(cached, tar)
+            started = time.monotonic()
             if layer.compression is Compression.NONE:
                 _verify_plain(layer)
             with tar.open() as reader:
                 entries = index_tar(reader, tar.size, number, self._warn)
             _save_index(index_path, stamp, entries)
+            log.info("layer %d (%s): indexed %d entries of %.1f MB in %.2f s", number, layer.key, len(entries),
+                     tar.size / 1e6, time.monotonic() - started)  # fmt: skip
             return IndexedLayer(entries, tar)
 
     def tar(self, layer: Layer) -> FileWindow:
@@ -126,7 +134,10 @@ class LayerStore:
             return layer.window
         path = self._tars / f"{layer.key}.tar"
         if not path.exists():
+            started = time.monotonic()
             _decompress_verified(layer, path)
+            log.info("layer %s: %.1f MB blob verified and decompressed to %.1f MB in %.2f s", layer.key,
+                     layer.window.size / 1e6, path.stat().st_size / 1e6, time.monotonic() - started)  # fmt: skip
         return FileWindow(str(path), 0, path.stat().st_size)
 
 

@@ -145,7 +145,8 @@ class _Version(argparse.Action):
             number = version("crfs-merge")
         except PackageNotFoundError:
             number = "(not installed)"
-        parser.exit(message=f"crfs-merge {number}\n")
+        print(f"crfs-merge {number}")
+        parser.exit()
 
 
 def _boolean(text: str) -> bool:

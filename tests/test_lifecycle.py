@@ -55,12 +55,16 @@ def _log_path(tmp_path: Path) -> Path:
     return tmp_path / "state" / "crfs-merge" / "crfs-merge.log"
 
 
-def _lock_holder(tmp_path: Path) -> int | None:
-    """The pid written in the (only) mountpoint lock file, if any."""
-    for lock in (tmp_path / "state" / "crfs-merge" / "mounts").glob("*.lock"):
-        text = lock.read_text().strip()
-        if text:
-            return int(text)
+def _server_of(mountpoint: Path, command: int) -> int | None:
+    """The pid of the process serving `mountpoint` other than the command `command` that
+    started it (found by command line, as `ps` would), if there is one yet."""
+    for process in Path("/proc").iterdir():
+        try:
+            argv = (process / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if process.name.isdigit() and int(process.name) != command and os.fsencode(mountpoint) in argv:
+            return int(process.name)
     return None
 
 
@@ -109,11 +113,11 @@ def test_server_works_from_root_and_logs_an_eio_to_its_file(
     image = oci_image([f("data", os.urandom(1 << 20))])
     work = tmp_path / "work"
     work.mkdir()
-    mountpoint = _new_dir(work, mountpoints)
+    mountpoint = _new_dir(work, mountpoints, "mnt-of-the-cwd-test")
     layout = os.path.relpath(image.split(":")[1], work)
-    run = _run(["--cache-dir", "cache", f"oci:{layout}:latest", "mnt"], env, cwd=work)
+    run = _run(["--cache-dir", "cache", f"oci:{layout}:latest", mountpoint.name], env, cwd=work)
     assert run.returncode == 0, run.stderr
-    server = _lock_holder(tmp_path)
+    server = _server_of(Path(mountpoint.name), 0)
     assert server is not None
     assert os.readlink(f"/proc/{server}/cwd") == "/"
     assert os.readlink(f"/proc/{server}/fd/2") == str(_log_path(tmp_path))
@@ -175,15 +179,15 @@ def test_a_second_command_onto_a_directory_being_mounted_refuses(
     mountpoint = _new_dir(tmp_path, mountpoints)
     first = _start_stalled(silent_registry, mountpoint, tmp_path, env)
     try:
-        _wait_for(lambda: _lock_holder(tmp_path) not in (None, first.pid))  # the server holds the lock
-        server = _lock_holder(tmp_path)
+        _wait_for(lambda: _server_of(mountpoint, first.pid) is not None)
+        server = _server_of(mountpoint, first.pid)
         second = _run(["--cache-dir", str(tmp_path / "cache"), f"{silent_registry}/test/slow:1", str(mountpoint)], env)
         assert second.returncode == 2
         refusal = f"crfs-merge: {mountpoint}: crfs-merge server {server} is already mounting or serving it\n"
         assert second.stderr == refusal
     finally:
         first.kill()
-        if (server := _lock_holder(tmp_path)) not in (None, first.pid):
+        if (server := _server_of(mountpoint, first.pid)) is not None:
             os.kill(server, signal.SIGKILL)
         first.wait(TIMEOUT)
 
@@ -210,7 +214,7 @@ def test_a_mount_whose_server_was_killed_is_named(oci_image: ImageWriter, tmp_pa
     args = ["--cache-dir", str(tmp_path / "cache"), image, str(mountpoint)]
     assert _run(args, env).returncode == 0
     assert (mountpoint / "a").read_bytes() == b"1"  # the kernel now keeps the root's attributes
-    server = _lock_holder(tmp_path)
+    server = _server_of(mountpoint, 0)
     assert server is not None
     os.kill(server, signal.SIGKILL)
     _wait_for(lambda: not Path(f"/proc/{server}").exists())
@@ -230,8 +234,8 @@ def test_a_server_that_dies_before_the_mount_is_ready_is_reported(
     mountpoint = _new_dir(tmp_path, mountpoints)
     command = _start_stalled(silent_registry, mountpoint, tmp_path, env)
     try:
-        _wait_for(lambda: _lock_holder(tmp_path) not in (None, command.pid))
-        server = _lock_holder(tmp_path)
+        _wait_for(lambda: _server_of(mountpoint, command.pid) is not None)
+        server = _server_of(mountpoint, command.pid)
         assert server is not None
         os.kill(server, signal_number)
         assert command.wait(TIMEOUT) == 1

@@ -303,3 +303,22 @@ def test_creds_without_a_password_and_no_terminal_is_a_usage_error(tmp_path: Pat
                           "--creds USER:PASS, or --password-stdin\n")  # fmt: skip
     mixed = _run(["--creds", "alice:x", "--password-stdin", "127.0.0.1:1/x/y:z", str(tmp_path)], env)
     assert (mixed.returncode, mixed.stderr) == (2, "crfs-merge: --password-stdin needs --creds USER (with no :PASS)\n")
+
+
+def test_an_unwritable_state_directory_still_mounts(oci_image: ImageWriter, tmp_path: Path,
+                                                    mountpoints: list[Path]) -> None:  # fmt: skip
+    """No log file and no lock where the home is read-only: a warning for each, and the mount;
+    a --log-file that cannot be written is a usage error."""
+    env = {**os.environ, "XDG_STATE_HOME": "/proc/crfs-merge-nowhere"}
+    image = oci_image([f("a", b"1")])
+    mountpoint = _new_dir(tmp_path, mountpoints)
+    run = _run(["--cache-dir", str(tmp_path / "cache"), image, str(mountpoint)], env)
+    assert run.returncode == 0, run.stderr
+    assert (mountpoint / "a").read_bytes() == b"1"
+    warnings = run.stderr.splitlines()
+    assert len(warnings) == 2, warnings
+    assert "cannot write the server's log" in warnings[0] and "cannot lock" in warnings[1]
+    unmount(mountpoint)
+    refused = _run(["--log-file", "/proc/crfs-merge-nowhere/log", image, str(mountpoint)], env)
+    assert refused.returncode == 2
+    assert refused.stderr == "crfs-merge: --log-file /proc/crfs-merge-nowhere/log: No such file or directory\n"

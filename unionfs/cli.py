@@ -29,7 +29,7 @@ from registry.reference import ImageReference
 from unionfs import server
 from unionfs.estargz_writer import DEFAULT_CHUNK_SIZE
 from unionfs.mount_lock import MountpointError, check_directory, check_mountpoint, lock_mountpoint
-from unionfs.server_log import configure_terminal, default_log_path
+from unionfs.server_log import configure_terminal
 from unionfs.usage import UsageError
 
 if TYPE_CHECKING:
@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.export:
             return _export(args)
         return _mount(args, argv)
+    except KeyboardInterrupt:
+        return 130
     except (UsageError, MountpointError) as exc:
         log.error("%s", exc)
         return 2
@@ -237,11 +239,10 @@ def _mount(args: argparse.Namespace, argv: list[str]) -> int:
     image_text, mountpoint = args.operands
     ImageReference.parse(image_text)  # a bad reference fails here, before any process starts
     options = parse_options(args.options)
-    args.log_file_given = args.log_file is not None
-    args.log_file = server.absolute(args.log_file or default_log_path())
-    if args.lock_fd is not None:  # a spawned server: the command checked and holds the lock for it
+    if args.ready_fd is not None:  # a spawned server: the command checked all, and passed the lock down
         return _serve(args, image_text, mountpoint, options)
     _preflight(mountpoint)
+    args.log_file = server.choose_log_file(args.log_file, args.foreground)
     lock_fd = lock_mountpoint(mountpoint)  # a crfs-merge server already there is named by its pid
     check_mountpoint(mountpoint)
     if args.foreground:

@@ -14,11 +14,14 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import logging
 import os
 import stat
 from pathlib import Path
 
 from unionfs.server_log import default_log_path
+
+log = logging.getLogger("crfs-merge")
 
 CRFS_MERGE_TYPE = "fuse.crfs-merge"  # our mounts in /proc/self/mountinfo (subtype=crfs-merge)
 
@@ -94,14 +97,19 @@ def _unescape(field: str) -> str:
     return field
 
 
-def lock_mountpoint(mountpoint: str) -> int:
+def lock_mountpoint(mountpoint: str) -> int | None:
     """Returns a descriptor holding the mountpoint's lock (close-on-exec; it goes to the
-    server by fork or pass_fds), or raises MountpointError naming the server that holds it."""
-    directory = lock_dir()
-    directory.mkdir(parents=True, exist_ok=True)
+    server by fork or pass_fds), or raises MountpointError naming the server that holds it.
+    Where no lock file can be written (a read-only home), warns and returns None: the mount
+    then goes ahead with the "already mounted" check alone."""
     real = os.path.realpath(mountpoint)
-    path = directory / (hashlib.sha256(os.fsencode(real)).hexdigest()[:32] + ".lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    path = lock_dir() / (hashlib.sha256(os.fsencode(real)).hexdigest()[:32] + ".lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        log.warning("%s: cannot lock (%s); not guarded against a second mount at once", path, exc.strerror)
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from registry.errors import ImageError
 from unionfs.mount_lock import record_owner
-from unionfs.server_log import attach_log_file, leave_the_terminal
+from unionfs.server_log import attach_log_file, default_log_path, leave_the_terminal, open_log
 from unionfs.usage import UsageError
 
 log = logging.getLogger("crfs-merge")
@@ -40,7 +40,7 @@ Serve = Callable[[argparse.Namespace, str, str, dict[str, "str | bool"]], int]
 
 
 def start(args: argparse.Namespace, argv: list[str], image_text: str, mountpoint: str,
-          options: dict[str, str | bool], lock_fd: int, serve: Serve) -> int:  # fmt: skip
+          options: dict[str, str | bool], lock_fd: int | None, serve: Serve) -> int:  # fmt: skip
     """Starts the server of `mountpoint` (holding `lock_fd`); returns once its mount is ready,
     with the command's exit status."""
     if args.creds is not None:
@@ -51,7 +51,8 @@ def start(args: argparse.Namespace, argv: list[str], image_text: str, mountpoint
         os.close(read_end)
         os._exit(_run_forked(args, image_text, mountpoint, options, write_end, lock_fd, serve))
     os.close(write_end)
-    os.close(lock_fd)  # the server's copy holds the lock from now on
+    if lock_fd is not None:
+        os.close(lock_fd)  # the server's copy holds the lock from now on
 
     def wait() -> int:
         return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
@@ -59,42 +60,48 @@ def start(args: argparse.Namespace, argv: list[str], image_text: str, mountpoint
     return _await_ready(read_end, args, wait, lambda: os.kill(pid, signal.SIGTERM))
 
 
-def _spawn_server(args: argparse.Namespace, argv: list[str], lock_fd: int) -> int:
+def _spawn_server(args: argparse.Namespace, argv: list[str], lock_fd: int | None) -> int:
     """Starts `crfs-merge -f` in its own session, the secret through a pipe, and waits."""
     read_end, write_end = os.pipe()
     secret_read, secret_write = os.pipe()
     os.write(secret_write, args.creds.encode())  # a few bytes: the pipe's buffer takes them
     os.close(secret_write)
+    passed = [write_end, secret_read] + ([] if lock_fd is None else [lock_fd])
     command = [sys.executable, "-m", "unionfs.cli", "--foreground", "--ready-fd", str(write_end),
-               "--lock-fd", str(lock_fd), "--creds-fd", str(secret_read), "--log-file", str(args.log_file),
-               *without_secrets(argv)]  # fmt: skip
-    child = subprocess.Popen(command, pass_fds=(write_end, lock_fd, secret_read), stdin=subprocess.DEVNULL,
-                             stdout=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-    record_owner(lock_fd, child.pid)
-    for fd in (write_end, lock_fd, secret_read):
+               "--creds-fd", str(secret_read), *([] if lock_fd is None else ["--lock-fd", str(lock_fd)]),
+               *([] if args.log_file is None else ["--log-file", str(args.log_file)]),
+               *without_secrets(argv, "--log-file")]  # fmt: skip
+    child = subprocess.Popen(command, pass_fds=passed, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             start_new_session=True)  # fmt: skip
+    if lock_fd is not None:
+        record_owner(lock_fd, child.pid)
+    for fd in passed:
         os.close(fd)
     return _await_ready(read_end, args, child.wait, child.terminate)
 
 
-def without_secrets(argv: list[str]) -> list[str]:
-    """Returns argv less `--creds VALUE` (which `ps` would show) and `--password-stdin`."""
+def without_secrets(argv: list[str], *also: str) -> list[str]:
+    """Returns argv less `--creds VALUE` (which `ps` would show), `--password-stdin`, and
+    the options `also` (each with its value)."""
+    with_values = ("--creds", *also)
     kept: list[str] = []
     items = iter(argv)
     for item in items:
-        if item == "--creds":
+        if item in with_values:
             next(items, None)
-        elif not item.startswith("--creds=") and item != "--password-stdin":
+        elif not item.startswith(tuple(f"{name}=" for name in with_values)) and item != "--password-stdin":
             kept.append(item)
     return kept
 
 
 def _run_forked(args: argparse.Namespace, image_text: str, mountpoint: str, options: dict[str, str | bool],
-                ready_fd: int, lock_fd: int, serve: Serve) -> int:  # fmt: skip
+                ready_fd: int, lock_fd: int | None, serve: Serve) -> int:  # fmt: skip
     """The forked server's whole life; returns its exit status (it must never return into
     the parent's code: the caller exits with this)."""
     try:
         os.setsid()
-        record_owner(lock_fd, os.getpid())
+        if lock_fd is not None:
+            record_owner(lock_fd, os.getpid())
         devnull = os.open(os.devnull, os.O_RDWR)
         os.dup2(devnull, 0)
         os.dup2(devnull, 1)
@@ -119,7 +126,7 @@ def prepare(args: argparse.Namespace, mountpoint: str) -> None:
     the lock it inherited (kept from any program it may run)."""
     if args.lock_fd is not None:
         os.set_inheritable(args.lock_fd, False)
-    if args.log_file is not None and (args.ready_fd is not None or args.log_file_given):
+    if args.log_file is not None:
         attach_log_file(args.log_file, mountpoint)
 
 
@@ -156,8 +163,8 @@ def _await_ready(read_end: int, args: argparse.Namespace, wait: Callable[[], int
         status = wait()
         if status in EXPLAINED_STATUSES:
             return status
-        log.error("%s: the server %s before the mount was ready; its log: %s", mountpoint, describe_exit(status),
-                  args.log_file)  # fmt: skip
+        where = f"its log: {args.log_file}" if args.log_file else "it had no log file"
+        log.error("%s: the server %s before the mount was ready; %s", mountpoint, describe_exit(status), where)
         return 1
     deadline = time.monotonic() + MOUNT_APPEAR_SECONDS
     while not os.path.ismount(mountpoint) and time.monotonic() < deadline:
@@ -173,6 +180,23 @@ def describe_exit(status: int) -> str:
         return f"was killed by {signal.Signals(-status).name}"
     except ValueError:
         return f"was killed by signal {-status}"
+
+
+def choose_log_file(given: Path | None, foreground: bool) -> Path | None:
+    """Returns the server's log file, absolute (the server leaves its directory): `given`, or
+    for a background server the default one. Warns and returns None if the default cannot be
+    written (a read-only home); raises UsageError if `given` cannot."""
+    if given is None and foreground:
+        return None
+    path = absolute(given or default_log_path())
+    try:
+        os.close(open_log(path))
+    except OSError as exc:
+        if given is not None:
+            raise UsageError(f"--log-file {given}: {exc.strerror}") from None
+        log.warning("%s: cannot write the server's log (%s); it will log nowhere", path, exc.strerror)
+        return None
+    return path
 
 
 def absolute(path: str | Path) -> Path:

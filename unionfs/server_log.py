@@ -72,17 +72,17 @@ def open_log(path: Path, max_bytes: int = MAX_LOG_BYTES) -> int:
 
 def attach_log_file(path: Path, mountpoint: str) -> BoundedFileHandler:
     """Adds `path` as a destination of our records (INFO and up, DEBUG with -v); returns
-    the handler. Raises OSError if the file cannot be opened, so the user learns it now."""
-    os.close(open_log(path))
+    the handler."""
     handler = BoundedFileHandler(path, mountpoint)
     log.addHandler(handler)
     return handler
 
 
-def leave_the_terminal(path: Path) -> None:
+def leave_the_terminal(path: Path | None) -> None:
     """Once the caller has returned: points stderr (libfuse's messages, anything Python prints)
-    at the log file and stops copying our records to the terminal, which may be gone."""
-    fd = open_log(path)
+    at the log file (or /dev/null) and stops copying our records to the terminal, which may
+    be gone."""
+    fd = os.open(os.devnull, os.O_WRONLY) if path is None else open_log(path)
     os.dup2(fd, 2)
     os.close(fd)
     for handler in logging.getLogger().handlers:

@@ -448,6 +448,11 @@ def test_password_stdin(basic: Registry, tmp_path: Path) -> None:
     try:
         assert run.returncode == 0, run.stderr
         assert (mountpoint / "big").stat().st_size > 0
+        # The spawned server (a fresh interpreter, for the secret's sake) holds the mountpoint's lock.
+        (server,) = [p.name for p in Path("/proc").iterdir() if p.name.isdigit() and str(mountpoint) in _cmdline(p)]
+        second = subprocess.run([*COMMAND, f"{basic.host}/private/rich:v1", str(mountpoint)], capture_output=True,
+                                text=True, timeout=120)  # fmt: skip
+        assert (second.returncode, f"crfs-merge server {server} is already" in second.stderr) == (2, True)
     finally:
         subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True)
 

@@ -281,6 +281,22 @@ def test_timeout_must_be_positive_and_finite(value: str, tmp_path: Path, env: di
         assert "argument --timeout: expected a" in run.stderr and "seconds" in run.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--platform", "nonsense", "oci:/x", "/"], "argument --platform: expected os/arch[/variant], not 'nonsense'"),
+        (["--platform", "linux/", "oci:/x", "/"], "argument --platform: expected os/arch[/variant], not 'linux/'"),
+        (["convert", "--chunk-size", "0", "oci:/x", "oci:/y"], "argument --chunk-size: expected a positive whole"),
+        (["convert", "--chunk-size", "-5", "oci:/x", "oci:/y"], "argument --chunk-size: expected a positive whole"),
+    ],
+    ids=["platform-one-part", "platform-empty-arch", "chunk-size-zero", "chunk-size-negative"],
+)
+def test_malformed_option_values_are_usage_errors(args: list[str], message: str, env: dict[str, str]) -> None:
+    run = _run(args, env)
+    assert run.returncode == 2, run.stderr
+    assert message in run.stderr.splitlines()[-1], run.stderr
+
+
 def test_version_and_usage(tmp_path: Path, env: dict[str, str]) -> None:
     from importlib.metadata import version
 

@@ -109,7 +109,7 @@ def _convert_parser() -> argparse.ArgumentParser:
     parser.add_argument("source", metavar="SRC", help="any image crfs-merge can mount")
     parser.add_argument("dest", metavar="DST", help="oci:PATH[:TAG] (an OCI layout, created or extended), "
                         "or a registry reference to push to")  # fmt: skip
-    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, metavar="BYTES",
+    parser.add_argument("--chunk-size", type=_positive_int, default=DEFAULT_CHUNK_SIZE, metavar="BYTES",
                         help=f"largest chunk of a file (default {DEFAULT_CHUNK_SIZE})")  # fmt: skip
     parser.add_argument("--prefetch-files", default="", metavar="PATH[,PATH...]",
                         help="files to put first, before the prefetch landmark, in their layers")  # fmt: skip
@@ -121,7 +121,7 @@ def _add_source_options(parser: argparse.ArgumentParser) -> None:
     """Options on where an image comes from, shared by mount, --export and convert."""
     parser.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
                         help="default: $XDG_CACHE_HOME/crfs-merge")  # fmt: skip
-    parser.add_argument("--platform", default=None, metavar="OS/ARCH[/VARIANT]",
+    parser.add_argument("--platform", type=_platform, default=None, metavar="OS/ARCH[/VARIANT]",
                         help="which image of a multi-platform index (default: this machine's)")  # fmt: skip
     parser.add_argument("--creds", metavar="USER[:PASS]",
                         help="registry credentials (else auth files are read); without :PASS, the password is "
@@ -155,6 +155,23 @@ def _boolean(text: str) -> bool:
     if text.lower() not in ("true", "false"):
         raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
     return text.lower() == "true"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, not {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, not {text!r}")
+    return value
+
+
+def _platform(text: str) -> str:
+    """An os/arch[/variant] that parses (kept as text: Settings parses it again)."""
+    if len(parts := text.split("/")) not in (2, 3) or not all(parts):
+        raise argparse.ArgumentTypeError(f"expected os/arch[/variant], not {text!r}")
+    return text
 
 
 def _seconds(text: str) -> float:

@@ -71,10 +71,10 @@ def open_log(path: Path, max_bytes: int = MAX_LOG_BYTES) -> int:
 
 
 def attach_log_file(path: Path, mountpoint: str) -> BoundedFileHandler:
-    """Adds `path` as a destination of our records (INFO and up, DEBUG with -v); returns
-    the handler."""
+    """Adds `path` as a destination of our records (INFO and up, DEBUG with -v) and of other
+    libraries' warnings (asyncio's, say); returns the handler."""
     handler = BoundedFileHandler(path, mountpoint)
-    log.addHandler(handler)
+    logging.getLogger().addHandler(handler)
     return handler
 
 
@@ -86,4 +86,5 @@ def leave_the_terminal(path: Path | None) -> None:
     os.dup2(fd, 2)
     os.close(fd)
     for handler in logging.getLogger().handlers:
-        handler.setLevel(logging.CRITICAL + 1)
+        if not isinstance(handler, BoundedFileHandler):
+            handler.setLevel(logging.CRITICAL + 1)

@@ -254,11 +254,12 @@ def test_a_server_that_dies_before_the_mount_is_ready_is_reported(
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (["-o", "nonsense"], "-o nonsense: not a mount option libfuse knows"),
+        (["-o", "nonsense"], "-o nonsense: libfuse does not accept it"),
+        (["-o", "max_read=many"], "-o max_read=many: libfuse does not accept it"),
         (["-o", "allow_other,kernel_cache"], "-o kernel_cache: an option of libfuse's high-level API"),
         (["-o", "attr_timeout=5"], "-o attr_timeout=5: an option of libfuse's high-level API"),
     ],
-    ids=["unknown", "kernel_cache", "attr_timeout"],
+    ids=["unknown", "bad-value", "kernel_cache", "attr_timeout"],
 )
 def test_options_libfuse_refuses_are_usage_errors(options: list[str], message: str, oci_image: ImageWriter,
                                                   tmp_path: Path, env: dict[str, str],
@@ -271,6 +272,18 @@ def test_options_libfuse_refuses_are_usage_errors(options: list[str], message: s
     foreground = _run(["-f", *options, "--cache-dir", str(tmp_path / "cache"), oci_image([f("a", b"1")]),
                        str(mountpoint)], env)  # fmt: skip
     assert (foreground.returncode, foreground.stderr) == (2, run.stderr)
+
+
+def test_a_mount_libfuse_cannot_make_is_a_usage_error(oci_image: ImageWriter, tmp_path: Path, env: dict[str, str],
+                                                      mountpoints: list[Path]) -> None:  # fmt: skip
+    """-o blkdev passes libfuse's option parser, then the mount itself fails (our fsname is no
+    block device; fusermount3 refuses it to users): status 2, libfuse's reason, then ours."""
+    mountpoint = _new_dir(tmp_path, mountpoints)
+    run = _run(["-o", "blkdev", "--cache-dir", str(tmp_path / "cache"), oci_image([f("a", b"1")]), str(mountpoint)],
+               env)  # fmt: skip
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.splitlines()[-1] == f"crfs-merge: {mountpoint}: the mount failed (the line above says why)"
+    assert len(run.stderr.splitlines()) == 2 and not os.path.ismount(mountpoint)
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])

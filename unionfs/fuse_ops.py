@@ -252,7 +252,7 @@ def check_options(options: dict[str, str | bool]) -> None:
                 lowlevel.Session({}, [*MOUNT_OPTIONS, option]).close()
         except lowlevel.SessionError:
             key = option.partition("=")[0]
-            why = HIGH_LEVEL_HINT if key in HIGH_LEVEL_OPTIONS else "not a mount option libfuse knows"
+            why = HIGH_LEVEL_HINT if key in HIGH_LEVEL_OPTIONS else "libfuse does not accept it"
             raise UsageError(f"-o {option}: {why}") from None
 
 
@@ -282,6 +282,6 @@ def mount(image: MountedImage, mountpoint: str, options: dict[str, str | bool], 
     try:
         session.serve(mountpoint, _worker_threads(image))
     except lowlevel.SessionError as exc:
-        raise UsageError(f"FUSE mount failed: {exc} (see the message above)") from None
+        raise UsageError(f"{exc} (the line above says why)") from None
     finally:
         session.close()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import hashlib
+import logging
 import os
 import tempfile
 from collections.abc import AsyncIterator, Callable
@@ -23,6 +25,7 @@ from registry.remote import Progress, RegistryClient
 from registry.remote_reference import RemoteReference
 from registry.source import FileWindow, Image, Layer
 
+log = logging.getLogger("crfs-merge")
 LOCK_POLL_SECONDS = 0.1
 MAX_INDEX_DEPTH = 4  # an index may point at an index; deeper than this is a loop
 
@@ -71,6 +74,7 @@ async def _manifest(client: RegistryClient, reference: RemoteReference, platform
     document = decode(data, _bare_media_type(content_type))
     for _ in range(MAX_INDEX_DEPTH):
         if isinstance(document, Manifest):
+            log.info("%s: manifest sha256:%s", reference, hashlib.sha256(data).hexdigest())
             return document
         chosen = select_platform(document, platform)
         data, _ = await client.manifest(str(chosen.digest))

@@ -29,6 +29,15 @@ def require(condition: bool, why: str) -> None:
         (pytest.fail if IN_CI else pytest.skip)(why)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Sends the servers' log file and mountpoint locks ($XDG_STATE_HOME/crfs-merge) to a
+    directory of the test run's own, not the user's ~/.local/state."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def fuse_works() -> None:
     require(os.path.exists("/dev/fuse"), "/dev/fuse is missing")

@@ -285,14 +285,18 @@ def test_secrets_stay_out_of_logs_and_process_titles(basic: Registry, tmp_path: 
     secret = "wonderland"
     mountpoint = tmp_path / "m"
     mountpoint.mkdir()
+    log = tmp_path / "server.log"
     run = subprocess.run([*COMMAND, "-v", "--cache-dir", str(tmp_path / "c"), "--creds", f"alice:{secret}",
-                          f"{basic.host}/private/rich:v1", str(mountpoint)], capture_output=True, text=True,
-                         timeout=120)  # fmt: skip
+                          "--log-file", str(log), f"{basic.host}/private/rich:v1", str(mountpoint)],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
     try:
         assert run.returncode == 0, run.stderr
         assert secret not in run.stderr and base64.b64encode(b"alice:" + secret.encode()).decode() not in run.stderr
         servers = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline(p).count(str(mountpoint))]
         assert servers and not any(secret in _cmdline(p) for p in servers)
+        # Nor in the server's environment (which its owner can read in /proc), nor in its log.
+        assert not any(secret.encode() in (p / "environ").read_bytes() for p in servers)
+        assert "mount ready" in log.read_text() and secret not in log.read_text()
     finally:
         subprocess.run(["fusermount3", "-u", str(mountpoint)], check=True)
     assert secret not in _fails(f"{basic.host}/private/rich:v1", tmp_path, "--creds", "alice:wrongsecret")
@@ -413,3 +417,63 @@ def test_convert_pushes_estargz_through_token_auth(
     assert all("containerd.io/snapshot/stargz/toc.digest" in layer["annotations"] for layer in layers)
     assert describe_tree(mount(image, "--creds", "alice:wonderland", "--prefetch", "none")) == local_tree
     assert not list((tmp_path / "cc").glob("convert-*"))  # the staging layout is gone
+
+
+# --- a password asked for ------------------------------------------------------------------
+
+
+def test_creds_user_alone_asks_for_the_password_on_a_terminal(basic: Registry, tmp_path: Path) -> None:
+    """`--creds alice` on a terminal: getpass asks (echo off), and the mount uses the answer."""
+    mountpoint = tmp_path / "m"
+    mountpoint.mkdir()
+    controller, terminal = os.openpty()
+    # A session of its own, so no other terminal (the one running the tests) is asked instead.
+    command = subprocess.Popen([*COMMAND, "--cache-dir", str(tmp_path / "c"), "--creds", "alice",
+                                f"{basic.host}/private/rich:v1", str(mountpoint)], stdin=terminal,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    os.close(terminal)
+    prompt = "Password for alice: "
+    try:
+        assert command.stderr is not None
+        assert command.stderr.read(len(prompt)) == prompt  # echo is off from now on (input before it is dropped)
+        os.write(controller, b"wonderland\n")
+        assert command.wait(timeout=120) == 0, command.stderr.read()
+        assert (mountpoint / "big").stat().st_size > 0
+    finally:
+        command.kill()
+        os.close(controller)
+        subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True)
+
+
+def test_password_stdin(basic: Registry, tmp_path: Path) -> None:
+    mountpoint = tmp_path / "m"
+    mountpoint.mkdir()
+    run = subprocess.run([*COMMAND, "--cache-dir", str(tmp_path / "c"), "--creds", "alice", "--password-stdin",
+                          f"{basic.host}/private/rich:v1", str(mountpoint)], input="wonderland\n",
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    try:
+        assert run.returncode == 0, run.stderr
+        assert (mountpoint / "big").stat().st_size > 0
+        # The spawned server (a fresh interpreter, for the secret's sake) holds the mountpoint's lock.
+        (server,) = [p.name for p in Path("/proc").iterdir() if p.name.isdigit() and str(mountpoint) in _cmdline(p)]
+        second = subprocess.run([*COMMAND, f"{basic.host}/private/rich:v1", str(mountpoint)], capture_output=True,
+                                text=True, timeout=120)  # fmt: skip
+        assert (second.returncode, f"crfs-merge server {server} is already" in second.stderr) == (2, True)
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True)
+
+
+def test_verbose_registry_mount_names_the_manifest_and_the_fetch(plain: Registry, tmp_path: Path) -> None:
+    mountpoint = tmp_path / "m"
+    mountpoint.mkdir()
+    image = f"{plain.host}/public/rich:oci"
+    run = subprocess.run([*COMMAND, "-v", "--cache-dir", str(tmp_path / "c"), image, str(mountpoint)],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True)
+    assert run.returncode == 0, run.stderr
+    inspect = ["skopeo", "inspect", "--tls-verify=false", "--format", "{{.Digest}}", f"docker://{image}"]
+    digest = subprocess.run(inspect, capture_output=True, text=True, check=True).stdout.strip()
+    assert f"crfs-merge: {image}: manifest {digest}" in run.stderr.splitlines()
+    assert "crfs-merge: layer 0 (" in run.stderr and "fetching whole" in run.stderr
+    assert "crfs-merge: fetched 2 layers" in run.stderr
+    assert run.stderr.splitlines()[-1] == "crfs-merge: mount ready"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +57,9 @@ def open_image(text: str, settings: Settings) -> MountedImage:
     store = LayerStore(settings.cache_dir, log.warning)
     reference = ImageReference.parse(text)
     if reference.transport != REGISTRY:
-        return build(resolve_image(reference, settings.platform), store)
+        image = resolve_image(reference, settings.platform)
+        log_resolved(image)
+        return build(image, store)
     from unionfs.remote_image import open_remote  # aiohttp and asyncio only for registry images
 
     return open_remote(RemoteReference.parse(reference.path), settings, store)
@@ -95,8 +99,21 @@ def build(image: Image, store: LayerStore) -> MountedImage:
         tree = merged_tree([layer.entries for layer in indexed])
         del indexed
         store.save_tree(store.tree_name(image.layers, tars), tree)
+    else:
+        log.info("merged tree loaded from the cache: %d inodes", tree.inode_count)
     return MountedImage(tree, ContentReader([TarReader(tar) for tar in tars]))
 
 
 def merged_tree(layers: list[list[Entry]]) -> MergedTree:
-    return freeze(merge_layers(layers, warn=log.warning))
+    """Returns the layers' entries (bottom first) merged, whiteouts applied, and frozen."""
+    started = time.monotonic()
+    tree = freeze(merge_layers(layers, warn=log.warning))
+    log.info("merged %d layers: %d inodes in %.2f s", len(layers), tree.inode_count, time.monotonic() - started)
+    return tree
+
+
+def log_resolved(image: Image) -> None:
+    """Logs which image a name resolved to: its id (the config's digest) and its layers."""
+    image_id = hashlib.sha256(image.config).hexdigest()
+    size = sum(layer.window.size for layer in image.layers)
+    log.info("%s: image sha256:%s, %d layers, %.1f MB", image.name, image_id, len(image.layers), size / 1e6)

@@ -5,10 +5,8 @@
     crfs-merge convert SRC DST           rewrite an image's layers as eStargz (to a layout or registry)
 
 Caveats:
-- Without -f the command forks a server process, before any thread exists (libfuse's own
-  daemonize forks after setup, which is unsafe once threads run); the server reports back
-  through a pipe once the kernel has the mount, and the command then exits 0. With --creds
-  the server is a fresh interpreter instead, started without the secret on its command line.
+- The mount is served by a background process (unionfs/server.py says how it starts, logs and
+  reports); only one may serve a directory at a time (unionfs/mount_lock.py).
 - eStargz layers of registry images are read lazily, so the server keeps its registry
   session (on one event loop thread) for as long as the mount lives; other layers are
   fetched whole before the mount is ready.
@@ -17,20 +15,22 @@ Caveats:
 from __future__ import annotations
 
 import argparse
+import getpass
 import logging
+import math
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from registry.errors import ImageError
 from registry.reference import ImageReference
+from unionfs import server
 from unionfs.estargz_writer import DEFAULT_CHUNK_SIZE
+from unionfs.mount_lock import MountpointError, check_directory, check_mountpoint, lock_mountpoint
+from unionfs.server_log import configure_terminal
+from unionfs.usage import UsageError
 
 if TYPE_CHECKING:
     from unionfs.build import MountedImage, Settings
@@ -40,14 +40,13 @@ if TYPE_CHECKING:
 # add about 0.15 s to every mount for nothing.
 
 log = logging.getLogger("crfs-merge")
-READY = b"ready\n"
-CREDS_VARIABLE = "CRFS_MERGE_CREDS"  # how --creds reaches the server: never on a command line
-MOUNT_APPEAR_SECONDS = 10.0
 PREFETCH_MODES = ("none", "landmark", "all")
+USAGE = """crfs-merge [options] IMAGE DIR
+       crfs-merge --export DEST [options] IMAGE
+       crfs-merge convert [options] SRC DST
+       crfs-merge --version"""
 
-
-class UsageError(Exception):
-    """A problem with the command line or the machine, found before any work."""
+__all__ = ["UsageError", "main", "parse_options"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,38 +54,48 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     converting = bool(argv) and argv[0] == "convert"
     args = (_convert_parser() if converting else _parser()).parse_args(argv[1:] if converting else argv)
-    logging.basicConfig(format="crfs-merge: %(message)s", level=logging.WARNING)
-    log.setLevel(logging.DEBUG if args.verbose else logging.WARNING)  # ours only: not mfusepy's or asyncio's
+    configure_terminal(args.verbose)
     try:
+        args.creds = _credentials(args)
         if converting:
             return _convert(args)
         if args.export:
             return _export(args)
         return _mount(args, argv)
-    except UsageError as exc:
-        print(f"crfs-merge: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        return 130
+    except (UsageError, MountpointError) as exc:
+        log.error("%s", exc)
         return 2
     except (ImageError, OSError) as exc:
-        print(f"crfs-merge: {exc}", file=sys.stderr)
+        log.error("%s", exc)
         return 1
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crfs-merge",
+        usage=USAGE,
         description="Mount a container image as one merged, read-only tree (OCI whiteouts applied).",
         epilog="IMAGE: [docker://]REGISTRY/REPO[:TAG][@DIGEST], oci:PATH[:TAG], docker-archive:FILE[:NAME], "
-        "or a path to a layout or an archive. Also: crfs-merge convert --help",
+        "or a path to a layout or an archive. Also: crfs-merge convert --help. Exit status: 0 done, 1 the "
+        "image or registry failed, 2 a usage problem.",
+        allow_abbrev=False,  # `--cred` must not slip past the code that keeps secrets off command lines
     )
-    parser.add_argument("operands", nargs="+", metavar="IMAGE [DIR]", help="image to mount, and where")
+    parser.add_argument("operands", nargs="+", metavar="IMAGE DIR", help="image to mount, and where")
+    parser.add_argument("--version", action=_Version, help="print the version and exit")
     parser.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground")
     parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
-                        help="FUSE mount options, e.g. allow_other")  # fmt: skip
+                        help="FUSE mount options passed to libfuse, e.g. allow_other")  # fmt: skip
     parser.add_argument("--export", metavar="DEST", help="write the merged tree to DEST (directory, .tar, or -)")
     parser.add_argument("--prefetch", choices=PREFETCH_MODES, default="landmark",
                         help="eStargz layers: fetch in the background none, the prioritized files (landmark, "
                         "the default), or all")  # fmt: skip
-    parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--log-file", type=Path, default=None, metavar="FILE",
+                        help="the background server's log (default: $XDG_STATE_HOME/crfs-merge/"
+                        "crfs-merge.log)")  # fmt: skip
+    for hidden in ("--ready-fd", "--lock-fd", "--creds-fd"):  # from the command to a spawned server
+        parser.add_argument(hidden, type=int, default=None, help=argparse.SUPPRESS)
     _add_source_options(parser)
     return parser
 
@@ -95,11 +104,12 @@ def _convert_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crfs-merge convert",
         description="Rewrite an image's layers as eStargz (lazily pullable) into an OCI layout.",
+        allow_abbrev=False,
     )
     parser.add_argument("source", metavar="SRC", help="any image crfs-merge can mount")
     parser.add_argument("dest", metavar="DST", help="oci:PATH[:TAG] (an OCI layout, created or extended), "
                         "or a registry reference to push to")  # fmt: skip
-    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, metavar="BYTES",
+    parser.add_argument("--chunk-size", type=_positive_int, default=DEFAULT_CHUNK_SIZE, metavar="BYTES",
                         help=f"largest chunk of a file (default {DEFAULT_CHUNK_SIZE})")  # fmt: skip
     parser.add_argument("--prefetch-files", default="", metavar="PATH[,PATH...]",
                         help="files to put first, before the prefetch landmark, in their layers")  # fmt: skip
@@ -109,20 +119,92 @@ def _convert_parser() -> argparse.ArgumentParser:
 
 def _add_source_options(parser: argparse.ArgumentParser) -> None:
     """Options on where an image comes from, shared by mount, --export and convert."""
-    parser.add_argument("--cache-dir", type=Path, default=None, help="default: $XDG_CACHE_HOME/crfs-merge")
-    parser.add_argument("--platform", default=None, help="os/arch[/variant] of a multi-platform image")
-    parser.add_argument("--creds", metavar="USER[:PASS]", help="registry credentials (else auth files are read)")
+    parser.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
+                        help="default: $XDG_CACHE_HOME/crfs-merge")  # fmt: skip
+    parser.add_argument("--platform", type=_platform, default=None, metavar="OS/ARCH[/VARIANT]",
+                        help="which image of a multi-platform index (default: this machine's)")  # fmt: skip
+    parser.add_argument("--creds", metavar="USER[:PASS]",
+                        help="registry credentials (else auth files are read); without :PASS, the password is "
+                        "asked for on the terminal, or read from stdin with --password-stdin")  # fmt: skip
+    parser.add_argument("--password-stdin", action="store_true", help="read the password of --creds USER from stdin")
     parser.add_argument("--tls-verify", type=_boolean, default=True, metavar="BOOL",
                         help="false: allow plain HTTP and unverified TLS (default true)")  # fmt: skip
-    parser.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+    parser.add_argument("--timeout", type=_seconds, default=30.0, metavar="SECONDS",
                         help="registry connect and read timeout (default 30)")  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true", help="log every step")
+
+
+class _Version(argparse.Action):
+    """--version: the installed package's version, looked up only when asked for."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            number = version("crfs-merge")
+        except PackageNotFoundError:
+            number = "(not installed)"
+        print(f"crfs-merge {number}")
+        parser.exit()
 
 
 def _boolean(text: str) -> bool:
     if text.lower() not in ("true", "false"):
         raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
     return text.lower() == "true"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, not {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, not {text!r}")
+    return value
+
+
+def _platform(text: str) -> str:
+    """An os/arch[/variant] that parses (kept as text: Settings parses it again)."""
+    if len(parts := text.split("/")) not in (2, 3) or not all(parts):
+        raise argparse.ArgumentTypeError(f"expected os/arch[/variant], not {text!r}")
+    return text
+
+
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, not {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, not {text!r}")
+    return value
+
+
+def _credentials(args: argparse.Namespace) -> str | None:
+    """Returns the `USER:PASS` to use, asking for a missing password (on the terminal, or
+    from stdin with --password-stdin), or None for none given."""
+    creds_fd = getattr(args, "creds_fd", None)
+    if creds_fd is not None:  # a spawned server: the command sent them through a pipe
+        with os.fdopen(creds_fd, "rb") as pipe:
+            return pipe.read().decode()
+    if args.password_stdin and (args.creds is None or ":" in args.creds):
+        raise UsageError("--password-stdin needs --creds USER (with no :PASS)")
+    if args.creds is None or ":" in args.creds:
+        return args.creds
+    if args.password_stdin:
+        return f"{args.creds}:{sys.stdin.readline().rstrip(chr(10))}"
+    if not sys.stdin.isatty():
+        raise UsageError(f"--creds {args.creds}: no password given and no terminal to ask for it; "
+                         "use --creds USER:PASS, or --password-stdin")  # fmt: skip
+    try:
+        return f"{args.creds}:{getpass.getpass(f'Password for {args.creds}: ')}"
+    except EOFError:
+        raise UsageError(f"--creds {args.creds}: no password given") from None
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -132,11 +214,10 @@ def _settings(args: argparse.Namespace) -> Settings:
     from unionfs.build import Settings
     from unionfs.layer_store import default_cache_dir
 
-    creds = args.creds or os.environ.pop(CREDS_VARIABLE, None)
     return Settings(
-        cache_dir=args.cache_dir or default_cache_dir(),
+        cache_dir=server.absolute(args.cache_dir or default_cache_dir()),  # the server leaves its cwd
         platform=Platform.parse(args.platform) if args.platform else Platform.host(),
-        remote=RemoteOptions(Credentials.parse(creds) if creds else None, args.tls_verify, args.timeout),
+        remote=RemoteOptions(Credentials.parse(args.creds) if args.creds else None, args.tls_verify, args.timeout),
         prefetch=getattr(args, "prefetch", "landmark"),
     )
 
@@ -175,12 +256,15 @@ def _mount(args: argparse.Namespace, argv: list[str]) -> int:
     image_text, mountpoint = args.operands
     ImageReference.parse(image_text)  # a bad reference fails here, before any process starts
     options = parse_options(args.options)
+    if args.ready_fd is not None:  # a spawned server: the command checked all, and passed the lock down
+        return _serve(args, image_text, mountpoint, options)
     _preflight(mountpoint)
+    args.log_file = server.choose_log_file(args.log_file, args.foreground)
+    lock_fd = lock_mountpoint(mountpoint)  # a crfs-merge server already there is named by its pid
+    check_mountpoint(mountpoint)
     if args.foreground:
         return _serve(args, image_text, mountpoint, options)
-    if args.creds is not None:
-        return _spawn_server(argv, mountpoint)
-    return _fork_server(args, image_text, mountpoint, options)
+    return server.start(args, argv, image_text, mountpoint, options, lock_fd, _serve)
 
 
 def parse_options(values: list[str]) -> dict[str, str | bool]:
@@ -195,114 +279,25 @@ def parse_options(values: list[str]) -> dict[str, str | bool]:
 
 
 def _preflight(mountpoint: str) -> None:
-    if not os.path.isdir(mountpoint):
-        raise UsageError(f"{mountpoint}: mountpoint is not an existing directory")
-    if os.path.ismount(mountpoint):
-        raise UsageError(f"{mountpoint}: something is already mounted there")
+    check_directory(mountpoint)
     if not os.path.exists("/dev/fuse"):
         raise UsageError("/dev/fuse is missing: load the fuse module, or use --export")
     if os.geteuid() != 0 and shutil.which("fusermount3") is None:
         raise UsageError("fusermount3 is not installed (Debian/Ubuntu: apt-get install fuse3), or use --export")
 
 
-def _spawn_server(argv: list[str], mountpoint: str) -> int:
-    """Starts `crfs-merge -f` in its own session and waits until its mount is ready."""
-    read_end, write_end = os.pipe()
-    argv, secret = _without_creds(argv)
-    command = [sys.executable, "-m", "unionfs.cli", "--foreground", "--ready-fd", str(write_end), *argv]
-    env = {**os.environ, **({CREDS_VARIABLE: secret} if secret else {})}
-    child = subprocess.Popen(command, pass_fds=(write_end,), stdin=subprocess.DEVNULL, env=env,
-                             stdout=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-    os.close(write_end)
-    return _await_ready(read_end, mountpoint, child.wait, child.terminate)
-
-
-def _fork_server(args: argparse.Namespace, image_text: str, mountpoint: str, options: dict[str, str | bool]) -> int:
-    """Serves the mount from a forked child in its own session; waits until it is ready."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_end)
-        os._exit(_run_server(args, image_text, mountpoint, options, write_end))
-    os.close(write_end)
-
-    def wait() -> int:
-        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-
-    return _await_ready(read_end, mountpoint, wait, lambda: os.kill(pid, signal.SIGTERM))
-
-
-def _run_server(args: argparse.Namespace, image_text: str, mountpoint: str, options: dict[str, str | bool],
-                ready_fd: int) -> int:  # fmt: skip
-    """The forked server's whole life; returns its exit status (it must never return into
-    the parent's code: the caller exits with this)."""
-    try:
-        os.setsid()
-        devnull = os.open(os.devnull, os.O_RDWR)
-        os.dup2(devnull, 0)
-        os.dup2(devnull, 1)
-        os.close(devnull)
-        args.ready_fd = ready_fd
-        return _serve(args, image_text, mountpoint, options)
-    except (ImageError, OSError) as exc:
-        print(f"crfs-merge: {exc}", file=sys.stderr)
-        return 1
-    except BaseException:
-        logging.exception("crfs-merge: the server failed")
-        return 1
-    finally:
-        sys.stderr.flush()
-
-
-def _await_ready(read_end: int, mountpoint: str, wait: Callable[[], int], stop: Callable[[], None]) -> int:
-    """Returns 0 once the server says its mount is ready; else the server's exit status."""
-    try:
-        with os.fdopen(read_end, "rb") as pipe:
-            ready = pipe.readline() == READY
-    except KeyboardInterrupt:
-        stop()  # the user gave up waiting: the server must not mount behind their back
-        wait()
-        return 130
-    if not ready:
-        return wait() or 1
-    deadline = time.monotonic() + MOUNT_APPEAR_SECONDS
-    while not os.path.ismount(mountpoint) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return 0
-
-
-def _without_creds(argv: list[str]) -> tuple[list[str], str | None]:
-    """Returns argv less `--creds VALUE` (which `ps` would show), and that value."""
-    kept: list[str] = []
-    secret = None
-    items = iter(argv)
-    for item in items:
-        if item == "--creds":
-            secret = next(items, None)
-        elif item.startswith("--creds="):
-            secret = item.split("=", 1)[1]
-        else:
-            kept.append(item)
-    return kept, secret
-
-
 def _serve(args: argparse.Namespace, image_text: str, mountpoint: str, options: dict[str, str | bool]) -> int:
-    from unionfs.fuse_ops import mount
+    """The server's work, in the foreground or in the background: returns once unmounted."""
+    from unionfs.fuse_ops import check_options, mount
 
+    mountpoint = os.path.abspath(mountpoint)  # the server leaves the caller's directory
+    server.prepare(args, mountpoint)
+    check_options(options)  # before the image is built: a refused option is a usage error
     image = _open_image(args, image_text)
-    mount(image, mountpoint, options, on_ready=lambda: _report_ready(args.ready_fd))
+    server.detach(args)
+    mount(image, mountpoint, options, on_ready=lambda: server.report_ready(args))
+    log.info("unmounted")
     return 0
-
-
-def _report_ready(ready_fd: int | None) -> None:
-    if ready_fd is None:
-        return
-    os.write(ready_fd, READY)
-    os.close(ready_fd)
-    # The parent has exited and its terminal may be gone: stop writing to it.
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    os.close(devnull)
 
 
 if __name__ == "__main__":

@@ -23,11 +23,13 @@ Caveats (what this filesystem does not do, and why):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
 import os
 import stat
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -35,6 +37,7 @@ from registry.errors import ImageError
 from unionfs import lowlevel
 from unionfs.build import MountedImage
 from unionfs.lowlevel import Listed
+from unionfs.usage import UsageError
 
 log = logging.getLogger("crfs-merge")
 F = TypeVar("F", bound=Callable[..., None])
@@ -45,6 +48,11 @@ LAZY_WORKER_THREADS = 16
 # For tests: serve as on a kernel that cannot skip OPEN and OPENDIR (Linux before 5.1).
 OLD_KERNEL_VARIABLE = "CRFS_MERGE_AS_OLD_KERNEL"
 MOUNT_OPTIONS = ["ro", "default_permissions", "fsname=crfs-merge", "subtype=crfs-merge"]
+# Options of libfuse's high-level (path) API, which the low-level session refuses.
+HIGH_LEVEL_OPTIONS = {"kernel_cache", "auto_cache", "noauto_cache", "direct_io", "use_ino", "readdir_ino",
+                      "hard_remove", "entry_timeout", "negative_timeout", "attr_timeout", "ac_attr_timeout",
+                      "uid", "gid", "umask", "noforget", "remember", "modules", "intr", "intr_signal"}  # fmt: skip
+HIGH_LEVEL_HINT = "an option of libfuse's high-level API; crfs-merge sets caching and ownership itself (README: Design)"
 
 
 def _replies_on_error(method: F) -> F:
@@ -235,16 +243,45 @@ def mount_options(options: dict[str, str | bool]) -> list[str]:
     return MOUNT_OPTIONS + extra
 
 
+def check_options(options: dict[str, str | bool]) -> None:
+    """Raises UsageError naming the first `-o` option that libfuse refuses, asking libfuse
+    itself (a session made and dropped, no mount), so a typo costs no image build."""
+    for option in mount_options(options)[len(MOUNT_OPTIONS) :]:
+        try:
+            with _quiet_stderr():  # libfuse says "unknown option(s)"; our line says which and why
+                lowlevel.Session({}, [*MOUNT_OPTIONS, option]).close()
+        except lowlevel.SessionError:
+            key = option.partition("=")[0]
+            why = HIGH_LEVEL_HINT if key in HIGH_LEVEL_OPTIONS else "libfuse does not accept it"
+            raise UsageError(f"-o {option}: {why}") from None
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Sends file descriptor 2 to /dev/null for a moment (no other thread runs yet)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def mount(image: MountedImage, mountpoint: str, options: dict[str, str | bool], on_ready: Callable[[], None]) -> None:
-    """Serves `image` at `mountpoint` in the foreground until unmounted or signalled."""
+    """Serves `image` at `mountpoint` in the foreground until unmounted or signalled. Options
+    libfuse refuses, or a mount it cannot make (fusermount3 says why), raise UsageError."""
     filesystem = MergedFilesystem(image, on_ready)
     try:
         session = lowlevel.Session(filesystem.callbacks(), mount_options(options))
     except lowlevel.SessionError as exc:
-        raise ImageError(f"{mountpoint}: FUSE mount failed: {exc} (see the libfuse message above)") from None
+        raise UsageError(f"{mountpoint}: FUSE mount failed: {exc} (see the libfuse message above)") from None
     try:
         session.serve(mountpoint, _worker_threads(image))
     except lowlevel.SessionError as exc:
-        raise ImageError(f"FUSE mount failed: {exc} (see the libfuse message above)") from None
+        raise UsageError(f"{exc} (the line above says why)") from None
     finally:
         session.close()

@@ -27,8 +27,10 @@ import fcntl
 import gzip
 import hashlib
 import json
+import logging
 import os
 import tempfile
+import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -45,6 +47,8 @@ from unionfs.entry import NO_XATTRS, Entry, sharer
 from unionfs.sealed import DamagedCacheFile, seal, unseal, write_atomically
 from unionfs.tar_index import index_tar
 from unionfs.tree import CorruptTreeError, MergedTree
+
+log = logging.getLogger("crfs-merge")
 
 INDEX_FORMAT = 2
 TREE_FORMAT = 2
@@ -101,12 +105,16 @@ class LayerStore:
             tar = self._tar_window(layer)
             cached = self._load_index(index_path, layer.key, _stamp(tar), number)
             if cached is not None:
+                log.debug("layer %d (%s): index loaded from the cache, %d entries", number, layer.key, len(cached))
                 return IndexedLayer(cached, tar)
+            started = time.monotonic()
             if json.dumps(_stamp(tar)) not in self._verified:
                 tar = self._verify_again(layer, tar)
             with tar.open() as reader:
                 entries = index_tar(reader, tar.size, number, self._warn)
             self._save_index(index_path, layer.key, _stamp(tar), entries)
+            log.info("layer %d (%s): indexed %d entries of %.1f MB in %.2f s", number, layer.key, len(entries),
+                     tar.size / 1e6, time.monotonic() - started)  # fmt: skip
             return IndexedLayer(entries, tar)
 
     def tar(self, layer: Layer) -> FileWindow:
@@ -157,7 +165,10 @@ class LayerStore:
             return layer.window
         path = self._tars / f"{layer.key}.tar"
         if not path.exists():
+            started = time.monotonic()
             self._decompress(layer, path)
+            log.info("layer %s: %.1f MB blob verified and decompressed to %.1f MB in %.2f s", layer.key,
+                     layer.window.size / 1e6, path.stat().st_size / 1e6, time.monotonic() - started)  # fmt: skip
         return FileWindow(str(path), 0, path.stat().st_size)
 
     def _decompress(self, layer: Layer, path: Path) -> None:

@@ -23,7 +23,7 @@ from registry.remote import Progress, RegistryClient
 from registry.remote_reference import RemoteReference
 from registry.source import FileWindow, Image, Layer
 from unionfs.aio import EventLoopThread
-from unionfs.build import MountedImage, Settings, build, layer_tars, merged_tree
+from unionfs.build import MountedImage, Settings, build, layer_tars, log_resolved, merged_tree
 from unionfs.chunk_cache import ChunkCache
 from unionfs.content import ContentReader, LayerReader, TarReader
 from unionfs.entry import Chunk, Entry
@@ -85,10 +85,28 @@ async def _resolve_and_fetch(
     """Resolves the client's image; with `lazy`, learns which layers are eStargz (their TOCs);
     fetches every other layer that the cache lacks whole."""
     image = await resolve_remote(client, settings.platform, settings.cache_dir / "blobs")
+    log_resolved(image)
     tocs = await _tocs(client, image, store, settings.cache_dir / "toc") if lazy else {}
     whole = [layer for n, layer in enumerate(image.layers) if n not in tocs and store.needs_blob(layer)]
+    _log_layer_plan(image, tocs, whole)
+    started = time.monotonic()
     await fetch_blobs(client, whole, _terminal_progress(sys.stderr), store.needs_blob)
+    if whole:
+        size = sum(layer.window.size for layer in whole)
+        log.info("fetched %d layers, %.1f MB, in %.2f s", len(whole), size / 1e6, time.monotonic() - started)
     return image, tocs
+
+
+def _log_layer_plan(image: Image, tocs: dict[int, LayerToc], whole: list[Layer]) -> None:
+    """Logs, per layer, whether it is read lazily, fetched whole now, or already cached."""
+    for number, layer in enumerate(image.layers):
+        if number in tocs:
+            how = f"eStargz, read lazily ({len(tocs[number].entries)} entries in its TOC)"
+        elif layer in whole:
+            how = "fetching whole"
+        else:
+            how = "in the cache"
+        log.info("layer %d (%s, %.1f MB): %s", number, layer.key, layer.window.size / 1e6, how)
 
 
 def _open_remote(

@@ -1,0 +1,163 @@
+"""Nothing left behind, nothing half-done: temporary cache files are reused or removed, an
+interrupted pull resumes, a full disk is one line, and the cache is bounded and prunable
+without ever taking a file from under a live mount."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from registry.cache_files import SWEEP_GRACE_SECONDS, atomic_file, sweep_partials, write_atomically
+from tests.conftest import require
+from unionfs.cache_admin import CacheFile, choose_evictions, parse_size
+from unionfs.chunk_cache import ChunkCache
+
+KB = 1000
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """Mounts a tmpfs of `size` at `path` (root only), unmounted afterwards."""
+    require(os.geteuid() == 0, "mounting a tmpfs needs root")
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def partials_under(root: Path) -> list[Path]:
+    return [p for p in root.rglob(".partial-*") if p.is_file()]
+
+
+def _chunk(number: int, size: int = 1000) -> tuple[str, bytes]:
+    data = random.randbytes(size) + bytes([number % 256])
+    return f"sha256:{hashlib.sha256(data).hexdigest()}", data
+
+
+# --- the chunk cache ---------------------------------------------------------------------
+
+
+def test_chunk_files_vanishing_during_the_first_size_scan_do_not_fail_a_write(tmp_path: Path) -> None:
+    """The first write measures the directory. Another mount's evicter, or a writer renaming
+    its temporary file, may remove a file between the listing and its stat: that must not
+    turn the write (and so a lazy read) into an error. The interleaving is forced: the moment
+    the scan has looked at its first file, every other file goes, as a concurrent evicter
+    would remove them (a profile hook on this thread runs the removal there and then)."""
+    directory = tmp_path / "chunks"
+    directory.mkdir()
+    others = []
+    for number in range(20):
+        key, data = _chunk(number, 10)
+        others.append(directory / key.replace(":", "-"))
+        others[-1].write_bytes(data)
+    cache = ChunkCache(directory, memory_bytes=0)
+    evicted = False
+
+    def evict_after_the_first_look(frame: object, event: str, function: object) -> None:
+        nonlocal evicted
+        if event == "c_return" and not evicted and getattr(function, "__name__", "") in ("stat", "lstat"):
+            evicted = True
+            for path in others:
+                path.unlink()
+
+    key, data = _chunk(10**6)
+    sys.setprofile(evict_after_the_first_look)
+    try:
+        cache.put(key, data)  # raised FileNotFoundError before the fix
+    finally:
+        sys.setprofile(None)
+    assert evicted
+    assert ChunkCache(directory, memory_bytes=0).get(key) == data
+
+
+def test_a_full_disk_under_the_chunk_cache_is_logged_once_and_reads_go_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with small_tmpfs(tmp_path / "small", "256k") as directory:
+        cache = ChunkCache(directory / "chunks")
+        chunks = [_chunk(n, 20 * KB) for n in range(40)]  # 800 kB into 256 kB
+        with caplog.at_level(logging.INFO, logger="crfs-merge"):
+            for key, data in chunks:
+                cache.put(key, data)
+        assert all(cache.get(key) == data for key, data in chunks)  # from memory
+        lines = [r for r in caplog.records if r.levelno >= logging.INFO]
+        assert len(lines) == 1, [r.getMessage() for r in lines]
+        assert "No space left on device" in lines[0].getMessage() and str(directory) in lines[0].getMessage()
+        assert partials_under(directory) == []
+
+
+# --- temporary files ---------------------------------------------------------------------
+
+
+def test_atomic_writes_leave_nothing_on_failure_and_sweeps_take_only_dead_writers(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError), atomic_file(tmp_path / "a.json", "a test") as out:
+        out.write(b"half")
+        raise RuntimeError("the writer fails")
+    assert list(tmp_path.iterdir()) == []
+    write_atomically(tmp_path / "b", b"whole", "a test")
+    assert (tmp_path / "b").read_bytes() == b"whole" and partials_under(tmp_path) == []
+    # A writer that is alive (holds its file's lock) is left alone however old its file;
+    # a dead one's file is removed once past the grace period.
+    old = time.time() - SWEEP_GRACE_SECONDS - 1
+    with atomic_file(tmp_path / "c", "a test") as out:
+        (live,) = partials_under(tmp_path)
+        os.utime(live, (old, old))
+        dead = tmp_path / ".partial-12345-dead"
+        dead.write_bytes(b"x" * 10)
+        os.utime(dead, (old, old))
+        assert sweep_partials(tmp_path) == [(dead.name, 10)]
+        assert live.exists()
+        out.write(b"done")
+    assert (tmp_path / "c").read_bytes() == b"done" and partials_under(tmp_path) == []
+
+
+# --- pure eviction choice ----------------------------------------------------------------
+
+
+def _row(name: str, size: int, used_at: float, in_use: bool = False) -> CacheFile:
+    return CacheFile(name, "tars", size, used_at, in_use)
+
+
+@pytest.mark.parametrize(
+    ("rows", "max_bytes", "evicted"),
+    [
+        ([_row("a", 10, 1), _row("b", 10, 2)], 20, []),  # within the bound: nothing
+        ([_row("a", 10, 1), _row("b", 10, 2)], 15, ["a"]),  # the least recently used goes
+        ([_row("a", 10, 2), _row("b", 10, 1)], 15, ["b"]),
+        ([_row("a", 10, 1, in_use=True), _row("b", 10, 2)], 15, ["b"]),  # never one in use
+        ([_row("a", 10, 1, in_use=True), _row("b", 10, 2, in_use=True)], 0, []),  # bound stays exceeded
+        ([_row("a", 5, 1), _row("b", 5, 2), _row("c", 50, 3)], 50, ["a", "b"]),  # only as many as needed
+        ([_row("a", 5, 1), _row("b", 50, 2), _row("c", 5, 3)], 10, ["a", "b"]),
+        ([_row("a", 1, 1), _row("b", 1, 1, in_use=True), _row("c", 1, 3)], 0, ["a", "c"]),  # --all
+        ([], 0, []),
+    ],
+)
+def test_choose_evictions(rows: list[CacheFile], max_bytes: int, evicted: list[str]) -> None:
+    assert [r.path for r in choose_evictions(rows, max_bytes)] == evicted
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("1048576", 1048576), ("64k", 65536), ("500M", 500 * 1024**2), ("10G", 10 * 1024**3), ("1.5GiB", 1610612736),
+     ("2gb", 2 * 1024**3), ("0", 0)],
+)  # fmt: skip
+def test_parse_size(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "ten", "-1G", "5X", "1.2.3"])
+def test_parse_size_refuses(text: str) -> None:
+    with pytest.raises(ValueError, match="not a size"):
+        parse_size(text)

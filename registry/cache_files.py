@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, Any
 
 PARTIAL_PREFIX = ".partial-"
 RESUMABLE_PREFIX = PARTIAL_PREFIX + "resume-"
@@ -92,7 +92,7 @@ def _create_locked(directory: Path) -> tuple[int, str]:
 
 
 @contextlib.contextmanager
-def atomic_file(final: Path, purpose: str, text: bool = False) -> Iterator[BinaryIO]:
+def atomic_file(final: Path, purpose: str, text: bool = False) -> Iterator[IO[Any]]:
     """Yields a file to write `final` through (a text one with `text`): it appears under its
     name only complete, when the block ends without error; otherwise nothing is left."""
     with space_errors_named(final, purpose):
@@ -101,7 +101,7 @@ def atomic_file(final: Path, purpose: str, text: bool = False) -> Iterator[Binar
         out = io.TextIOWrapper(raw, encoding="utf-8") if text else raw
         try:
             with out:
-                yield out  # type: ignore[misc]  # a text file where the caller asked for one
+                yield out
                 out.flush()
                 os.replace(temp, final)
         except BaseException:
@@ -128,9 +128,9 @@ def write_atomically(final: Path | str, data: bytes, purpose: str) -> None:
             raise
 
 
-def remove_if_abandoned(path: Path | str, now: float | None = None) -> bool:
+def remove_if_abandoned(path: Path | str, grace: float = SWEEP_GRACE_SECONDS) -> bool:
     """Removes the temporary file `path` if its writer is gone (its lock can be taken and
-    it is older than the grace period); returns whether it did. The lock is held while the
+    it is older than `grace` seconds); returns whether it did. The lock is held while the
     name is removed, so a writer that opens the file meanwhile finds it gone once it locks."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
@@ -138,7 +138,7 @@ def remove_if_abandoned(path: Path | str, now: float | None = None) -> bool:
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        if os.fstat(fd).st_mtime >= (time.time() if now is None else now) - SWEEP_GRACE_SECONDS:
+        if os.fstat(fd).st_mtime > time.time() - grace:
             return False
         os.unlink(path)
         return True

@@ -9,6 +9,8 @@ import hashlib
 import logging
 import os
 import random
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -18,7 +20,11 @@ from pathlib import Path
 import pytest
 
 from registry.cache_files import SWEEP_GRACE_SECONDS, atomic_file, sweep_partials, write_atomically
-from tests.conftest import require
+from registry.layout_writer import write_layout
+from tests.conftest import COMMAND, Mounter, require, unmount
+from tests.registry_servers import REGISTRY_BINARY, FaultProxy, Registry, skopeo_copy
+from tests.tarvocab import f, tar_of
+from unionfs.aio import EventLoopThread
 from unionfs.cache_admin import CacheFile, choose_evictions, parse_size
 from unionfs.chunk_cache import ChunkCache
 
@@ -161,3 +167,110 @@ def test_parse_size(text: str, size: int) -> None:
 def test_parse_size_refuses(text: str) -> None:
     with pytest.raises(ValueError, match="not a size"):
         parse_size(text)
+
+
+# --- interrupted pulls and full disks, against a real registry ----------------------------
+
+BIG = 6_000_000  # bytes of random data: the gzip layer is about as large
+
+
+@pytest.fixture(scope="module")
+def io_loop() -> Iterator[EventLoopThread]:
+    with EventLoopThread() as loop:
+        yield loop
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """docker-registry holding `big`: a layer of 6 MB that does not compress, and a small one
+    that compresses 100 to 1."""
+    require(os.path.exists(REGISTRY_BINARY), "docker-registry is missing (apt-get install docker-registry)")
+    require(shutil.which("skopeo") is not None, "skopeo is missing (apt-get install skopeo)")
+    root = tmp_path_factory.mktemp("registry")
+    layout = root / "layout"
+    big = tar_of(f("big", random.Random(9).randbytes(BIG)))
+    zeros = tar_of(f("zeros", bytes(3_000_000)))
+    write_layout(layout, [big, tar_of(f("small", b"small"))], tag="big")
+    write_layout(layout, [zeros], tag="zeros")
+    server = Registry(root)
+    try:
+        skopeo_copy(f"oci:{layout}:big", f"docker://{server.host}/test/big:1")
+        skopeo_copy(f"oci:{layout}:zeros", f"docker://{server.host}/test/zeros:1")
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def slow_proxy(registry: Registry, io_loop: EventLoopThread) -> Iterator[FaultProxy]:
+    proxy = FaultProxy(registry.host, io_loop, bytes_per_second=1_000_000)
+    proxy.start()
+    yield proxy
+    proxy.stop()
+
+
+def _wait_for_partial(cache: Path, at_least: int, server: subprocess.Popen[bytes]) -> Path:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for path in partials_under(cache):
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_size >= at_least:
+                    return path
+        assert server.poll() is None, "the pull ended before it could be interrupted"
+        time.sleep(0.05)
+    raise AssertionError("no partial download appeared")
+
+
+@pytest.mark.parametrize("interrupt", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "Ctrl-C"])
+def test_an_interrupted_pull_is_resumed_and_leaves_nothing_behind(
+    interrupt: signal.Signals, slow_proxy: FaultProxy, mount: Mounter, tmp_path: Path
+) -> None:
+    image = f"{slow_proxy.host}/test/big:1"
+    cache = tmp_path / "cache"
+    mountpoint = tmp_path / "interrupted"
+    mountpoint.mkdir()
+    server = subprocess.Popen([*COMMAND, "-f", "--cache-dir", str(cache), image, str(mountpoint)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        partial = _wait_for_partial(cache, 1_500_000, server)
+        server.send_signal(interrupt)
+        server.wait(timeout=30)
+    finally:
+        server.kill()
+        server.wait()
+        unmount(mountpoint)
+    kept = partial.stat().st_size  # left for the next pull to continue
+    assert kept >= 1_500_000
+    slow_proxy.bytes_per_second, slow_proxy.served_bytes = None, 0
+    mounted = mount(image, cache=cache)
+    assert (mounted / "big").read_bytes() == random.Random(9).randbytes(BIG)
+    # Only the rest was fetched (before: the whole blob again, beside the old partial file).
+    assert slow_proxy.served_bytes < BIG - kept + 100_000, (slow_proxy.served_bytes, kept)
+    assert partials_under(cache) == []
+
+
+def _mount_fails(image: str, cache: Path, tmp_path: Path) -> str:
+    mountpoint = tmp_path / "full-mount"
+    mountpoint.mkdir(exist_ok=True)
+    run = subprocess.run([*COMMAND, "--cache-dir", str(cache), image, str(mountpoint)],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 1 and not os.path.ismount(mountpoint), run.stderr
+    return run.stderr
+
+
+@pytest.mark.parametrize(
+    ("tag", "size", "what"),
+    [("big", "2m", ("blobs/sha256-", "downloading layer sha256:")),  # the blob does not fit
+     ("zeros", "2m", ("tars/sha256-", "uncompressed tar of layer sha256:"))],  # the blob fits, its tar not
+    ids=["blob", "tar"],
+)  # fmt: skip
+def test_a_full_disk_is_one_line_naming_the_file_and_what_needed_the_space(
+    tag: str, size: str, what: tuple[str, str], registry: Registry, tmp_path: Path
+) -> None:
+    with small_tmpfs(tmp_path / "cache", size) as cache:
+        error = _mount_fails(f"{registry.host}/test/{tag}:1", cache, tmp_path)
+        lines = error.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in error, error
+        assert "No space left on device" in error and all(part in error for part in what), error
+        assert str(cache) in error
+        assert partials_under(cache) == []

@@ -20,7 +20,6 @@ import gzip
 import hashlib
 import json
 import os
-import tempfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from typing import IO, Any, Protocol, cast
 
 import zstandard
 
+from registry.cache_files import atomic_file
 from registry.digest import Digest
 from registry.errors import LayerFormatError
 from registry.media_types import Compression
@@ -104,15 +104,8 @@ class LayerStore:
             return None
 
     def save_tree(self, name: str, tree: MergedTree) -> None:
-        fd, temp = tempfile.mkstemp(dir=self._trees, prefix=".partial-")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(tree.to_bytes())
-            os.replace(temp, self._trees / f"{name}.tree")
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
-            raise
+        with atomic_file(self._trees / f"{name}.tree", "the merged tree of the image") as out:
+            out.write(tree.to_bytes())
 
     def needs_blob(self, layer: Layer) -> bool:
         """True if indexing `layer` will read its blob: it is the tar itself, or its
@@ -165,21 +158,15 @@ def _decompress_verified(layer: Layer, final: Path) -> None:
     """Writes the layer's uncompressed tar to `final`, or raises and leaves nothing."""
     blob_hash = _hashers(layer.digest)
     tar_hash = _hashers(layer.diff_id)
-    fd, temp = tempfile.mkstemp(dir=final.parent, prefix=".partial-")
-    try:
-        with os.fdopen(fd, "wb") as out, layer.window.open() as raw:
-            hashing = _HashingReader(raw, list(blob_hash.values()))
-            for block in _decompressed_blocks(layer.compression, hashing):
-                out.write(block)
-                for hashed in tar_hash.values():
-                    hashed.update(block)
-            hashing.drain()
+    purpose = f"the uncompressed tar of layer {layer.digest or layer.diff_id}"
+    with atomic_file(final, purpose) as out, layer.window.open() as raw:
+        hashing = _HashingReader(raw, list(blob_hash.values()))
+        for block in _decompressed_blocks(layer.compression, hashing):
+            out.write(block)
+            for hashed in tar_hash.values():
+                hashed.update(block)
+        hashing.drain()
         _check(blob_hash | tar_hash, layer)
-        os.replace(temp, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
 
 
 class Readable(Protocol):
@@ -222,10 +209,8 @@ class _HashingReader:
 
 def _save_index(path: Path, stamp: list[object], entries: list[Entry]) -> None:
     document = {"format": INDEX_FORMAT, "stamp": stamp, "entries": [_encode(e) for e in entries]}
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".partial-")
-    with os.fdopen(fd, "w") as out:
+    with atomic_file(path, f"the index of layer {path.stem}", text=True) as out:
         json.dump(document, out, separators=(",", ":"))
-    os.replace(temp, path)
 
 
 def _load_index(path: Path, stamp: list[object], number: int) -> list[Entry] | None:

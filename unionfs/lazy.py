@@ -11,12 +11,11 @@ import asyncio
 import bisect
 import hashlib
 import logging
-import os
-import tempfile
 from collections.abc import Iterable
 from concurrent.futures import Future
 from pathlib import Path
 
+from registry.cache_files import write_atomically
 from registry.digest import Digest
 from registry.errors import DigestMismatchError, LayerFormatError
 from registry.media_types import TOC_DIGEST_ANNOTATION
@@ -89,10 +88,7 @@ def _read_cached_toc(path: Path) -> tuple[bytes, int]:
 def _write_cached_toc(path: Path, toc_json: bytes, toc_offset: int) -> None:
     # Written only once verified (or with nothing to verify against): "offset\nTOC JSON".
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".partial-")
-    with os.fdopen(fd, "wb") as out:
-        out.write(b"%d\n" % toc_offset + toc_json)
-    os.replace(temp, path)
+    write_atomically(path, b"%d\n" % toc_offset + toc_json, f"the TOC of layer {path.stem}")
 
 
 class LazyLayer:

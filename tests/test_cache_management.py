@@ -21,7 +21,7 @@ import pytest
 
 from registry.cache_files import SWEEP_GRACE_SECONDS, atomic_file, sweep_partials, write_atomically
 from registry.layout_writer import write_layout
-from tests.conftest import COMMAND, Mounter, require, unmount
+from tests.conftest import COMMAND, ImageWriter, Mounter, require, unmount
 from tests.registry_servers import REGISTRY_BINARY, FaultProxy, Registry, skopeo_copy
 from tests.tarvocab import f, tar_of
 from unionfs.aio import EventLoopThread
@@ -247,6 +247,11 @@ def test_an_interrupted_pull_is_resumed_and_leaves_nothing_behind(
     # Only the rest was fetched (before: the whole blob again, beside the old partial file).
     assert slow_proxy.served_bytes < BIG - kept + 100_000, (slow_proxy.served_bytes, kept)
     assert partials_under(cache) == []
+    # The mount is live: a prune keeps its blobs and tars, and it reads on.
+    blobs = sorted(p.name for p in (cache / "blobs").iterdir() if not p.name.endswith(".lock"))
+    _cache(cache, "prune", "--all")
+    assert sorted(p.name for p in (cache / "blobs").iterdir() if not p.name.endswith(".lock")) == blobs
+    assert (mounted / "big").read_bytes() == random.Random(9).randbytes(BIG)
 
 
 def _mount_fails(image: str, cache: Path, tmp_path: Path) -> str:
@@ -274,3 +279,91 @@ def test_a_full_disk_is_one_line_naming_the_file_and_what_needed_the_space(
         assert "No space left on device" in error and all(part in error for part in what), error
         assert str(cache) in error
         assert partials_under(cache) == []
+
+
+# --- cache management ----------------------------------------------------------------------
+
+
+def _cache(cache: Path, *args: str) -> str:
+    run = subprocess.run([*COMMAND, "cache", "--cache-dir", str(cache), *args], capture_output=True, text=True,
+                         timeout=60)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    return run.stdout
+
+
+def _layer_key(image: str) -> str:
+    """Returns the cache key of the one layer of an `oci_image` (its blob, the largest)."""
+    root = Path(image.split(":")[1])
+    return "sha256-" + max((root / "blobs" / "sha256").iterdir(), key=lambda p: p.stat().st_size).name
+
+
+def _tar_keys(cache: Path) -> set[str]:
+    return {p.name.removesuffix(".tar") for p in (cache / "tars").iterdir()}
+
+
+def _until(condition: object, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def _no_live_mounts(cache: Path) -> bool:
+    return "used by 0 live mounts" in _cache(cache)
+
+
+def test_cache_shows_usage_and_prune_never_removes_what_a_live_mount_uses(
+    oci_image: ImageWriter, mount: Mounter, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    data = random.randbytes(300_000)
+    used, other = oci_image([f("kept", data)]), oci_image([f("other", b"other")])
+    unmount(mount(other, cache=cache))
+    mountpoint = mount(used, cache=cache)
+    shown = _cache(cache)
+    assert "used by 1 live mount" in shown, shown
+    rows = {line.split()[0]: line.split()[1:] for line in shown.splitlines()[2:]}
+    assert rows["tars"][0] == "2" and rows["indexes"][0] == "2" and rows["trees"][0] == "2", shown
+    assert rows["tars"][2].endswith("kB"), shown  # in use: the live mount's tar
+
+    assert "removed" in _cache(cache, "prune", "--all")
+    assert _tar_keys(cache) == {_layer_key(used)}  # the other image's files went, not the mounted one's
+    assert len(list((cache / "trees").rglob("*.tree"))) == 1
+    assert (mountpoint / "kept").read_bytes() == data
+
+    unmount(mountpoint)
+    _until(lambda: _no_live_mounts(cache))
+    _cache(cache, "prune", "--all")
+    left = [p for p in cache.rglob("*") if p.is_file() and not p.name.endswith(".lock") and p.parent.name != "mounts"]
+    assert left == []
+
+
+def test_the_cache_is_held_to_its_bound_least_recently_used_first(
+    oci_image: ImageWriter, mount: Mounter, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    images = [oci_image([f(name, random.randbytes(1_000_000))]) for name in ("a", "b", "c")]
+    for image in images[:2]:
+        unmount(mount(image, cache=cache))
+        time.sleep(0.05)
+    _until(lambda: _no_live_mounts(cache))
+    # c's mount makes the cache about 3 MB: above 2.5 MB, a (the least recently used) goes.
+    mountpoint = mount(images[2], "--cache-max-size", "2500k", cache=cache)
+    _until(lambda: _layer_key(images[0]) not in _tar_keys(cache))
+    assert _tar_keys(cache) == {_layer_key(images[1]), _layer_key(images[2])}
+    assert len((mountpoint / "c").read_bytes()) == 1_000_001 - 1
+    # Below any file's size: everything unused goes, the live mount's files stay.
+    unmount(mount(images[0], "--cache-max-size", "1k", cache=cache))
+    mountpoint = mount(images[1], "--cache-max-size", "1k", cache=cache)
+    _until(lambda: _tar_keys(cache) == {_layer_key(images[1]), _layer_key(images[2])})
+    assert len((mountpoint / "b").read_bytes()) == 1_000_000
+
+
+def test_cache_command_usage(tmp_path: Path) -> None:
+    for args, message in ((["prune"], "needs --max-size SIZE or --all"), (["--all"], "options of prune"),
+                          (["prune", "--max-size", "ten"], "not a size"),
+                          (["prune", "--all", "--max-size", "1G"], "not allowed with")):  # fmt: skip
+        run = subprocess.run([*COMMAND, "cache", "--cache-dir", str(tmp_path), *args], capture_output=True, text=True)
+        assert run.returncode == 2 and message in run.stderr, run.stderr
+    run = subprocess.run([*COMMAND, "cache", "--cache-dir", str(tmp_path / "absent")], capture_output=True, text=True)
+    assert run.returncode == 2 and "no such cache directory" in run.stderr

@@ -13,6 +13,7 @@ from registry.options import RemoteOptions
 from registry.reference import REGISTRY, ImageReference
 from registry.remote_reference import RemoteReference
 from registry.source import FileWindow, Image
+from unionfs.cache_admin import DEFAULT_MAX_BYTES, image_keys, note_also_in_use, note_in_use, tidy_in_background
 from unionfs.content import ContentReader, TarReader
 from unionfs.entry import Entry
 from unionfs.layer_store import LayerStore
@@ -30,10 +31,17 @@ class MountedImage:
                  close: Callable[[], None] = lambda: None, waits_on_network: bool = False) -> None:  # fmt: skip
         self.tree, self.content = tree, content
         self._prefetch, self._close = prefetch, close
+        self._when_ready: list[Callable[[], None]] = []
         self.waits_on_network = waits_on_network  # some reads block on a registry (lazy layers)
 
     def start_prefetch(self) -> None:
         self._prefetch()
+        for run in self._when_ready:
+            run()
+
+    def also_when_ready(self, run: Callable[[], None]) -> None:
+        """Adds work to start once the mount is ready (with the prefetch)."""
+        self._when_ready.append(run)
 
     def close(self) -> None:
         self.content.close()
@@ -48,6 +56,7 @@ class Settings:
     platform: Platform
     remote: RemoteOptions = field(default_factory=RemoteOptions)
     prefetch: str = "landmark"  # eStargz: none | landmark (prioritized files) | all (whole layers)
+    cache_max_bytes: int = DEFAULT_MAX_BYTES  # pruned to this once a mount is ready (unused files only)
 
 
 def open_image(text: str, settings: Settings) -> MountedImage:
@@ -55,10 +64,15 @@ def open_image(text: str, settings: Settings) -> MountedImage:
     store = LayerStore(settings.cache_dir, log.warning)
     reference = ImageReference.parse(text)
     if reference.transport != REGISTRY:
-        return build(resolve_image(reference, settings.platform), store)
-    from unionfs.remote_image import open_remote  # aiohttp and asyncio only for registry images
+        image = resolve_image(reference, settings.platform)
+        note_in_use(settings.cache_dir, image_keys(image))
+        mounted = build(image, store)
+    else:
+        from unionfs.remote_image import open_remote  # aiohttp and asyncio only for registry images
 
-    return open_remote(RemoteReference.parse(reference.path), settings, store)
+        mounted = open_remote(RemoteReference.parse(reference.path), settings, store)
+    mounted.also_when_ready(lambda: tidy_in_background(settings.cache_dir, settings.cache_max_bytes))
+    return mounted
 
 
 def local_layers(text: str, settings: Settings) -> tuple[Image, list[FileWindow]]:
@@ -68,6 +82,7 @@ def local_layers(text: str, settings: Settings) -> tuple[Image, list[FileWindow]
     reference = ImageReference.parse(text)
     if reference.transport != REGISTRY:
         image = resolve_image(reference, settings.platform)
+        note_in_use(settings.cache_dir, image_keys(image))
     else:
         from unionfs.remote_image import pull_whole
 
@@ -80,6 +95,7 @@ def build(image: Image, store: LayerStore) -> MountedImage:
     merged tree itself is saved there too, and loaded instead of merged next time."""
     tars = [store.tar(layer) for layer in image.layers]
     name = store.tree_name(image.layers, tars)
+    note_also_in_use([name])
     tree = store.load_tree(name)
     if tree is None:
         tree = merged_tree([store.open(layer, number).entries for number, layer in enumerate(image.layers)])

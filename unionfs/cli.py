@@ -3,6 +3,7 @@
     crfs-merge [options] IMAGE DIR       mount; returns once DIR is ready
     crfs-merge --export DEST IMAGE       write the merged tree to a directory or a tar
     crfs-merge convert SRC DST           rewrite an image's layers as eStargz (to a layout or registry)
+    crfs-merge cache [prune ...]         show what the cache holds, or prune it (unionfs/cache_admin.py)
 
 Caveats:
 - Without -f the command forks a server process, before any thread exists (libfuse's own
@@ -53,6 +54,10 @@ class UsageError(Exception):
 def main(argv: list[str] | None = None) -> int:
     """Runs the command; returns its exit status (0 ok, 1 failure, 2 usage)."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["cache"]:
+        from unionfs.cache_admin import command
+
+        return command(argv[1:])
     converting = bool(argv) and argv[0] == "convert"
     args = (_convert_parser() if converting else _parser()).parse_args(argv[1:] if converting else argv)
     logging.basicConfig(format="crfs-merge: %(message)s", level=logging.WARNING)
@@ -116,7 +121,18 @@ def _add_source_options(parser: argparse.ArgumentParser) -> None:
                         help="false: allow plain HTTP and unverified TLS (default true)")  # fmt: skip
     parser.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                         help="registry connect and read timeout (default 30)")  # fmt: skip
+    parser.add_argument("--cache-max-size", type=_size, default=None, metavar="SIZE",
+                        help="prune unused cache files, oldest first, above SIZE (default 20G)")  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true", help="log every step")
+
+
+def _size(text: str) -> int:
+    from unionfs.cache_admin import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _boolean(text: str) -> bool:
@@ -138,6 +154,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         platform=Platform.parse(args.platform) if args.platform else Platform.host(),
         remote=RemoteOptions(Credentials.parse(creds) if creds else None, args.tls_verify, args.timeout),
         prefetch=getattr(args, "prefetch", "landmark"),
+        **({"cache_max_bytes": args.cache_max_size} if args.cache_max_size is not None else {}),
     )
 
 

@@ -24,6 +24,7 @@ from registry.remote_reference import RemoteReference
 from registry.source import Image
 from unionfs.aio import EventLoopThread
 from unionfs.build import MountedImage, Settings, build, merged_tree
+from unionfs.cache_admin import image_keys, note_in_use
 from unionfs.chunk_cache import ChunkCache
 from unionfs.content import ContentReader, LayerReader, TarReader
 from unionfs.entry import Chunk, Entry
@@ -64,6 +65,7 @@ async def _resolve_and_fetch(
     """Resolves the client's image; with `lazy`, learns which layers are eStargz (their TOCs);
     fetches every other layer that the cache lacks whole."""
     image = await resolve_remote(client, settings.platform, settings.cache_dir / "blobs")
+    note_in_use(settings.cache_dir, image_keys(image))  # before any cache file is looked for
     tocs = await _tocs(client, image, store, settings.cache_dir / "toc") if lazy else {}
     whole = [layer for n, layer in enumerate(image.layers) if n not in tocs and store.needs_blob(layer)]
     await fetch_blobs(client, whole, _terminal_progress(sys.stderr))

@@ -367,3 +367,26 @@ def test_cache_command_usage(tmp_path: Path) -> None:
         assert run.returncode == 2 and message in run.stderr, run.stderr
     run = subprocess.run([*COMMAND, "cache", "--cache-dir", str(tmp_path / "absent")], capture_output=True, text=True)
     assert run.returncode == 2 and "no such cache directory" in run.stderr
+
+
+def test_a_mount_removes_the_temporary_files_of_dead_writers_and_only_those(
+    oci_image: ImageWriter, mount: Mounter, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    image = oci_image([f("a", b"a")])
+    unmount(mount(image, cache=cache))
+    old = time.time() - SWEEP_GRACE_SECONDS - 1
+    abandoned = []
+    for directory in ("blobs", "tars", "index/v1", "trees/v1", "toc", "chunks"):
+        (cache / directory).mkdir(parents=True, exist_ok=True)
+        abandoned.append(cache / directory / ".partial-999999-1-0")  # a killed writer's
+        abandoned[-1].write_bytes(b"x" * 1000)
+        os.utime(abandoned[-1], (old, old))
+    with atomic_file(cache / "tars" / "being-written.tar", "a test") as out:  # a live writer's
+        (live,) = [p for p in partials_under(cache / "tars") if p not in abandoned]
+        os.utime(live, (old, old))
+        mount(image, cache=cache)
+        _until(lambda: not any(p.exists() for p in abandoned))
+        assert live.exists()
+        out.write(b"done")
+    assert partials_under(cache) == []

@@ -143,12 +143,15 @@ def note_in_use(cache_dir: Path, keys: Iterable[str]) -> None:
     """Records, for as long as this process lives, that it uses the cache files with these
     keys, so that no prune removes them. Call it before looking for the files."""
     directory = cache_dir / MOUNTS
-    directory.mkdir(parents=True, exist_ok=True)
-    with _records_lock, _registry_lock(directory, fcntl.LOCK_SH):
-        record = _records.get(directory)
-        if record is None:
-            record = _records[directory] = _Record(directory)
-        record.add(keys)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with _records_lock, _registry_lock(directory, fcntl.LOCK_SH):
+            record = _records.get(directory)
+            if record is None:
+                record = _records[directory] = _Record(directory)
+            record.add(keys)
+    except OSError as exc:  # a read-only or full cache still mounts; only a prune could miss it
+        log.info("cache: cannot record the files this mount uses in %s (%s)", directory, exc.strerror)
 
 
 @contextlib.contextmanager
@@ -166,7 +169,7 @@ def note_also_in_use(keys: Iterable[str]) -> None:
     the layers are ready: a merged tree)."""
     with _records_lock:
         for directory, record in _records.items():
-            with _registry_lock(directory, fcntl.LOCK_SH):
+            with contextlib.suppress(OSError), _registry_lock(directory, fcntl.LOCK_SH):
                 record.add(keys)
 
 

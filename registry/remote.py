@@ -121,7 +121,10 @@ class RegistryClient:
         for kept_allowed in (True, False):
             with os.fdopen(os.open(dest, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644), "r+b") as out:
                 state = _Download(out, digest.hasher(), size, progress)
-                resumed = state.keep_existing() if kept_allowed else state.discard_existing()
+                # Hashing what is kept may take a second per few hundred MB: not on the loop.
+                resumed = await asyncio.to_thread(state.keep_existing) if kept_allowed else state.discard_existing()
+                if resumed and progress:
+                    progress(state.received)
                 if state.received < size:
                     await self._get(self._blob_path(digest), state.headers, state.consume, what=f"blob {digest}")
             if state.received != size:
@@ -351,8 +354,6 @@ class _Download:
             self.received += len(block)
         if self.received > self.size:
             return self.discard_existing()
-        if self.received and self.progress:
-            self.progress(self.received)
         return self.received > 0
 
     def discard_existing(self) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import random
@@ -389,4 +390,25 @@ def test_a_mount_removes_the_temporary_files_of_dead_writers_and_only_those(
         _until(lambda: not any(p.exists() for p in abandoned))
         assert live.exists()
         out.write(b"done")
+    assert partials_under(cache) == []
+
+
+def test_a_kept_download_that_is_not_the_blob_is_fetched_again_whole(
+    slow_proxy: FaultProxy, mount: Mounter, tmp_path: Path
+) -> None:
+    """Bytes at a download's name that are not the blob's beginning (another tool wrote
+    there, a disk went bad) fail the digest once the rest is fetched: the blob is then
+    fetched whole, and the mount succeeds."""
+    slow_proxy.bytes_per_second = None
+    image = f"{slow_proxy.host}/test/big:1"
+    cache = tmp_path / "cache"
+    run = subprocess.run(["skopeo", "inspect", "--tls-verify=false", f"docker://{image}"],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    big_layer = json.loads(run.stdout)["Layers"][0].replace(":", "-")
+    (cache / "blobs").mkdir(parents=True)
+    (cache / "blobs" / f".partial-resume-{big_layer}").write_bytes(b"not the blob" * 100_000)
+    slow_proxy.served_bytes = 0
+    assert (mount(image, cache=cache) / "big").read_bytes() == random.Random(9).randbytes(BIG)
+    assert slow_proxy.served_bytes > BIG  # the rest, then the whole
     assert partials_under(cache) == []

@@ -1,7 +1,7 @@
 """The cache as a whole: what it holds, what live mounts use, and pruning it to a size.
 
 Every process that uses the cache (a mount's server, an export, a convert) records the
-names of the layers it uses in `CACHE/mounts/live-PID-N` and holds an flock on that file
+names of the layers it uses in `CACHE/mounts/live-PID` and holds an flock on that file
 for its whole life: a record whose lock can be taken is that of a dead process. Records
 are written under a shared lock on `CACHE/mounts/lock`, and a prune reads them and removes
 files under the exclusive one, so a mount that starts while a prune runs either is seen by
@@ -29,7 +29,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from registry.cache_files import RESUMABLE_PREFIX, is_partial, remove_if_abandoned, sweep_partials
+from registry.cache_files import RESUMABLE_PREFIX, is_partial, is_resumable, remove_if_abandoned, sweep_partials
 from registry.source import Image
 
 log = logging.getLogger("crfs-merge")
@@ -274,7 +274,7 @@ def prune(cache_dir: Path, max_bytes: int) -> PruneResult:
     `max_bytes` (0: every unused file); returns what it did."""
     directory = cache_dir / MOUNTS
     directory.mkdir(parents=True, exist_ok=True)
-    for kind in KINDS:  # what dead writers left goes first, whatever its age
+    for kind in KINDS:  # what dead writers left goes first
         _log_swept(_sweep_tree(cache_dir / kind))
     with _registry_lock(directory, fcntl.LOCK_EX):
         files = scan(cache_dir, reap=True)
@@ -300,9 +300,14 @@ def tidy(cache_dir: Path, max_bytes: int) -> None:
     """Removes abandoned temporary files, then prunes the cache if it is over `max_bytes`
     (after a mount is ready: a pass over the directories, no lock unless over the bound)."""
     try:
-        for kind in KINDS:
-            _log_swept(_sweep_tree(cache_dir / kind))
-        total = sum(info.st_size for kind in KINDS for _, info in _walk(cache_dir / kind))
+        total = 0
+        for kind in KINDS:  # one pass: sweeping and measuring
+            for path, info in _walk(cache_dir / kind):
+                name = os.path.basename(path)
+                if is_partial(name) and not is_resumable(name) and remove_if_abandoned(path):
+                    _log_swept([(name, info.st_size)])
+                else:
+                    total += info.st_size
         if total > max_bytes:
             result = prune(cache_dir, max_bytes)
             log.info("cache: over its %s bound; removed %d unused files (%s)", human_size(max_bytes),

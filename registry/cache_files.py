@@ -142,7 +142,7 @@ def remove_if_abandoned(path: Path | str, grace: float = SWEEP_GRACE_SECONDS) ->
             return False
         os.unlink(path)
         return True
-    except (BlockingIOError, FileNotFoundError):
+    except OSError:  # in use (the lock is held), gone already, or not ours to remove
         return False
     finally:
         os.close(fd)

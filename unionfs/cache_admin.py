@@ -367,11 +367,15 @@ def command(argv: list[str]) -> int:
     if args.cache_dir is not None and not cache_dir.is_dir():
         print(f"crfs-merge: {cache_dir}: no such cache directory", file=sys.stderr)
         return 2
-    if args.action == "prune":
-        print(describe_prune(prune(cache_dir, 0 if args.all else args.max_size)))
-        return 0
-    files = scan(cache_dir)
-    _, mounts = live_keys(cache_dir)
+    try:
+        if args.action == "prune":
+            print(describe_prune(prune(cache_dir, 0 if args.all else args.max_size)))
+            return 0
+        files = scan(cache_dir)
+        _, mounts = live_keys(cache_dir)
+    except OSError as exc:  # a cache of another user's, or on a read-only file system
+        print(f"crfs-merge: {exc}", file=sys.stderr)
+        return 1
     print(f"cache {cache_dir}, used by {mounts} live mount{'' if mounts == 1 else 's'}")
     print(usage_table(files))
     return 0

@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="crfs-merge",
         description="Mount a container image as one merged, read-only tree (OCI whiteouts applied).",
         epilog="IMAGE: [docker://]REGISTRY/REPO[:TAG][@DIGEST], oci:PATH[:TAG], docker-archive:FILE[:NAME], "
-        "or a path to a layout or an archive. Also: crfs-merge convert --help",
+        "or a path to a layout or an archive. Also: crfs-merge convert --help, crfs-merge cache --help",
     )
     parser.add_argument("operands", nargs="+", metavar="IMAGE [DIR]", help="image to mount, and where")
     parser.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground")

@@ -78,11 +78,11 @@ def space_errors_named(path: Path | str, purpose: str) -> Iterator[None]:
         raise
 
 
-def _create_locked(directory: Path) -> tuple[int, str]:
+def _create_locked(directory: str) -> tuple[int, str]:
     """Creates and locks a new temporary file in `directory`; returns (fd, path). The name
     is unique without mkstemp's random choice (it shows in profiles of many small writes)."""
     while True:
-        temp = os.path.join(directory, f"{PARTIAL_PREFIX}{os.getpid()}-{threading.get_ident()}-{next(_serial)}")
+        temp = f"{directory}/{PARTIAL_PREFIX}{os.getpid()}-{threading.get_ident()}-{next(_serial)}"
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         except FileExistsError:
@@ -96,7 +96,7 @@ def atomic_file(final: Path, purpose: str, text: bool = False) -> Iterator[IO[An
     """Yields a file to write `final` through (a text one with `text`): it appears under its
     name only complete, when the block ends without error; otherwise nothing is left."""
     with space_errors_named(final, purpose):
-        fd, temp = _create_locked(final.parent)
+        fd, temp = _create_locked(str(final.parent))
         raw = os.fdopen(fd, "wb")  # owns `fd`, and so the lock, until closed after the rename
         out = io.TextIOWrapper(raw, encoding="utf-8") if text else raw
         try:
@@ -112,20 +112,22 @@ def atomic_file(final: Path, purpose: str, text: bool = False) -> Iterator[IO[An
 
 def write_atomically(final: Path | str, data: bytes, purpose: str) -> None:
     """Writes `data` as file `final`, whole or not at all (for many small files: no Python
-    file object, one buffer)."""
-    with space_errors_named(final, purpose):
-        fd, temp = _create_locked(Path(final).parent)
-        try:
-            try:
-                if os.write(fd, data) != len(data):
-                    raise OSError(errno.ENOSPC, "short write")
-                os.replace(temp, final)
-            finally:
-                os.close(fd)
-        except BaseException:
+    file object, no context manager, one buffer)."""
+    fd, temp = -1, ""
+    try:
+        fd, temp = _create_locked(os.path.dirname(final))
+        if os.write(fd, data) != len(data):
+            raise OSError(errno.ENOSPC, "short write")
+        os.replace(temp, final)
+        os.close(fd)
+    except BaseException as exc:
+        if fd >= 0:
+            os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(temp)
-            raise
+        if isinstance(exc, OSError) and exc.errno in SPACE_ERRORS:
+            raise NoSpaceError(final, purpose, exc.errno) from None
+        raise
 
 
 def remove_if_abandoned(path: Path | str, grace: float = SWEEP_GRACE_SECONDS) -> bool:

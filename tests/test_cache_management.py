@@ -325,7 +325,7 @@ def test_cache_shows_usage_and_prune_never_removes_what_a_live_mount_uses(
     assert "used by 1 live mount" in shown, shown
     rows = {line.split()[0]: line.split()[1:] for line in shown.splitlines()[2:]}
     assert rows["tars"][0] == "2" and rows["indexes"][0] == "2" and rows["trees"][0] == "2", shown
-    assert rows["tars"][2].endswith("kB"), shown  # in use: the live mount's tar
+    assert rows["tars"][2].endswith("KiB"), shown  # in use: the live mount's tar
 
     assert "removed" in _cache(cache, "prune", "--all")
     assert _tar_keys(cache) == {_layer_key(used)}  # the other image's files went, not the mounted one's

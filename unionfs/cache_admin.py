@@ -82,7 +82,8 @@ def image_keys(image: Image) -> list[str]:
 
 
 def parse_size(text: str) -> int:
-    """Returns a size given as bytes or with a unit (10G, 500M, 1.5GiB, 64k), in bytes."""
+    """Returns a size given as bytes or with a binary unit (10G, 500M, 1.5GiB, 64k: K, M, G
+    and T are powers of 1024, with or without B or iB, as human_size shows them), in bytes."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
     if match is None:
         raise ValueError(f"not a size: {text!r} (examples: 500M, 10G, 1073741824)")
@@ -90,12 +91,13 @@ def parse_size(text: str) -> int:
 
 
 def human_size(size: float) -> str:
-    """Returns a size for people: 0B, 512B, 1.5kB, 20.3MB, 4.1GB (decimal, as podman shows)."""
-    for unit in ("B", "kB", "MB", "GB"):
-        if size < 1000:
+    """Returns a size for people, in the binary units that parse_size reads: 0B, 512B,
+    1.5KiB, 20.3MiB, 4.1GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
             return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
-        size /= 1000
-    return f"{size:.1f}TB"
+        size /= 1024
+    return f"{size:.1f}TiB"
 
 
 def usage_table(files: Sequence[CacheFile]) -> str:

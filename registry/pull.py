@@ -2,7 +2,8 @@
 
 The result has the same shape as a local image: layers are windows on blob files under
 `blob_dir`, named by digest, written once (verified, renamed into place) and shared by every
-mount that uses the same cache directory.
+mount that uses the same cache directory. A download goes to a stable temporary name, so
+one that was cut short is continued by the next fetch of the blob, not begun again.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ import fcntl
 import hashlib
 import logging
 import os
-import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+from registry.cache_files import NoSpaceError, remove_if_abandoned, resumable_partial, space_errors_named
 from registry.digest import Digest
-from registry.errors import ManifestError
+from registry.errors import DigestMismatchError, ManifestError
 from registry.manifest import Descriptor, Manifest, Platform, decode, diff_ids, select_platform
 from registry.media_types import TOC_DIGEST_ANNOTATION, layer_compression
 from registry.remote import Progress, RegistryClient
@@ -60,7 +61,19 @@ async def fetch_blobs(
         return
     Path(layers[0].window.path).parent.mkdir(parents=True, exist_ok=True)
     progress = start_progress(sum(layer.window.size for layer in layers)) if start_progress else None
-    await asyncio.gather(*(_fetch(client, layer, progress, needed) for layer in layers))
+    tasks = [asyncio.ensure_future(_fetch(client, layer, progress, needed)) for layer in layers]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:  # one failed, or the pull was cancelled: the others stop, their downloads kept
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    failed = next((t.exception() for t in tasks if not t.cancelled() and t.exception()), None)
+    if isinstance(failed, NoSpaceError):
+        for layer in layers:  # ... unless the disk is full: then they hold space that is needed
+            remove_if_abandoned(resumable_partial(Path(layer.window.path)), grace=0)
+    if failed is not None:
+        raise failed
 
 
 def _blob_path(blob_dir: Path, descriptor: Descriptor) -> Path:
@@ -95,20 +108,41 @@ async def _fetch(client: RegistryClient, layer: Layer, progress: Progress | None
     async with _exclusive(path.with_name(path.name + ".lock")):
         if path.exists() or not needed(layer):
             return  # another mount fetched it while we waited
-        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".partial-")
-        os.close(fd)
-        try:
-            assert layer.digest is not None
-            await client.download(layer.digest, layer.window.size, Path(temp), progress)
-            os.replace(temp, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp)
+        assert layer.digest is not None
+        # A stable name, so that a download cut short (Ctrl-C, SIGKILL, a lost network) is
+        # continued by the next fetch of the blob rather than left behind.
+        partial = resumable_partial(path)
+        purpose = f"downloading layer {layer.digest}, {layer.window.size / 1e6:.1f} MB"
+        async with _locked_partial(partial):
+            try:
+                with space_errors_named(path, purpose):
+                    await client.download(layer.digest, layer.window.size, partial, progress)
+            except (NoSpaceError, DigestMismatchError):
+                # Nothing worth keeping: a full disk needs the space back, wrong bytes a new start.
+                with contextlib.suppress(FileNotFoundError):
+                    partial.unlink()
+                raise
+            os.replace(partial, path)
 
 
 @contextlib.asynccontextmanager
-async def _exclusive(lock_path: Path) -> AsyncIterator[None]:
-    """Holds an flock on `lock_path`, waiting without blocking the event loop."""
+async def _locked_partial(partial: Path) -> AsyncIterator[None]:
+    """Holds the download's own lock (so that no sweep takes it), on the file that is
+    under its name: a prune may have removed the one opened, before it was locked."""
+    while True:
+        async with _exclusive(partial) as fd:
+            try:
+                same = os.fstat(fd).st_ino == os.stat(partial).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                yield
+                return
+
+
+@contextlib.asynccontextmanager
+async def _exclusive(lock_path: Path) -> AsyncIterator[int]:
+    """Holds an flock on `lock_path`, waiting without blocking the event loop; yields its fd."""
     fd = os.open(lock_path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o644)
     try:
         while True:
@@ -117,6 +151,6 @@ async def _exclusive(lock_path: Path) -> AsyncIterator[None]:
                 break
             except BlockingIOError:
                 await asyncio.sleep(LOCK_POLL_SECONDS)
-        yield
+        yield fd
     finally:
         os.close(fd)

@@ -19,6 +19,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -120,15 +121,27 @@ class RegistryClient:
         return digest.check_bytes(data, f"blob {digest}")
 
     async def download(self, digest: Digest, size: int, dest: Path, progress: Progress | None = None) -> None:
-        """Writes blob `digest` to `dest`, verified; resumes with a Range request after a
-        dropped connection where the registry allows it."""
-        with open(dest, "wb") as out:
-            state = _Download(out, digest.hasher(), size, progress)
-            await self._get(self._blob_path(digest), state.headers, state.consume, f"blob {digest}",
-                            progress=lambda: state.received)  # fmt: skip
-        if state.received != size:
-            raise RegistryError(f"blob {digest}: got {state.received} bytes, expected {size}")
-        digest.verify(state.hashed, f"blob {digest} from {self.reference.registry}")
+        """Writes blob `digest` to `dest`, verified. Bytes already in `dest` (an earlier,
+        interrupted download) are hashed and kept, and only the rest is asked for, with a
+        Range request, as after a dropped connection; if the whole then fails its digest,
+        the kept bytes were wrong, and the blob is fetched once more from its start."""
+        for kept_allowed in (True, False):
+            with os.fdopen(os.open(dest, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644), "r+b") as out:
+                state = _Download(out, digest.hasher(), size, progress)
+                # Hashing what is kept may take a second per few hundred MB: not on the loop.
+                resumed = await asyncio.to_thread(state.keep_existing) if kept_allowed else state.discard_existing()
+                if resumed and progress:
+                    progress(state.received)
+                if state.received < size:
+                    await self._get(self._blob_path(digest), state.headers, state.consume, f"blob {digest}",
+                                    progress=lambda kept=state: kept.received)  # fmt: skip
+            if state.received != size:
+                raise RegistryError(f"blob {digest}: got {state.received} bytes, expected {size}")
+            if resumed and digest.hex != state.hashed.hexdigest():
+                log.info("blob %s: the kept part of an interrupted download was wrong; fetching it whole", digest)
+                continue
+            digest.verify(state.hashed, f"blob {digest} from {self.reference.registry}")
+            return
 
     async def read_range(self, digest: Digest, start: int, end: int, patience: Patience | None = None) -> bytes:
         """Returns bytes start..end (inclusive) of a blob with one closed Range request,
@@ -377,6 +390,22 @@ class _Download:
     size: int
     progress: Progress | None
     received: int = 0
+
+    def keep_existing(self) -> bool:
+        """Continues after the bytes the file already holds (hashing them); returns whether
+        there were any. A file longer than the blob cannot be its beginning: emptied."""
+        self.out.seek(0)
+        while block := self.out.read(STREAM_BLOCK):
+            self.hashed.update(block)
+            self.received += len(block)
+        if self.received > self.size:
+            return self.discard_existing()
+        return self.received > 0
+
+    def discard_existing(self) -> bool:
+        """Starts from the first byte; returns False (nothing kept)."""
+        self._restart()
+        return False
 
     def headers(self) -> dict[str, str]:
         if 0 < self.received < self.size:

@@ -6,7 +6,7 @@
   which the registry verifies against its rootcertbundle;
 - `FaultProxy`: an aiohttp reverse proxy that resets, refuses (503/429, with a Retry-After in
   seconds or as an HTTP-date), stalls, truncates, redirects to another host, or ignores Range,
-  as a test plans it; it counts what it serves.
+  as a test plans it, optionally at a slow rate; it counts what it serves.
 
 `Registry.pause()` stops the registry process (SIGSTOP) as a hung server: the kernel still
 accepts connections for it, but nothing answers; `resume()` (SIGCONT) lets it go on.
@@ -264,6 +264,7 @@ class FaultProxy:
     paths: Counter[str] = field(default_factory=Counter)  # requests per path
     stall_seconds: float = 30.0
     redirect_to: str | None = None  # base URL of a BlobStorage
+    bytes_per_second: float | None = None  # a slow link: bodies are sent at this rate
 
     def start(self) -> None:
         self.port = free_port()
@@ -320,14 +321,22 @@ class FaultProxy:
             sent = body[: len(body) // 2] if fault == "truncate" else body
             if fault == "corrupt" and sent:  # wrong bytes, right length: only a digest can tell
                 sent = sent[: len(sent) // 2] + bytes([sent[len(sent) // 2] ^ 0xFF]) + sent[len(sent) // 2 + 1 :]
-            await response.write(sent)
-            self.served_bytes += len(sent)
+            await self._send(response, sent)
             if fault == "truncate":
                 assert request.transport is not None
                 request.transport.abort()
                 return response
             await response.write_eof()
             return response
+
+    async def _send(self, response: web.StreamResponse, body: bytes) -> None:
+        """Writes `body`, counting what leaves, at `bytes_per_second` if that is set."""
+        step = len(body) if self.bytes_per_second is None else max(1, int(self.bytes_per_second / 20))
+        for start in range(0, len(body), step) if body else ():
+            await response.write(body[start : start + step])
+            self.served_bytes += len(body[start : start + step])
+            if self.bytes_per_second is not None:
+                await asyncio.sleep(0.05)
 
 
 @dataclass

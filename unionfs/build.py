@@ -15,6 +15,7 @@ from registry.options import RemoteOptions
 from registry.reference import REGISTRY, ImageReference
 from registry.remote_reference import RemoteReference
 from registry.source import FileWindow, Image
+from unionfs.cache_admin import DEFAULT_MAX_BYTES, image_keys, note_also_in_use, note_in_use, tidy_in_background
 from unionfs.content import ContentReader, TarReader
 from unionfs.entry import Entry
 from unionfs.layer_store import LayerStore
@@ -32,10 +33,17 @@ class MountedImage:
                  close: Callable[[], None] = lambda: None, waits_on_network: bool = False) -> None:  # fmt: skip
         self.tree, self.content = tree, content
         self._prefetch, self._close = prefetch, close
+        self._when_ready: list[Callable[[], None]] = []
         self.waits_on_network = waits_on_network  # some reads block on a registry (lazy layers)
 
     def start_prefetch(self) -> None:
         self._prefetch()
+        for run in self._when_ready:
+            run()
+
+    def also_when_ready(self, run: Callable[[], None]) -> None:
+        """Adds work to start once the mount is ready (with the prefetch)."""
+        self._when_ready.append(run)
 
     def close(self) -> None:
         self.content.close()
@@ -50,6 +58,7 @@ class Settings:
     platform: Platform
     remote: RemoteOptions = field(default_factory=RemoteOptions)
     prefetch: str = "landmark"  # eStargz: none | landmark (prioritized files) | all (whole layers)
+    cache_max_bytes: int = DEFAULT_MAX_BYTES  # pruned to this once a mount is ready (unused files only)
 
 
 def open_image(text: str, settings: Settings) -> MountedImage:
@@ -59,10 +68,14 @@ def open_image(text: str, settings: Settings) -> MountedImage:
     if reference.transport != REGISTRY:
         image = resolve_image(reference, settings.platform)
         log_resolved(image)
-        return build(image, store)
-    from unionfs.remote_image import open_remote  # aiohttp and asyncio only for registry images
+        note_in_use(settings.cache_dir, image_keys(image))
+        mounted = build(image, store)
+    else:
+        from unionfs.remote_image import open_remote  # aiohttp and asyncio only for registry images
 
-    return open_remote(RemoteReference.parse(reference.path), settings, store)
+        mounted = open_remote(RemoteReference.parse(reference.path), settings, store)
+    mounted.also_when_ready(lambda: tidy_in_background(settings.cache_dir, settings.cache_max_bytes))
+    return mounted
 
 
 def local_layers(text: str, settings: Settings) -> tuple[Image, list[FileWindow]]:
@@ -75,6 +88,7 @@ def local_layers(text: str, settings: Settings) -> tuple[Image, list[FileWindow]
 
         return pull_whole(RemoteReference.parse(reference.path), settings, store)
     image = resolve_image(reference, settings.platform)
+    note_in_use(settings.cache_dir, image_keys(image))
     return image, layer_tars(image, store)
 
 
@@ -92,13 +106,17 @@ def build(image: Image, store: LayerStore) -> MountedImage:
     again (and makes it anew if it is damaged), and the tree is named by the tars as they
     are then."""
     tars = [store.tar(layer) for layer in image.layers]
-    tree = store.load_tree(store.tree_name(image.layers, tars))
+    name = store.tree_name(image.layers, tars)
+    note_also_in_use([name])
+    tree = store.load_tree(name)
     if tree is None:
         indexed = [store.open(layer, number) for number, layer in enumerate(image.layers)]
         tars = [layer.tar for layer in indexed]
         tree = merged_tree([layer.entries for layer in indexed])
         del indexed
-        store.save_tree(store.tree_name(image.layers, tars), tree)
+        name = store.tree_name(image.layers, tars)  # a tar made anew has a new stamp
+        note_also_in_use([name])
+        store.save_tree(name, tree)
     else:
         log.info("merged tree loaded from the cache: %d inodes", tree.inode_count)
     return MountedImage(tree, ContentReader([TarReader(tar) for tar in tars]))

@@ -3,13 +3,14 @@
 On disk a chunk is CACHE/chunks/ALGO-HEX, named by its chunkDigest: any mount may write
 it, and every mount verifies it when reading, so two mounts can share the directory and a
 damaged file is noticed, removed and fetched again. The directory is held under a size
-bound: when a write takes it over, the least recently written chunks go first.
+bound: when a write takes it over, the least recently written chunks go first. A chunk is
+written through a temporary file that its writer locks (registry/cache_files.py), so one that
+a killed mount left is swept; a full disk is logged once, and reads go on without the disk.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import logging
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from cachetools import LRUCache
 
+from registry.cache_files import write_atomically
 from registry.digest import Digest
 from registry.errors import ManifestError
 
@@ -41,6 +43,7 @@ class ChunkCache:
         self._memory: LRUCache[str, bytes] = LRUCache(maxsize=memory_bytes, getsizeof=len)
         self._lock = threading.Lock()
         self._disk_used: int | None = None  # measured on the first write, not at mount time
+        self._store_failed = False  # a write failed (a full disk): logged once
 
     def get(self, key: str) -> bytes | None:
         """Returns the chunk, or None if it is in neither cache (or was found damaged)."""
@@ -98,44 +101,66 @@ class ChunkCache:
         path = self._path(key)
         if path.exists():
             return
-        # A temporary name unique to this process and thread, made without mkstemp's random
-        # names and Python file objects: a tree of small files writes a chunk per file, and
-        # mkstemp was a quarter of a lazy `tar`.
-        temp = os.path.join(self._directory, f".partial-{os.getpid()}-{threading.get_ident()}")
         try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-            try:
-                if os.write(fd, data) != len(data):
-                    raise OSError(errno.ENOSPC, "short write")
-            finally:
-                os.close(fd)
-            os.replace(temp, path)
+            write_atomically(path, data, "a chunk of an eStargz layer")
         except OSError as exc:  # a full disk costs the cache, never the read
-            log.warning("chunk cache: cannot store %s: %s", path.name, exc.strerror)
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
+            self._cannot_store(path, exc)
             return
         with self._lock:
-            if self._disk_used is None:
-                self._disk_used = sum(p.stat().st_size for p in self._directory.iterdir() if p.is_file())
+            measured = self._disk_used is not None
+        if not measured:
+            used = _bytes_under(self._directory)  # outside the lock: a big directory takes a while
+            with self._lock:
+                self._disk_used = used if self._disk_used is None else self._disk_used
+        with self._lock:
+            assert self._disk_used is not None
             self._disk_used += len(data)
             over = self._disk_used > self._disk_bytes
         if over:
             self._evict()
 
+    def _cannot_store(self, path: Path, exc: OSError) -> None:
+        """Logs a failed write once per cache: a full disk fails every chunk after the first,
+        and each would log a line of its own."""
+        with self._lock:
+            first, self._store_failed = not self._store_failed, True
+        if first:
+            log.warning("chunk cache: cannot store chunks in %s (%s); reads go on from memory and the "
+                        "registry, and further failures are not logged", self._directory, exc.strerror)  # fmt: skip
+        else:
+            log.debug("chunk cache: cannot store %s: %s", path.name, exc)
+
     def _evict(self) -> None:
-        files = sorted((p for p in self._directory.iterdir() if p.is_file() and not p.name.startswith(".")),
-                       key=lambda p: p.stat().st_mtime_ns)  # fmt: skip
-        used = sum(p.stat().st_size for p in files)
-        for path in files:
+        files = sorted(_finished_files(self._directory), key=lambda f: f[2])
+        used = sum(size for _, size, _ in files)
+        for path, size, _ in files:
             if used <= self._disk_bytes * EVICT_TO:
                 break
-            size = path.stat().st_size
             with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+                os.unlink(path)
                 used -= size
         with self._lock:
             self._disk_used = used
+
+
+def _finished_files(directory: Path) -> list[tuple[str, int, int]]:
+    """Returns (path, size, mtime_ns) of each chunk file; a file that goes between the listing
+    and its stat (another mount evicts, or a writer renames its temporary file) is skipped."""
+    found = []
+    for entry in os.scandir(directory):
+        if entry.name.startswith("."):
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        found.append((entry.path, info.st_size, info.st_mtime_ns))
+    return found
+
+
+def _bytes_under(directory: Path) -> int:
+    """Returns the size of the chunk files of `directory` (see _finished_files)."""
+    return sum(size for _, size, _ in _finished_files(directory))
 
 
 def _digest_of(key: str) -> tuple[str, str] | None:

@@ -3,6 +3,7 @@
     crfs-merge [options] IMAGE DIR       mount; returns once DIR is ready
     crfs-merge --export DEST IMAGE       write the merged tree to a directory or a tar
     crfs-merge convert SRC DST           rewrite an image's layers as eStargz (to a layout or registry)
+    crfs-merge cache [prune ...]         show what the cache holds, or prune it (unionfs/cache_admin.py)
 
 Caveats:
 - The mount is served by a background process (unionfs/server.py says how it starts, logs and
@@ -44,6 +45,7 @@ PREFETCH_MODES = ("none", "landmark", "all")
 USAGE = """crfs-merge [options] IMAGE DIR
        crfs-merge --export DEST [options] IMAGE
        crfs-merge convert [options] SRC DST
+       crfs-merge cache [--cache-dir DIR] [prune (--max-size SIZE | --all)]
        crfs-merge --version"""
 
 __all__ = ["UsageError", "main", "parse_options"]
@@ -52,6 +54,10 @@ __all__ = ["UsageError", "main", "parse_options"]
 def main(argv: list[str] | None = None) -> int:
     """Runs the command; returns its exit status (0 ok, 1 failure, 2 usage)."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["cache"]:
+        from unionfs.cache_admin import command
+
+        return command(argv[1:])
     converting = bool(argv) and argv[0] == "convert"
     args = (_convert_parser() if converting else _parser()).parse_args(argv[1:] if converting else argv)
     configure_terminal(args.verbose)
@@ -78,8 +84,8 @@ def _parser() -> argparse.ArgumentParser:
         usage=USAGE,
         description="Mount a container image as one merged, read-only tree (OCI whiteouts applied).",
         epilog="IMAGE: [docker://]REGISTRY/REPO[:TAG][@DIGEST], oci:PATH[:TAG], docker-archive:FILE[:NAME], "
-        "or a path to a layout or an archive. Also: crfs-merge convert --help. Exit status: 0 done, 1 the "
-        "image or registry failed, 2 a usage problem.",
+        "or a path to a layout or an archive. Also: crfs-merge convert --help, crfs-merge cache --help. "
+        "Exit status: 0 done, 1 the image or registry failed, 2 a usage problem.",
         allow_abbrev=False,  # `--cred` must not slip past the code that keeps secrets off command lines
     )
     parser.add_argument("operands", nargs="+", metavar="IMAGE DIR", help="image to mount, and where")
@@ -131,6 +137,8 @@ def _add_source_options(parser: argparse.ArgumentParser) -> None:
                         help="false: allow plain HTTP and unverified TLS (default true)")  # fmt: skip
     parser.add_argument("--timeout", type=_seconds, default=30.0, metavar="SECONDS",
                         help="registry connect and read timeout (default 30)")  # fmt: skip
+    parser.add_argument("--cache-max-size", type=_size, default=None, metavar="SIZE",
+                        help="prune unused cache files, oldest first, above SIZE (default 20G)")  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true", help="log every step")
 
 
@@ -149,6 +157,15 @@ class _Version(argparse.Action):
             number = "(not installed)"
         print(f"crfs-merge {number}")
         parser.exit()
+
+
+def _size(text: str) -> int:
+    from unionfs.cache_admin import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _boolean(text: str) -> bool:
@@ -219,6 +236,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         platform=Platform.parse(args.platform) if args.platform else Platform.host(),
         remote=RemoteOptions(Credentials.parse(args.creds) if args.creds else None, args.tls_verify, args.timeout),
         prefetch=getattr(args, "prefetch", "landmark"),
+        **({"cache_max_bytes": args.cache_max_size} if args.cache_max_size is not None else {}),
     )
 
 

@@ -29,7 +29,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -39,12 +38,13 @@ from typing import IO, Any, Protocol, cast
 
 import zstandard
 
+from registry.cache_files import atomic_file, write_atomically
 from registry.digest import Digest
 from registry.errors import DigestMismatchError, ImageError, LayerFormatError
 from registry.media_types import Compression
 from registry.source import FileWindow, Layer
 from unionfs.entry import NO_XATTRS, Entry, sharer
-from unionfs.sealed import DamagedCacheFile, seal, unseal, write_atomically
+from unionfs.sealed import DamagedCacheFile, seal, unseal
 from unionfs.tar_index import index_tar
 from unionfs.tree import CorruptTreeError, MergedTree
 
@@ -147,7 +147,7 @@ class LayerStore:
         next mount a merge, not this one its mount: one warning."""
         path = self._trees / f"{name}.tree"
         try:
-            write_atomically(path, seal(name, tree.to_bytes()))
+            write_atomically(path, seal(name, tree.to_bytes()), "the merged tree of the image")
         except OSError as exc:
             self._warn(f"cannot save the merged tree to {path}: {exc.strerror}; mounting without it")
 
@@ -259,7 +259,8 @@ class LayerStore:
     def _save_index(self, path: Path, key: str, stamp: list[object], entries: list[Entry]) -> None:
         document = {"format": INDEX_FORMAT, "stamp": stamp, "entries": [_encode(e) for e in entries]}
         try:
-            write_atomically(path, seal(key, json.dumps(document, separators=(",", ":")).encode()))
+            data = seal(key, json.dumps(document, separators=(",", ":")).encode())
+            write_atomically(path, data, f"the index of layer {key}")
         except OSError as exc:
             self._warn(f"cannot save the index of layer {key} to {path}: {exc.strerror}; mounting without it")
 
@@ -335,28 +336,15 @@ def _decompress_verified(layer: Layer, final: Path) -> None:
     """Writes the layer's uncompressed tar to `final`, or raises and leaves nothing."""
     blob_hash = _hashers(layer.digest)
     tar_hash = _hashers(layer.diff_id)
-    fd, temp = tempfile.mkstemp(dir=final.parent, prefix=".partial-")
-    try:
-        with os.fdopen(fd, "wb") as out, layer.window.open() as raw:
-            hashing = _HashingReader(raw, list(blob_hash.values()))
-            for block in _decompressed_blocks(layer.compression, hashing):
-                _write(out, block, final)
-                for hashed in tar_hash.values():
-                    hashed.update(block)
-            hashing.drain()
+    purpose = f"the uncompressed tar of layer {layer.digest or layer.diff_id}"
+    with atomic_file(final, purpose) as out, layer.window.open() as raw:
+        hashing = _HashingReader(raw, list(blob_hash.values()))
+        for block in _decompressed_blocks(layer.compression, hashing):
+            out.write(block)
+            for hashed in tar_hash.values():
+                hashed.update(block)
+        hashing.drain()
         _check(blob_hash | tar_hash, layer)
-        os.replace(temp, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-
-
-def _write(out: IO[bytes], block: bytes, final: Path) -> None:
-    try:
-        out.write(block)
-    except OSError as exc:  # a full disk: say where, and what needed the space
-        raise OSError(exc.errno, f"cannot write the uncompressed tar {final}: {exc.strerror}") from None
 
 
 class Readable(Protocol):

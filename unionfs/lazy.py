@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from concurrent.futures import Future
 from pathlib import Path
 
+from registry.cache_files import write_atomically
 from registry.digest import Digest
 from registry.errors import DigestMismatchError, ImageError, LayerFormatError, RegistryError
 from registry.media_types import TOC_DIGEST_ANNOTATION
@@ -43,7 +44,7 @@ from unionfs.estargz import (
     plan_fetches,
     read_toc_member,
 )
-from unionfs.sealed import DamagedCacheFile, seal, unseal, write_atomically
+from unionfs.sealed import DamagedCacheFile, seal, unseal
 
 log = logging.getLogger("crfs-merge")
 READAHEAD_CHUNKS = 4  # on a miss, also start fetching this many following chunks of the file
@@ -132,7 +133,8 @@ def _write_cached_toc(path: Path, layer: Layer, toc_json: bytes, toc_offset: int
     # Written only once verified (or with nothing to verify against): "offset\nTOC JSON", sealed.
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, seal(layer.key, b"%d\n" % toc_offset + toc_json))
+        data = seal(layer.key, b"%d\n" % toc_offset + toc_json)
+        write_atomically(path, data, f"the TOC of layer {layer.digest}")
     except OSError as exc:  # a full or read-only cache costs the next mount two requests
         log.warning("cannot save the TOC of layer %s to %s: %s", layer.digest, path, exc.strerror)
 

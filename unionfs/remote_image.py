@@ -24,6 +24,7 @@ from registry.remote_reference import RemoteReference
 from registry.source import FileWindow, Image, Layer
 from unionfs.aio import EventLoopThread
 from unionfs.build import MountedImage, Settings, build, layer_tars, log_resolved, merged_tree
+from unionfs.cache_admin import image_keys, note_in_use
 from unionfs.chunk_cache import ChunkCache
 from unionfs.content import ContentReader, LayerReader, TarReader
 from unionfs.entry import Chunk, Entry
@@ -86,6 +87,7 @@ async def _resolve_and_fetch(
     fetches every other layer that the cache lacks whole."""
     image = await resolve_remote(client, settings.platform, settings.cache_dir / "blobs")
     log_resolved(image)
+    note_in_use(settings.cache_dir, image_keys(image))  # before any cache file is looked for
     tocs = await _tocs(client, image, store, settings.cache_dir / "toc") if lazy else {}
     whole = [layer for n, layer in enumerate(image.layers) if n not in tocs and store.needs_blob(layer)]
     _log_layer_plan(image, tocs, whole)

@@ -9,10 +9,7 @@ rebuilt, never served.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
-from pathlib import Path
 
 MAGIC = b"crfs-merge sealed sha256\n"
 DIGEST_SIZE = 32  # SHA-256 runs at about 1.7 GB/s where the CPU has SHA extensions (blake2b: 0.7)
@@ -43,18 +40,6 @@ def unseal(label: str, data: bytes) -> memoryview:
     return payload
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Writes `data` to `path` under a temporary name renamed into place, so that readers
-    see the old file or the whole new one; leaves nothing behind if the write fails."""
-    temp = path.with_name(f".partial-{os.getpid()}-{path.name}")
-    try:
-        with open(temp, "wb") as out:
-            out.write(data)
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
 
 
 def _head(label: str) -> bytes:

@@ -134,7 +134,7 @@ class RegistryClient:
                     progress(state.received)
                 if state.received < size:
                     await self._get(self._blob_path(digest), state.headers, state.consume, f"blob {digest}",
-                                    progress=lambda kept=state: kept.received)  # fmt: skip
+                                    progress=state.received_so_far)  # fmt: skip
             if state.received != size:
                 raise RegistryError(f"blob {digest}: got {state.received} bytes, expected {size}")
             if resumed and digest.hex != state.hashed.hexdigest():
@@ -390,6 +390,10 @@ class _Download:
     size: int
     progress: Progress | None
     received: int = 0
+
+    def received_so_far(self) -> int:
+        """Returns the bytes written so far (the retry budget restarts when they grow)."""
+        return self.received
 
     def keep_existing(self) -> bool:
         """Continues after the bytes the file already holds (hashing them); returns whether

@@ -127,7 +127,8 @@ def test_a_mount_next_to_libfuse_2_maps_only_libfuse_3(tmp_path: Path, oci_image
 
 def libfuse3_files() -> set[str]:
     """Returns every libfuse 3 file the dynamic loader could find, symlinks resolved."""
-    listed = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True).stdout.splitlines()
+    ldconfig = shutil.which("ldconfig") or "/sbin/ldconfig"
+    listed = subprocess.run([ldconfig, "-p"], capture_output=True, text=True).stdout.splitlines()
     paths = {line.rsplit("=> ", 1)[-1] for line in listed if "libfuse3.so" in line}
     for directory in ("/lib", "/lib64", "/usr/lib", "/usr/local/lib", "/usr/lib/*", "/lib/*"):
         paths.update(glob.glob(f"{directory}/libfuse3.so*"))

@@ -17,6 +17,7 @@ import pytest
 from registry.layout_writer import write_layout
 from registry.media_types import Compression
 from tests.tarvocab import Member, tar_of
+from unionfs import libfuse
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 COMMAND = [sys.executable, "-m", "unionfs.cli"]
@@ -42,6 +43,7 @@ def private_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None
 def fuse_works() -> None:
     require(os.path.exists("/dev/fuse"), "/dev/fuse is missing")
     require(shutil.which("fusermount3") is not None, "fusermount3 is missing (apt-get install fuse3)")
+    require(libfuse.locate() is not None, libfuse.INSTALL_HINT)
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ import errno
 import os
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -109,7 +110,7 @@ def test_rich_image_matches_umoci(
 
 def test_seed_example_shows_the_expected_tree(tmp_path: Path, mount: Mounter) -> None:
     example = Path(__file__).parent.parent / "examples" / "build_seed_image.py"
-    subprocess.run(["python3", str(example), str(tmp_path / "seed")], check=True, capture_output=True,
+    subprocess.run([sys.executable, str(example), str(tmp_path / "seed")], check=True, capture_output=True,
                    env={**os.environ, "PYTHONPATH": str(example.parent.parent)})  # fmt: skip
     root = mount(f"oci:{tmp_path / 'seed'}")
     assert sorted(os.listdir(root / "etc")) == sorted(

@@ -2,7 +2,9 @@
 
 Setup (as root, as on an ordinary distribution): a user `crfs-rootless`, /dev/fuse mode
 0666, and a virtual environment of /usr/bin/python3 outside /root (which that user cannot
-traverse) with crfs-merge installed from this checkout.
+traverse) with crfs-merge installed from this checkout. All of it is undone when the module's
+tests end: the user is deleted (with its home) if the tests created it, /dev/fuse gets its
+mode back, and the venv lives in a temporary directory under /tmp that is removed.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,8 +26,8 @@ from tests.conftest import COMMAND, require
 from tests.tarvocab import d, f, opq, tar_of, wh
 
 USER = "crfs-rootless"
-VENV = Path("/opt/crfs-merge-rootless-venv")
 REPO = Path(__file__).resolve().parent.parent
+USER_GONE_SECONDS = 10  # for the user's FUSE servers to exit after their unmount
 
 
 def _as_user(*command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -32,26 +35,58 @@ def _as_user(*command: str, check: bool = True) -> subprocess.CompletedProcess[s
                           timeout=120, check=check)  # fmt: skip
 
 
-def _installed_venv() -> Path:
-    """Returns the venv's crfs-merge, (re)installing this checkout into it."""
-    if not (VENV / "bin" / "python").exists():
-        subprocess.run(["/usr/bin/python3", "-m", "venv", str(VENV)], check=True, capture_output=True)
-    subprocess.run([str(VENV / "bin" / "pip"), "install", "-q", "--no-cache-dir", str(REPO)],
+def _install_venv(venv: Path) -> Path:
+    """Returns the crfs-merge of a new venv at `venv` with this checkout installed."""
+    subprocess.run(["/usr/bin/python3", "-m", "venv", str(venv)], check=True, capture_output=True)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", str(REPO)],
                    check=True, capture_output=True, timeout=600)  # fmt: skip
-    return VENV / "bin" / "crfs-merge"
+    return venv / "bin" / "crfs-merge"
+
+
+def _processes_of(uid: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and entry.stat().st_uid == uid:
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def _delete_user() -> None:
+    """Deletes the test user and its home once its last process (a FUSE server that is
+    still exiting after its unmount) is gone; userdel refuses a user with processes."""
+    uid = pwd.getpwnam(USER).pw_uid
+    deadline = time.monotonic() + USER_GONE_SECONDS
+    while _processes_of(uid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    subprocess.run(["userdel", "--remove", USER], check=True, capture_output=True)
 
 
 @pytest.fixture(scope="module")
-def rootless_command(fuse_works: None) -> Path:
+def rootless_command(fuse_works: None) -> Iterator[Path]:
+    """Returns the crfs-merge that the user can run; undoes every change to the machine after."""
     require(os.geteuid() == 0, "setting up the rootless user needs root")
     require(Path("/usr/bin/python3").exists(), "/usr/bin/python3 is missing")
     require(shutil.which("runuser") is not None, "runuser is missing")
     try:
         pwd.getpwnam(USER)
+        created_user = False
     except KeyError:
         subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", USER], check=True)
-    os.chmod("/dev/fuse", 0o666)
-    return _installed_venv()
+        created_user = True
+    fuse_mode = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
+    venv_dir = Path(tempfile.mkdtemp(prefix="crfs-rootless-venv-", dir="/tmp"))
+    try:
+        venv_dir.chmod(0o755)  # the user runs the venv's python
+        os.chmod("/dev/fuse", 0o666)
+        yield _install_venv(venv_dir / "venv")
+    finally:
+        os.chmod("/dev/fuse", fuse_mode)
+        shutil.rmtree(venv_dir, ignore_errors=True)
+        if created_user:
+            _delete_user()
 
 
 @pytest.fixture

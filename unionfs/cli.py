@@ -302,6 +302,10 @@ def _preflight(mountpoint: str) -> None:
         raise UsageError("/dev/fuse is missing: load the fuse module, or use --export")
     if os.geteuid() != 0 and shutil.which("fusermount3") is None:
         raise UsageError("fusermount3 is not installed (Debian/Ubuntu: apt-get install fuse3), or use --export")
+    from unionfs import libfuse  # here, not at the top: nothing else of the command needs libfuse
+
+    if libfuse.locate() is None:
+        raise UsageError(f"{libfuse.INSTALL_HINT}, or use --export")
 
 
 def _serve(args: argparse.Namespace, image_text: str, mountpoint: str, options: dict[str, str | bool]) -> int:

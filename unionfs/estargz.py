@@ -18,6 +18,7 @@ import io
 import itertools
 import json
 import os
+import re
 import stat
 import struct
 import tarfile
@@ -40,7 +41,8 @@ PREFETCH_LANDMARK = ".prefetch.landmark"
 NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
 ARTIFACTS = {TOC_NAME, PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK}  # never shown, at the layer root
 MAX_TOC_SIZE = 256 * 1024 * 1024  # a TOC this large is an attack, not an image
-_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+_FRACTION = re.compile(r"\.(\d*)")  # of a second, in an RFC 3339 time
 
 _TYPES = {
     "dir": stat.S_IFDIR,
@@ -228,14 +230,21 @@ def _xattr(value: str) -> bytes:
 def _modtime_ns(text: str) -> int:
     if not text:
         return 0
+    # The fraction of a second is read here: Go writes 1 to 9 digits, Python 3.10's
+    # fromisoformat takes only 3 or 6, and no Python version keeps more than microseconds.
+    fraction = _FRACTION.search(text)
+    digits = fraction.group(1) if fraction else ""
+    rest = text[: fraction.start()] + text[fraction.end() :] if fraction else text
     try:
-        moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        if fraction is not None and not 1 <= len(digits) <= 9:
+            raise ValueError(text)
+        moment = datetime.datetime.fromisoformat(rest.replace("Z", "+00:00"))
     except ValueError:
         raise LayerFormatError(f"eStargz TOC: modtime {text!r} is not RFC 3339") from None
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=datetime.UTC)
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
     delta = moment - _EPOCH  # exact integer arithmetic: float timestamps would round
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + int(digits.ljust(9, "0"))
 
 
 @dataclass(frozen=True, slots=True)

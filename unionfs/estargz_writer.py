@@ -200,7 +200,7 @@ def _type_bits(kind: str) -> int:
 
 
 def _rfc3339(mtime: float) -> str:
-    moment = datetime.datetime.fromtimestamp(int(mtime), datetime.UTC)
+    moment = datetime.datetime.fromtimestamp(int(mtime), datetime.timezone.utc)
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 

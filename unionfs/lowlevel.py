@@ -16,20 +16,14 @@ instead of filling a ctypes `struct stat` field by field.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import signal
 import struct
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import mfusepy
-
+from unionfs import libfuse
 from unionfs.entry import Attributes
-
-if mfusepy.fuse_version_major != 3:
-    raise ImportError(f"crfs-merge needs libfuse 3; mfusepy found {mfusepy.fuse_version_major}")
-
-_lib = ctypes.CDLL(ctypes.util.find_library("fuse3") or "libfuse3.so.3")
+from unionfs.libfuse import Layout, Libfuse
 
 FUSE_CAP_SPLICE_WRITE = 1 << 7
 FUSE_CAP_AUTO_INVAL_DATA = 1 << 12
@@ -93,27 +87,12 @@ def listing_buffer(items: Iterable[Listed], first_offset: int, size: int, plus: 
 
 
 # ---------------------------------------------------------------- the C side
+# Bound on first use (a Session, or a reply), not at import: the records above, and the tests
+# and `--export` that use only them, need no libfuse. unionfs/libfuse.py chooses the library.
 
 _req = ctypes.c_void_p
 _ino = ctypes.c_uint64
 _fi = ctypes.c_void_p
-_CALLBACKS: dict[str, Any] = {
-    "init": ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(mfusepy.fuse_conn_info)),
-    "destroy": ctypes.CFUNCTYPE(None, ctypes.c_void_p),
-    "lookup": ctypes.CFUNCTYPE(None, _req, _ino, ctypes.c_char_p),
-    "forget": ctypes.CFUNCTYPE(None, _req, _ino, ctypes.c_uint64),
-    "getattr": ctypes.CFUNCTYPE(None, _req, _ino, _fi),
-    "readlink": ctypes.CFUNCTYPE(None, _req, _ino),
-    "open": ctypes.CFUNCTYPE(None, _req, _ino, ctypes.POINTER(mfusepy.fuse_file_info)),
-    "read": ctypes.CFUNCTYPE(None, _req, _ino, ctypes.c_size_t, ctypes.c_int64, _fi),
-    "opendir": ctypes.CFUNCTYPE(None, _req, _ino, ctypes.POINTER(mfusepy.fuse_file_info)),
-    "readdir": ctypes.CFUNCTYPE(None, _req, _ino, ctypes.c_size_t, ctypes.c_int64, _fi),
-    "statfs": ctypes.CFUNCTYPE(None, _req, _ino),
-    "getxattr": ctypes.CFUNCTYPE(None, _req, _ino, ctypes.c_char_p, ctypes.c_size_t),
-    "listxattr": ctypes.CFUNCTYPE(None, _req, _ino, ctypes.c_size_t),
-    "forget_multi": ctypes.CFUNCTYPE(None, _req, ctypes.c_size_t, ctypes.c_void_p),
-    "readdirplus": ctypes.CFUNCTYPE(None, _req, _ino, ctypes.c_size_t, ctypes.c_int64, _fi),
-}
 # struct fuse_lowlevel_ops, in its order up to readdirplus; the writing operations stay NULL,
 # which libfuse answers with ENOSYS.
 _OPS_ORDER = [
@@ -162,64 +141,142 @@ _OPS_ORDER = [
 ]
 
 
-class _Operations(ctypes.Structure):
-    _fields_ = [(name, _CALLBACKS.get(name, ctypes.c_void_p)) for name in _OPS_ORDER]
-
-
 class _Args(ctypes.Structure):
     _fields_ = [("argc", ctypes.c_int), ("argv", ctypes.POINTER(ctypes.c_char_p)), ("allocated", ctypes.c_int)]
-
-
-class _Buf(ctypes.Structure):  # struct fuse_buf
-    _fields_ = [("size", ctypes.c_size_t), ("flags", ctypes.c_int), ("mem", ctypes.c_void_p), ("fd", ctypes.c_int),
-                ("pos", ctypes.c_int64)]  # fmt: skip
-
-
-class _BufVec(ctypes.Structure):  # struct fuse_bufvec, with its one inline buffer
-    _fields_ = [("count", ctypes.c_size_t), ("idx", ctypes.c_size_t), ("off", ctypes.c_size_t), ("buf", _Buf * 1)]
-
-
-_FILE_RANGE = 1 << 1 | 1 << 2 | 1 << 3  # FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK | FUSE_BUF_FD_RETRY
 
 
 class _LoopConfigV1(ctypes.Structure):  # libfuse 3.2 - 3.11
     _fields_ = [("clone_fd", ctypes.c_int), ("max_idle_threads", ctypes.c_uint)]
 
 
-def _declare(name: str, restype: Any, *argtypes: Any) -> None:
-    function = getattr(_lib, name, None)
-    if function is not None:
-        function.restype = restype
-        function.argtypes = argtypes
+class _LibfuseVersion(ctypes.Structure):  # struct libfuse_version, 3.17 and later
+    _fields_ = [("major", ctypes.c_uint32), ("minor", ctypes.c_uint32), ("hotfix", ctypes.c_uint32),
+                ("padding", ctypes.c_uint32)]  # fmt: skip
 
 
-_declare("fuse_session_new", ctypes.c_void_p, ctypes.POINTER(_Args), ctypes.POINTER(_Operations),
-         ctypes.c_size_t, ctypes.c_void_p)  # fmt: skip
-_declare("fuse_session_mount", ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p)
-_declare("fuse_session_unmount", None, ctypes.c_void_p)
-_declare("fuse_session_destroy", None, ctypes.c_void_p)
-_declare("fuse_set_signal_handlers", ctypes.c_int, ctypes.c_void_p)
-_declare("fuse_remove_signal_handlers", None, ctypes.c_void_p)
-_declare("fuse_loop_cfg_create", ctypes.c_void_p)
-_declare("fuse_loop_cfg_destroy", None, ctypes.c_void_p)
-_declare("fuse_loop_cfg_set_max_threads", None, ctypes.c_void_p, ctypes.c_uint)
-_declare("fuse_loop_cfg_set_idle_threads", None, ctypes.c_void_p, ctypes.c_uint)
-_declare("fuse_session_loop_mt_312", ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
-_declare("fuse_session_loop_mt_32", ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(_LoopConfigV1))
-_declare("fuse_reply_err", ctypes.c_int, _req, ctypes.c_int)
-_declare("fuse_reply_none", None, _req)
-_declare("fuse_reply_buf", ctypes.c_int, _req, ctypes.c_char_p, ctypes.c_size_t)
-_declare("fuse_reply_readlink", ctypes.c_int, _req, ctypes.c_char_p)
-_declare("fuse_reply_open", ctypes.c_int, _req, ctypes.POINTER(mfusepy.fuse_file_info))
-_declare("fuse_reply_data", ctypes.c_int, _req, ctypes.POINTER(_BufVec), ctypes.c_int)
-_declare("fuse_reply_xattr", ctypes.c_int, _req, ctypes.c_size_t)
-_declare("fuse_reply_statfs", ctypes.c_int, _req, ctypes.POINTER(mfusepy.c_statvfs))
+_FILE_RANGE = 1 << 1 | 1 << 2 | 1 << 3  # FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK | FUSE_BUF_FD_RETRY
 
-reply_err: Callable[[int, int], int] = _lib.fuse_reply_err
-reply_none: Callable[[int], None] = _lib.fuse_reply_none
-reply_buf: Callable[[int, bytes, int], int] = _lib.fuse_reply_buf
-reply_readlink: Callable[[int, bytes], int] = _lib.fuse_reply_readlink
-reply_xattr: Callable[[int, int], int] = _lib.fuse_reply_xattr
+
+def file_info_type(layout: Layout) -> type[ctypes.Structure]:
+    """Returns struct fuse_file_info of `layout` up to its word of one-bit fields, which is all
+    that is written here (always through libfuse's pointer, so the rest need not be declared).
+    ctypes places the bits as the C compiler does, first declared first."""
+    bits = [(name, ctypes.c_uint32, 1) for name in layout.file_info_bits]
+    padding = ("padding", ctypes.c_uint32, 32 - len(bits))
+    return type("fuse_file_info", (ctypes.Structure,), {"_fields_": [("flags", ctypes.c_int32), *bits, padding]})
+
+
+def buf_type(layout: Layout) -> type[ctypes.Structure]:
+    """Returns struct fuse_buf of `layout` (3.17 appended `size_t mem_size`)."""
+    fields = [("size", ctypes.c_size_t), ("flags", ctypes.c_int), ("mem", ctypes.c_void_p), ("fd", ctypes.c_int),
+              ("pos", ctypes.c_int64)]  # fmt: skip
+    if layout.buf_has_mem_size:
+        fields.append(("mem_size", ctypes.c_size_t))
+    return type("fuse_buf", (ctypes.Structure,), {"_fields_": fields})
+
+
+class _Bindings:
+    """libfuse's functions with their C signatures, and the structures whose layout depends on
+    the version of the library that was loaded."""
+
+    def __init__(self, fuse: Libfuse) -> None:
+        self.fuse = fuse
+        self.lib = fuse.lib
+        self.file_info = file_info_type(fuse.layout)
+        self.buf = buf_type(fuse.layout)
+        self.bufvec = type("fuse_bufvec", (ctypes.Structure,), {"_fields_": [  # with its one inline buffer
+            ("count", ctypes.c_size_t), ("idx", ctypes.c_size_t), ("off", ctypes.c_size_t), ("buf", self.buf * 1)]})
+        file_info_p = ctypes.POINTER(self.file_info)
+        self.callbacks: dict[str, Any] = {
+            "init": ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(fuse.mfusepy.fuse_conn_info)),
+            "destroy": ctypes.CFUNCTYPE(None, ctypes.c_void_p),
+            "lookup": ctypes.CFUNCTYPE(None, _req, _ino, ctypes.c_char_p),
+            "forget": ctypes.CFUNCTYPE(None, _req, _ino, ctypes.c_uint64),
+            "getattr": ctypes.CFUNCTYPE(None, _req, _ino, _fi),
+            "readlink": ctypes.CFUNCTYPE(None, _req, _ino),
+            "open": ctypes.CFUNCTYPE(None, _req, _ino, file_info_p),
+            "read": ctypes.CFUNCTYPE(None, _req, _ino, ctypes.c_size_t, ctypes.c_int64, _fi),
+            "opendir": ctypes.CFUNCTYPE(None, _req, _ino, file_info_p),
+            "readdir": ctypes.CFUNCTYPE(None, _req, _ino, ctypes.c_size_t, ctypes.c_int64, _fi),
+            "statfs": ctypes.CFUNCTYPE(None, _req, _ino),
+            "getxattr": ctypes.CFUNCTYPE(None, _req, _ino, ctypes.c_char_p, ctypes.c_size_t),
+            "listxattr": ctypes.CFUNCTYPE(None, _req, _ino, ctypes.c_size_t),
+            "forget_multi": ctypes.CFUNCTYPE(None, _req, ctypes.c_size_t, ctypes.c_void_p),
+            "readdirplus": ctypes.CFUNCTYPE(None, _req, _ino, ctypes.c_size_t, ctypes.c_int64, _fi),
+        }
+        self.operations = type("fuse_lowlevel_ops", (ctypes.Structure,), {
+            "_fields_": [(name, self.callbacks.get(name, ctypes.c_void_p)) for name in _OPS_ORDER]})
+        self._declare_functions(fuse)
+
+    def _declare(self, name: str, restype: Any, *argtypes: Any) -> None:
+        function = getattr(self.lib, name, None)
+        if function is not None:
+            function.restype = restype
+            function.argtypes = argtypes
+
+    def _declare_functions(self, fuse: Libfuse) -> None:
+        declare = self._declare
+        declare("fuse_session_new", ctypes.c_void_p, ctypes.POINTER(_Args), ctypes.POINTER(self.operations),
+                ctypes.c_size_t, ctypes.c_void_p)  # fmt: skip
+        declare("fuse_session_new_versioned", ctypes.c_void_p, ctypes.POINTER(_Args),
+                ctypes.POINTER(self.operations), ctypes.c_size_t, ctypes.POINTER(_LibfuseVersion), ctypes.c_void_p)
+        declare("fuse_session_mount", ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p)
+        declare("fuse_session_unmount", None, ctypes.c_void_p)
+        declare("fuse_session_destroy", None, ctypes.c_void_p)
+        declare("fuse_set_signal_handlers", ctypes.c_int, ctypes.c_void_p)
+        declare("fuse_remove_signal_handlers", None, ctypes.c_void_p)
+        declare("fuse_loop_cfg_create", ctypes.c_void_p)
+        declare("fuse_loop_cfg_destroy", None, ctypes.c_void_p)
+        declare("fuse_loop_cfg_set_max_threads", None, ctypes.c_void_p, ctypes.c_uint)
+        declare("fuse_loop_cfg_set_idle_threads", None, ctypes.c_void_p, ctypes.c_uint)
+        declare("fuse_session_loop_mt_312", ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+        declare("fuse_session_loop_mt_32", ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(_LoopConfigV1))
+        declare("fuse_reply_err", ctypes.c_int, _req, ctypes.c_int)
+        declare("fuse_reply_none", None, _req)
+        declare("fuse_reply_buf", ctypes.c_int, _req, ctypes.c_char_p, ctypes.c_size_t)
+        declare("fuse_reply_readlink", ctypes.c_int, _req, ctypes.c_char_p)
+        declare("fuse_reply_open", ctypes.c_int, _req, ctypes.POINTER(self.file_info))
+        declare("fuse_reply_data", ctypes.c_int, _req, ctypes.POINTER(self.bufvec), ctypes.c_int)
+        declare("fuse_reply_xattr", ctypes.c_int, _req, ctypes.c_size_t)
+        declare("fuse_reply_statfs", ctypes.c_int, _req, ctypes.POINTER(fuse.mfusepy.c_statvfs))
+
+    def new_session(self, args: _Args, operations: ctypes.Structure) -> int | None:
+        """Returns libfuse's fuse_session_new(...), telling 3.17 and later which ABI we speak
+        (the loaded library's own: every layout here was chosen from its version)."""
+        size = ctypes.sizeof(operations)
+        if hasattr(self.lib, "fuse_session_new_versioned"):
+            version = _LibfuseVersion(*self.fuse.version, 0)
+            se = self.lib.fuse_session_new_versioned(ctypes.byref(args), ctypes.byref(operations), size,
+                                                     ctypes.byref(version), None)  # fmt: skip
+        else:
+            se = self.lib.fuse_session_new(ctypes.byref(args), ctypes.byref(operations), size, None)
+        return int(se) if se else None
+
+
+def _unbound(*args: Any) -> Any:
+    raise RuntimeError("no FUSE session: replies exist only inside a Session's callbacks")
+
+
+# Replaced by libfuse's own functions when the library is bound: the hot paths call them
+# without a Python function in between.
+reply_err: Callable[[int, int], int] = _unbound
+reply_none: Callable[[int], None] = _unbound
+reply_buf: Callable[[int, bytes, int], int] = _unbound
+reply_readlink: Callable[[int, bytes], int] = _unbound
+reply_xattr: Callable[[int, int], int] = _unbound
+_bound: _Bindings | None = None
+
+
+def bindings() -> _Bindings:
+    """Returns the bound libfuse (loading it on the first call; raises LibfuseMissing if there
+    is no libfuse 3)."""
+    global _bound, reply_err, reply_none, reply_buf, reply_readlink, reply_xattr
+    if _bound is None:
+        bound = _Bindings(libfuse.load())
+        reply_err, reply_none, reply_buf = bound.lib.fuse_reply_err, bound.lib.fuse_reply_none, bound.lib.fuse_reply_buf
+        reply_readlink, reply_xattr = bound.lib.fuse_reply_readlink, bound.lib.fuse_reply_xattr
+        _bound = bound
+    return _bound
 
 
 def reply_open_cached(req: int, fi: Any) -> int:
@@ -227,20 +284,23 @@ def reply_open_cached(req: int, fi: Any) -> int:
     pages, or its listing) across opens: for kernels that cannot skip OPEN altogether."""
     fi.contents.keep_cache = 1
     fi.contents.cache_readdir = 1
-    return int(_lib.fuse_reply_open(req, fi))
+    return int(bindings().lib.fuse_reply_open(req, fi))
 
 
 def reply_file_range(req: int, fd: int, position: int, size: int) -> int:
     """Answers a READ with `size` bytes of file `fd` from `position`, without passing them
     through Python: libfuse splices them from the file to the kernel where the connection
     allows (FUSE_CAP_SPLICE_WRITE), else copies them in C."""
-    vector = _BufVec(1, 0, 0)
-    vector.buf[0] = _Buf(size, _FILE_RANGE, None, fd, position)
-    return int(_lib.fuse_reply_data(req, ctypes.byref(vector), 0))
+    bound = bindings()
+    vector = bound.bufvec(1, 0, 0)
+    vector.buf[0] = bound.buf(size, _FILE_RANGE, None, fd, position)
+    return int(bound.lib.fuse_reply_data(req, ctypes.byref(vector), 0))
 
 
 def reply_statfs(req: int, **fields: int) -> int:
-    return int(_lib.fuse_reply_statfs(req, ctypes.byref(mfusepy.c_statvfs(**fields))))
+    """Answers STATFS with `fields` of struct statvfs (f_bsize=..., f_blocks=..., ...)."""
+    bound = bindings()
+    return int(bound.lib.fuse_reply_statfs(req, ctypes.byref(bound.fuse.mfusepy.c_statvfs(**fields))))
 
 
 class SessionError(Exception):
@@ -248,16 +308,18 @@ class SessionError(Exception):
 
 
 class Session:
-    """One FUSE session: `callbacks` maps _CALLBACKS names to Python functions, each of which
-    must reply to its request exactly once (except init and destroy, which have none)."""
+    """One FUSE session: `callbacks` maps operation names (init, lookup, ... readdirplus) to
+    Python functions, each of which must reply to its request exactly once (except init and
+    destroy, which have none). Raises LibfuseMissing if there is no libfuse 3."""
 
     def __init__(self, callbacks: dict[str, Callable[..., None]], options: list[str]) -> None:
+        bound = bindings()
+        self._lib = bound.lib
         # The CFUNCTYPE objects must outlive the session: libfuse holds bare pointers to them.
-        self._ops = _Operations(**{name: _CALLBACKS[name](function) for name, function in callbacks.items()})
+        self._ops = bound.operations(**{name: bound.callbacks[name](function) for name, function in callbacks.items()})
         argv = [b"crfs-merge", b"-o", ",".join(options).encode()]
         self._argv = (ctypes.c_char_p * (len(argv) + 1))(*argv, None)
-        args = _Args(len(argv), self._argv, 0)
-        self._se = _lib.fuse_session_new(ctypes.byref(args), ctypes.byref(self._ops), ctypes.sizeof(self._ops), None)
+        self._se = bound.new_session(_Args(len(argv), self._argv, 0), self._ops)
         if not self._se:
             raise SessionError("libfuse refused the mount options")
 
@@ -268,32 +330,32 @@ class Session:
         # signals left at their default, and Python has one of its own for SIGINT.
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
-        if _lib.fuse_set_signal_handlers(self._se) != 0:
+        if self._lib.fuse_set_signal_handlers(self._se) != 0:
             raise SessionError("cannot install the signal handlers")
         try:
-            if _lib.fuse_session_mount(self._se, mountpoint.encode()) != 0:
+            if self._lib.fuse_session_mount(self._se, mountpoint.encode()) != 0:
                 raise SessionError(f"{mountpoint}: the mount failed")
             try:
                 self._loop(threads)
             finally:
-                _lib.fuse_session_unmount(self._se)
+                self._lib.fuse_session_unmount(self._se)
         finally:
-            _lib.fuse_remove_signal_handlers(self._se)
+            self._lib.fuse_remove_signal_handlers(self._se)
 
     def _loop(self, threads: int) -> None:
-        if hasattr(_lib, "fuse_loop_cfg_create"):
-            config = _lib.fuse_loop_cfg_create()
-            _lib.fuse_loop_cfg_set_max_threads(config, threads)
-            _lib.fuse_loop_cfg_set_idle_threads(config, threads)
+        if hasattr(self._lib, "fuse_loop_cfg_create"):
+            config = self._lib.fuse_loop_cfg_create()
+            self._lib.fuse_loop_cfg_set_max_threads(config, threads)
+            self._lib.fuse_loop_cfg_set_idle_threads(config, threads)
             try:
-                _lib.fuse_session_loop_mt_312(self._se, config)
+                self._lib.fuse_session_loop_mt_312(self._se, config)
             finally:
-                _lib.fuse_loop_cfg_destroy(config)
+                self._lib.fuse_loop_cfg_destroy(config)
         else:
-            _lib.fuse_session_loop_mt_32(self._se, ctypes.byref(_LoopConfigV1(0, threads)))
+            self._lib.fuse_session_loop_mt_32(self._se, ctypes.byref(_LoopConfigV1(0, threads)))
 
     def close(self) -> None:
         """Destroys the session (libfuse calls `destroy` then)."""
         if self._se:
-            _lib.fuse_session_destroy(self._se)
+            self._lib.fuse_session_destroy(self._se)
             self._se = None

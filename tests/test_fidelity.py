@@ -1,7 +1,9 @@
-"""Parents through symlinks, through a real mount, against `umoci raw unpack` of the same image."""
+"""Fidelity corners through a real mount: parents through symlinks (against `umoci raw
+unpack` of the same image) and empty PAX xattrs."""
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 from pathlib import Path
@@ -9,9 +11,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ImageWriter, Mounter
+from tests.tarvocab import f, tar_of
 from tests.test_mount import umoci_unpack, umoci_view
 from tests.test_whiteout import SYMLINK_CASES
 from tests.tree_walk import describe_tree
+from unionfs.estargz import FOOTER_SIZE, parse_footer, parse_toc, read_toc_member
+from unionfs.estargz_writer import write_estargz
+from unionfs.tar_index import index_tar
 
 AGREED = [c for c in SYMLINK_CASES if c[3]]
 REFUSED = [c for c in SYMLINK_CASES if not c[3]]
@@ -44,3 +50,31 @@ def test_parents_umoci_refuses_skip_only_the_entry(
     run = subprocess.run([umoci, "raw", "unpack", *rootless, "--image", f"{path}:{tag}", str(tmp_path / "rootfs")],
                          capture_output=True, text=True)  # fmt: skip
     assert run.returncode != 0, "umoci unpacked what containerd refuses"
+
+
+# POSIX says an empty pax value deletes the keyword, and Go's deprecated Header.Xattrs
+# drops it (umoci 0.4.7 reads that field: no xattr). But containerd and docker set every
+# SCHILY.xattr.* of Header.PAXRecords, which keeps the empty value: containerd 1.6.20
+# (native and overlayfs snapshotters alike) unpacks this file with `user.empty` = b''.
+# The mount shows what `docker run` shows.
+EMPTY_XATTR = [f("e", b"e", xattrs={"user.empty": "", "user.full": "v"})]
+XATTRS = {"user.empty": b"", "user.full": b"v"}
+
+
+def test_an_empty_pax_xattr_is_an_empty_xattr_in_both_indexes() -> None:
+    tar = tar_of(*EMPTY_XATTR)
+    (entry,) = index_tar(io.BytesIO(tar), len(tar), 0, print)
+    assert dict(entry.xattrs) == XATTRS
+    out = io.BytesIO()
+    write_estargz(io.BytesIO(tar), out)
+    blob = out.getvalue()
+    found = parse_footer(blob[-FOOTER_SIZE:])
+    assert found is not None
+    toc = parse_toc(read_toc_member(blob[found.toc_offset : -found.size]), 0, found.toc_offset)
+    assert [dict(e.xattrs) for e in toc.entries if e.path == "e"] == [XATTRS]
+
+
+def test_an_empty_pax_xattr_is_listed_and_reads_empty(oci_image: ImageWriter, mount: Mounter) -> None:
+    root = mount(oci_image(EMPTY_XATTR))
+    assert sorted(os.listxattr(root / "e")) == sorted(XATTRS)
+    assert {name: os.getxattr(root / "e", name) for name in XATTRS} == XATTRS

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ImageWriter, Mounter
-from tests.tarvocab import f, tar_of
+from tests.conftest import COMMAND, ImageWriter, Mounter, require
+from tests.tarvocab import d, f, hl, sym, tar_of, wh
 from tests.test_mount import umoci_unpack, umoci_view
 from tests.test_whiteout import SYMLINK_CASES
 from tests.tree_walk import describe_tree
@@ -19,6 +20,11 @@ from unionfs.estargz import FOOTER_SIZE, parse_footer, parse_toc, read_toc_membe
 from unionfs.estargz_writer import write_estargz
 from unionfs.tar_index import index_tar
 
+RICH = [
+    [d("etc/"), f("etc/hosts", b"h", uid=7, mode=0o600), f("etc/motd", b"m"), sym("etc/mtab", "/proc/mounts"),
+     f("x", b"xattr", xattrs={"user.a": "b"}), hl("etc/hosts2", "etc/hosts")],
+    [wh("etc/motd"), f("var/log", b"log")],
+]  # fmt: skip
 AGREED = [c for c in SYMLINK_CASES if c[3]]
 REFUSED = [c for c in SYMLINK_CASES if not c[3]]
 
@@ -78,3 +84,25 @@ def test_an_empty_pax_xattr_is_listed_and_reads_empty(oci_image: ImageWriter, mo
     root = mount(oci_image(EMPTY_XATTR))
     assert sorted(os.listxattr(root / "e")) == sorted(XATTRS)
     assert {name: os.getxattr(root / "e", name) for name in XATTRS} == XATTRS
+
+
+def test_a_skopeo_dir_image_mounts_exports_and_converts_like_its_layout(
+    oci_image: ImageWriter, mount: Mounter, tmp_path: Path
+) -> None:
+    skopeo = shutil.which("skopeo")
+    require(skopeo is not None, "skopeo is missing (apt-get install skopeo)")
+    layout = oci_image(*RICH)
+    copied = tmp_path / "dir-image"
+    subprocess.run([str(skopeo), "copy", "--insecure-policy", layout, f"dir:{copied}"], check=True, capture_output=True)
+    expected = describe_tree(mount(layout))
+    assert describe_tree(mount(f"dir:{copied}")) == expected
+    assert describe_tree(mount(str(copied))) == expected  # a bare path: told apart from a layout
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    for command in (
+        [*cache, "--export", str(tmp_path / "exported"), f"dir:{copied}"],
+        ["convert", *cache, f"dir:{copied}", f"oci:{tmp_path / 'converted'}:esgz"],
+    ):
+        run = subprocess.run([*COMMAND, *command], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+    assert describe_tree(tmp_path / "exported") == expected
+    assert describe_tree(mount(f"oci:{tmp_path / 'converted'}:esgz")) == expected

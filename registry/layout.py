@@ -17,9 +17,9 @@ def resolve_layout(files: Files, name: str, tag: str | None, platform: Platform)
     if not isinstance(index, Index):
         raise ManifestError(f"{name}: index.json is not an image index")
     descriptor = _pick_tag(index, tag, name)
-    manifest = _manifest_for(files, descriptor, platform)
+    manifest = manifest_for(files, descriptor, platform)
     config = read_blob(files, manifest.config)
-    return Image(name, tuple(_layers(files, manifest, config)), config)
+    return Image(name, tuple(layers_of(files, manifest, config)), config)
 
 
 def blob_window(files: Files, descriptor: Descriptor) -> FileWindow:
@@ -64,7 +64,8 @@ def _tag_list(index: Index) -> str:
     return ", ".join(sorted({n for d in index.manifests for n in _names(d)})) or "none"
 
 
-def _manifest_for(files: Files, descriptor: Descriptor, platform: Platform) -> Manifest:
+def manifest_for(files: Files, descriptor: Descriptor, platform: Platform) -> Manifest:
+    """Returns the image manifest that `descriptor` leads to, through indexes, for `platform`."""
     for _ in range(4):  # an index may point at an index; more nesting than this is a loop
         document = decode(read_blob(files, descriptor), descriptor.media_type)
         if isinstance(document, Manifest):
@@ -73,7 +74,8 @@ def _manifest_for(files: Files, descriptor: Descriptor, platform: Platform) -> M
     raise ManifestError(f"image index nesting too deep at {descriptor.digest}")
 
 
-def _layers(files: Files, manifest: Manifest, config: bytes) -> list[Layer]:
+def layers_of(files: Files, manifest: Manifest, config: bytes) -> list[Layer]:
+    """Returns the layers of `manifest`, bottom first, each with its diff_id from `config`."""
     diffs = diff_ids(config)
     if len(diffs) != len(manifest.layers):
         raise ManifestError(f"manifest has {len(manifest.layers)} layers but config lists {len(diffs)} diff_ids")

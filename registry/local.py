@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 
 from registry.archive import resolve_archive
+from registry.dir_transport import resolve_dir
 from registry.errors import ImageError, InvalidReferenceError
 from registry.layout import resolve_layout
 from registry.manifest import Platform
-from registry.reference import DOCKER_ARCHIVE, OCI, ImageReference
+from registry.reference import DIR, DOCKER_ARCHIVE, OCI, ImageReference
 from registry.source import DirectoryFiles, Image
 
 
@@ -22,4 +23,6 @@ def resolve_image(reference: ImageReference, platform: Platform) -> Image:
         if not os.path.isfile(reference.path):
             raise ImageError(f"{reference.path}: no such file")
         return resolve_archive(reference.path, reference.tag, platform)
+    if reference.transport == DIR:
+        return resolve_dir(reference.path, platform)
     raise InvalidReferenceError(f"{reference}: not a local image (registry images go through registry.pull)")

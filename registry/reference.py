@@ -1,7 +1,8 @@
 """Parse the IMAGE argument: a transport-prefixed local path, or a bare path.
 
-Spelled as skopeo spells them: `oci:PATH[:TAG]`, `docker-archive:FILE[:NAME]`. The first
-colon after the transport ends the path, as in skopeo, so paths cannot contain ':'.
+Spelled as skopeo spells them: `oci:PATH[:TAG]`, `docker-archive:FILE[:NAME]`, `dir:PATH`.
+The first colon after `oci:` or `docker-archive:` ends the path, as in skopeo, so those paths
+cannot contain ':'; `dir:` takes no tag, and its path is all the rest.
 Anything else is a registry reference (`host/repo:tag`, `docker://...`), checked by
 RemoteReference's rules here, before any network I/O.
 """
@@ -11,11 +12,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from registry.dir_transport import is_dir_transport
 from registry.errors import InvalidReferenceError
 from registry.remote_reference import RemoteReference
 
 OCI = "oci"
 DOCKER_ARCHIVE = "docker-archive"
+DIR = "dir"  # skopeo's dir: transport (registry/dir_transport.py)
 REGISTRY = "docker"
 
 
@@ -35,10 +38,14 @@ class ImageReference:
         transport, sep, rest = text.partition(":")
         if sep and transport in (OCI, DOCKER_ARCHIVE):
             return cls._with_tag(transport, rest)
+        if sep and transport == DIR:
+            if not rest:
+                raise InvalidReferenceError(f"{DIR}: reference has no path")
+            return cls(DIR, rest)
         if sep and transport == REGISTRY and rest.startswith("//"):
             return cls._remote(rest[2:])
         if os.path.isdir(text):
-            return cls(OCI, text)
+            return cls(DIR if is_dir_transport(text) else OCI, text)
         if os.path.isfile(text):
             return cls(DOCKER_ARCHIVE, text)
         if text.startswith(("/", "./", "../")) or (os.sep in text and not _looks_like_registry(text)):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import subprocess
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -11,11 +13,12 @@ from pathlib import Path
 import pytest
 
 from registry.errors import ImageError, ManifestError
-from registry.layout_writer import write_layout
+from registry.layout_writer import write_index, write_layout
 from registry.local import resolve_image
 from registry.manifest import Platform
 from registry.media_types import Compression
 from registry.reference import ImageReference
+from tests.conftest import require
 from tests.merge_helpers import describe
 from tests.tarvocab import d, f, opq, sym, tar_of, wh
 from unionfs.build import build
@@ -75,7 +78,35 @@ def docker_archive_oci(tmp: Path) -> str:
     return str(tmp / "oci.tar")
 
 
-SOURCES: list[Callable[[Path], str]] = [oci_layout, oci_layout_bare_path, docker_archive_legacy, docker_archive_oci]
+def skopeo_dir(tmp: Path, *options: str) -> Path:
+    """Returns a directory that real skopeo wrote with its dir: transport from an OCI layout."""
+    skopeo = shutil.which("skopeo")
+    require(skopeo is not None, "skopeo is missing (apt-get install skopeo)")
+    write_layout(tmp / "layout", LAYERS, Compression.GZIP, tag="v1")
+    target = tmp / "dir-image"
+    subprocess.run([str(skopeo), "copy", "--insecure-policy", *options, f"oci:{tmp / 'layout'}:v1", f"dir:{target}"],
+                   check=True, capture_output=True)  # fmt: skip
+    return target
+
+
+def dir_transport(tmp: Path) -> str:
+    """`skopeo copy oci:... dir:DIR`: the OCI manifest as is, blobs named by hex."""
+    return f"dir:{skopeo_dir(tmp)}"
+
+
+def dir_transport_docker_schema2(tmp: Path) -> str:
+    """The same with `--format v2s2`, as `podman save --format docker-dir` writes it."""
+    return f"dir:{skopeo_dir(tmp, '--format', 'v2s2')}"
+
+
+def dir_transport_bare_path(tmp: Path) -> str:
+    return str(skopeo_dir(tmp))
+
+
+SOURCES: list[Callable[[Path], str]] = [
+    oci_layout, oci_layout_bare_path, docker_archive_legacy, docker_archive_oci,
+    dir_transport, dir_transport_docker_schema2, dir_transport_bare_path,
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("make_source", SOURCES, ids=[s.__name__ for s in SOURCES])
@@ -116,6 +147,8 @@ def test_layout_tags(tmp_path: Path) -> None:
         ("oci:/x/y:v2", "oci", "/x/y", "v2"),
         ("docker-archive:/a.tar", "docker-archive", "/a.tar", None),
         ("docker-archive:/a.tar:repo:tag", "docker-archive", "/a.tar", "repo:tag"),
+        ("dir:/x/y", "dir", "/x/y", None),
+        ("dir:/x/y:z", "dir", "/x/y:z", None),
         ("docker://quay.io/a/b:c", "docker", "quay.io/a/b:c", None),
         ("alpine", "docker", "docker.io/library/alpine:latest", None),
         ("127.0.0.1:5000/x:y", "docker", "127.0.0.1:5000/x:y", None),
@@ -126,10 +159,48 @@ def test_reference_parsing(text: str, transport: str, path: str, tag: str | None
     assert (reference.transport, reference.path, reference.tag) == (transport, path, tag)
 
 
-@pytest.mark.parametrize("text", ["", "oci:", "oci:/x:", "./missing/dir", "/no/such/file.tar"])
+@pytest.mark.parametrize("text", ["", "oci:", "oci:/x:", "dir:", "./missing/dir", "/no/such/file.tar"])
 def test_bad_references_are_refused(text: str) -> None:
     with pytest.raises(ImageError):
         ImageReference.parse(text)
+
+
+def test_a_bare_directory_is_a_dir_image_only_with_its_version_file_and_no_index(tmp_path: Path) -> None:
+    write_layout(tmp_path / "layout", LAYERS)
+    (tmp_path / "layout" / "manifest.json").write_text("{}")  # as an unpacked `docker save` has
+    (tmp_path / "layout" / "version").write_text("Directory Transport Version: 1.1\n")
+    assert ImageReference.parse(str(tmp_path / "layout")).transport == "oci"
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "manifest.json").write_text("{}")
+    assert ImageReference.parse(str(tmp_path / "dir")).transport == "oci"  # no version file
+    (tmp_path / "dir" / "version").write_text("Directory Transport Version: 1.1\n")
+    assert ImageReference.parse(str(tmp_path / "dir")).transport == "dir"
+
+
+def test_a_dir_image_of_an_index_picks_the_platform(tmp_path: Path) -> None:
+    """`skopeo copy --all` writes the index as manifest.json, each instance as HEX.manifest.json."""
+    skopeo = shutil.which("skopeo")
+    require(skopeo is not None, "skopeo is missing (apt-get install skopeo)")
+    layout = tmp_path / "layout"
+    write_layout(layout, LAYERS[:1], tag="arm", platform=Platform.parse("linux/arm64"))
+    write_layout(layout, LAYERS, tag="amd", platform=Platform.parse("linux/amd64"))
+    write_index(layout, ["arm", "amd"], "multi")
+    subprocess.run([str(skopeo), "copy", "--insecure-policy", "--all", f"oci:{layout}:multi", f"dir:{tmp_path / 'd'}"],
+                   check=True, capture_output=True)  # fmt: skip
+    assert len(list((tmp_path / "d").glob("*.manifest.json"))) == 2
+    reference = ImageReference.parse(f"dir:{tmp_path / 'd'}")
+    assert len(resolve_image(reference, Platform.parse("linux/amd64")).layers) == 2
+    assert len(resolve_image(reference, Platform.parse("linux/arm64")).layers) == 1
+    with pytest.raises(ManifestError, match="no image for platform linux/s390x"):
+        resolve_image(reference, Platform.parse("linux/s390x"))
+
+
+def test_dir_images_that_are_not_there_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match=r"no manifest\.json"):
+        resolve_image(ImageReference.parse(f"dir:{tmp_path}"), Platform.host())
+    (tmp_path / "manifest.json").write_text("[")
+    with pytest.raises(ManifestError, match=r"manifest.json: "):
+        resolve_image(ImageReference.parse(f"dir:{tmp_path}"), Platform.host())
 
 
 def test_index_platform_selection(tmp_path: Path) -> None:

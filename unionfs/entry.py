@@ -75,6 +75,10 @@ class Entry:
     def hardlink_to(self) -> str | None:
         return self.link if self.hardlink else None
 
+    @property
+    def symlink_to(self) -> str | None:
+        return self.link if stat.S_ISLNK(self.mode) else None
+
 
 IMPLIED_DIRECTORY = Entry(path="", mode=stat.S_IFDIR | 0o755)
 """Metadata of a directory that no layer has a header for (containerd uses 0755, root)."""

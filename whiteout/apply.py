@@ -14,6 +14,16 @@ Rules, and where they come from:
   non-directory in the way of an ordinary entry is replaced by a directory; a marker
   below a non-directory has nothing to hide and changes nothing (umoci keeps the file;
   containerd refuses the layer with ENOTDIR).
+- A symlink among an entry's parents is followed inside the root (whiteout.resolve, as
+  containerd's applyNaive and umoci's SecureJoin do): `p/c` over `p -> real` lands in
+  `real/` and `p` stays a link. The same holds for the parent of a whiteout, the directory
+  of an opaque marker (both against the lower layers' view, as markers only act on lower
+  layers) and the parent of a hardlink's target. The last component is never followed:
+  an entry at a symlink's own path replaces it. A parent that cannot be resolved to a
+  directory (a symlink loop, or a link to a file) is an error in containerd and umoci:
+  the entry is skipped with a warning. (containerd's overlayfs snapshotter applies a layer
+  to an empty upper directory and never sees the lower link: there, `p` becomes a
+  directory that hides it.)
 - A hardlink whose target is missing or a directory is skipped whole, with a warning.
 - The same path twice in one layer: the later entry wins, as tar extraction does.
 - A hardlink is resolved when its layer is applied, against the view at that point
@@ -29,6 +39,7 @@ from typing import Generic, Protocol, TypeVar
 
 from whiteout.markers import Marker, classify
 from whiteout.paths import parent_and_name
+from whiteout.resolve import MAX_SYMLINKS, TooManySymlinks, resolve_in_root
 
 
 class LayerEntry(Protocol):
@@ -42,6 +53,9 @@ class LayerEntry(Protocol):
 
     @property
     def hardlink_to(self) -> str | None: ...
+
+    @property
+    def symlink_to(self) -> str | None: ...
 
 
 E = TypeVar("E", bound=LayerEntry)
@@ -64,6 +78,15 @@ class Node(Generic[E]):
     def is_dir(self) -> bool:
         return self.children is not None
 
+    @property
+    def symlink_to(self) -> str | None:
+        """Returns the target if this node is a symlink, else None."""
+        return self.entry.symlink_to if self.entry is not None and self.children is None else None
+
+
+class Unresolvable(Exception):
+    """A path's parents lead through symlinks to something that is no directory, or loop."""
+
 
 def merge_layers(layers: Iterable[Iterable[E]], warn: Warn = lambda _msg: None) -> Node[E]:
     """Returns the root of the tree that layers, applied bottom to top, produce.
@@ -85,11 +108,14 @@ def _apply_layer(root: Node[E], entries: list[E], warn: Warn) -> Node[E]:
     ordinary: list[E] = []
     for entry in entries:
         marker, target = classify(entry.path)
-        if marker is Marker.WHITEOUT:
-            _remove(root, target)
-        elif marker is Marker.OPAQUE:
-            root = _make_opaque(root, target)
-        elif marker is Marker.NONE:
+        try:
+            if marker is Marker.WHITEOUT:
+                _remove(root, target)
+            elif marker is Marker.OPAQUE:
+                root = _make_opaque(root, target)
+        except Unresolvable as error:
+            warn(f"{entry.path!r}: {error}, marker ignored")
+        if marker is Marker.NONE:
             ordinary.append(entry)
     for entry in ordinary:
         root = _add(root, entry, warn)
@@ -117,6 +143,7 @@ def _remove(root: Node[E], path: str) -> None:
 
 
 def _make_opaque(root: Node[E], path: str) -> Node[E]:
+    path = _resolved(root, path)
     if not path:
         return Node(root.entry, {})
     parent_path, name = parent_and_name(path)
@@ -129,21 +156,48 @@ def _make_opaque(root: Node[E], path: str) -> Node[E]:
     return root
 
 
+def _resolved(root: Node[E], path: str) -> str:
+    """Returns `path` with its symlinks followed in the tree; raises Unresolvable on a loop."""
+    try:
+        return resolve_in_root(path, lambda prefix: _link_at(root, prefix))[0]
+    except TooManySymlinks:
+        raise Unresolvable(f"a symlink loop in {path!r} (more than {MAX_SYMLINKS} links)") from None
+
+
+def _link_at(root: Node[E], path: str) -> str | None:
+    node = lookup(root, path)
+    return node.symlink_to if node is not None else None
+
+
 def _ensure_directory(root: Node[E], path: str, replace: bool = True) -> Node[E] | None:
     """Returns the directory node at path, creating implied directories on the way.
 
-    A non-directory in the way is replaced, or, with replace=False, makes this return None.
+    Symlinks on the way are followed (see _through_links). Any other non-directory in the
+    way is replaced, or, with replace=False, makes this return None.
     """
     node = root
     for name in path.split("/") if path else ():
         assert node.children is not None
         child = node.children.get(name)
-        if child is not None and not child.is_dir and not replace:
-            return None
-        if child is None or not child.is_dir:
+        if child is not None and child.children is None:  # not a directory
+            if child.symlink_to is not None:
+                return _through_links(root, path)
+            if not replace:
+                return None
+        if child is None or child.children is None:
             child = Node(None, {})
             node.children[name] = child
         node = child
+    return node
+
+
+def _through_links(root: Node[E], path: str) -> Node[E]:
+    """Returns the directory that `path` leads to through its symlinks, creating the missing
+    directories at the end; raises Unresolvable if that is no directory or there is a loop."""
+    resolved = _resolved(root, path)
+    node = _ensure_directory(root, resolved, replace=False)  # no symlink left on the way
+    if node is None:
+        raise Unresolvable(f"parent {path!r} leads through a symlink to {resolved!r}, which is no directory")
     return node
 
 
@@ -157,7 +211,11 @@ def _add(root: Node[E], entry: E, warn: Warn) -> Node[E]:
     new = _node_for(root, entry, warn)
     if new is None:
         return root
-    parent = _ensure_directory(root, parent_path)
+    try:
+        parent = _ensure_directory(root, parent_path)
+    except Unresolvable as error:
+        warn(f"{entry.path!r}: {error}, entry skipped")
+        return root
     assert parent is not None and parent.children is not None
     existing = parent.children.get(name)
     if existing is not None and existing.is_dir and new.is_dir:
@@ -172,8 +230,18 @@ def _node_for(root: Node[E], entry: E, warn: Warn) -> Node[E] | None:
     target_path = entry.hardlink_to
     if target_path is None:
         return Node(entry, None)
-    target = lookup(root, target_path)
+    target = _lookup_through_parents(root, target_path)
     if target is None or target.entry is None or target.is_dir:
         warn(f"hardlink {entry.path!r} -> {target_path!r}: no such file, entry skipped")
         return None
     return Node(target.entry, None)
+
+
+def _lookup_through_parents(root: Node[E], path: str) -> Node[E] | None:
+    """Returns the node at `path` with the symlinks of its parents followed, or None."""
+    parent_path, name = parent_and_name(path)
+    try:
+        parent = _resolved(root, parent_path)
+    except Unresolvable:
+        return None
+    return lookup(root, f"{parent}/{name}" if parent else name)

@@ -19,7 +19,7 @@ import pytest
 
 from registry.layout_writer import write_layout
 from registry.manifest import Platform
-from tests.conftest import COMMAND, Mounter, require
+from tests.conftest import COMMAND, Mounter, require, unmount
 from tests.registry_servers import REGISTRY_BINARY, Registry, skopeo_copy
 from tests.tarvocab import f, tar_of
 
@@ -32,8 +32,9 @@ def _failure(image: str, tmp_path: Path, *options: str) -> str:
     mountpoint.mkdir(exist_ok=True)
     run = subprocess.run([*COMMAND, "--cache-dir", str(tmp_path / "cache"), "--timeout", "5", *options,
                           image, str(mountpoint)], capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert run.returncode == 1, run.stderr
-    assert not os.path.ismount(mountpoint)
+    mounted = os.path.ismount(mountpoint)
+    unmount(mountpoint)  # a wrongly successful mount must not outlive the test
+    assert run.returncode == 1 and not mounted, run.stderr
     lines = run.stderr.splitlines()
     assert len(lines) == 1, run.stderr
     return lines[0]

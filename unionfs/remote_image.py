@@ -10,16 +10,13 @@ import ctypes
 import logging
 import os
 import sys
-import time
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import TextIO
 
 from registry.digest import Digest
 from registry.media_types import Compression
 from registry.pull import fetch_blobs, resolve_remote
-from registry.remote import Progress, RegistryClient
+from registry.remote import RegistryClient
 from registry.remote_reference import RemoteReference
 from registry.source import Image
 from unionfs.aio import EventLoopThread
@@ -30,6 +27,7 @@ from unionfs.entry import Chunk, Entry
 from unionfs.estargz import LayerToc
 from unionfs.layer_store import LayerStore
 from unionfs.lazy import LazyLayer, fetch_toc
+from unionfs.progress import terminal_progress
 from unionfs.tree import MergedTree
 
 log = logging.getLogger("crfs-merge")
@@ -66,7 +64,7 @@ async def _resolve_and_fetch(
     image = await resolve_remote(client, settings.platform, settings.cache_dir / "blobs")
     tocs = await _tocs(client, image, store, settings.cache_dir / "toc") if lazy else {}
     whole = [layer for n, layer in enumerate(image.layers) if n not in tocs and store.needs_blob(layer)]
-    await fetch_blobs(client, whole, _terminal_progress(sys.stderr))
+    await fetch_blobs(client, whole, terminal_progress(sys.stderr, "pulling layers"))
     return image, tocs
 
 
@@ -173,25 +171,3 @@ def _prefetch(lazy: list[tuple[LazyLayer, list[Chunk]]]) -> None:
     for reader, chunks in lazy:
         if chunks:
             reader.prefetch(chunks)
-
-
-def _terminal_progress(stream: TextIO) -> Callable[[int], Progress] | None:
-    """Returns a progress-line factory for a terminal, or None when nobody is watching."""
-    if not stream.isatty():
-        return None
-
-    def start(total: int) -> Progress:
-        done, shown = 0, 0.0
-
-        def advance(count: int) -> None:
-            nonlocal done, shown
-            done += count
-            if time.monotonic() - shown > 0.2 or done >= total:
-                shown = time.monotonic()
-                end = "\n" if done >= total else ""
-                stream.write(f"\rcrfs-merge: pulling layers {done / 1e6:8.1f} / {total / 1e6:.1f} MB{end}")
-                stream.flush()
-
-        return advance
-
-    return start

@@ -4,6 +4,7 @@ single-platform image's config, as docker checks it."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -19,7 +20,7 @@ import pytest
 
 from registry.layout_writer import write_layout
 from registry.manifest import Platform
-from tests.conftest import COMMAND, Mounter, require, unmount
+from tests.conftest import COMMAND, ImageWriter, Mounter, require, unmount
 from tests.registry_servers import REGISTRY_BINARY, Registry, skopeo_copy
 from tests.tarvocab import f, tar_of
 
@@ -189,3 +190,18 @@ def test_platform_of_a_single_platform_registry_image_is_checked(registry: Regis
     expected = f"crfs-merge: {image}: image platform linux/amd64 does not match the requested linux/arm64"
     assert _failure(image, tmp_path, "--platform", "linux/arm64") == expected
     assert (mount(image, "--platform", "linux/amd64") / "a").read_bytes() == b"a"
+
+
+# --- names too long for any file system ---------------------------------------------------
+
+
+def test_a_name_longer_than_name_max_is_enametoolong(oci_image: ImageWriter, mount: Mounter) -> None:
+    """ext4 and tmpfs answer ENAMETOOLONG for a name over 255 bytes; the kernel hands FUSE
+    names of up to 1024 bytes and answers longer ones itself."""
+    root = mount(oci_image([f("a", b"a")]))
+    for length, expected in ((255, errno.ENOENT), (256, errno.ENAMETOOLONG), (1024, errno.ENAMETOOLONG),
+                             (1025, errno.ENAMETOOLONG)):  # fmt: skip
+        for path in (root / ("x" * length), root / ("x" * length) / "a"):
+            with pytest.raises(OSError) as raised:
+                os.stat(path)
+            assert raised.value.errno == expected, (length, path.name)

@@ -96,6 +96,6 @@ def _layers(files: Files, manifest: Manifest, config: bytes, name: str) -> list[
             f"{name}: manifest has {len(manifest.layers)} layers but config lists {len(diffs)} diff_ids"
         )
     return [
-        Layer(d.digest, diff, layer_compression(d.media_type), blob_window(files, d, name))
+        Layer(d.digest, diff, layer_compression(d.media_type, f"{name}: layer {d.digest}"), blob_window(files, d, name))
         for d, diff in zip(manifest.layers, diffs, strict=True)
     ]

@@ -38,13 +38,13 @@ async def resolve_remote(client: RegistryClient, platform: Platform, blob_dir: P
     diffs = diff_ids(config, f"{reference}: config {manifest.config.digest}")
     if len(diffs) != len(manifest.layers):
         raise ManifestError(f"{reference}: {len(manifest.layers)} layers but config lists {len(diffs)} diff_ids")
-    layers = [_layer(d, diff, blob_dir) for d, diff in zip(manifest.layers, diffs, strict=True)]
+    layers = [_layer(d, diff, blob_dir, str(reference)) for d, diff in zip(manifest.layers, diffs, strict=True)]
     return Image(str(reference), tuple(layers), config)
 
 
-def _layer(descriptor: Descriptor, diff_id: Digest, blob_dir: Path) -> Layer:
+def _layer(descriptor: Descriptor, diff_id: Digest, blob_dir: Path, image: str) -> Layer:
     window = FileWindow(str(_blob_path(blob_dir, descriptor)), 0, descriptor.size)
-    compression = layer_compression(descriptor.media_type)
+    compression = layer_compression(descriptor.media_type, f"{image}: layer {descriptor.digest}")
     return Layer(descriptor.digest, diff_id, compression, window, descriptor.annotation(TOC_DIGEST_ANNOTATION))
 
 

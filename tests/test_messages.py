@@ -101,15 +101,30 @@ def test_missing_blobs_name_the_layout_and_digest(tmp_path: Path, fuse_works: No
     )
 
 
-def test_malformed_manifest_names_the_layout_and_digest(tmp_path: Path, fuse_works: None) -> None:
-    root = _layout(tmp_path / "img")
-    data = b'{"layers": []}'
+def _replace_manifest(root: Path, data: bytes) -> str:
+    """Stores `data` as the layout's manifest, under its digest; returns that digest."""
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     _blob(root, digest).write_bytes(data)
     index = json.loads((root / "index.json").read_text())
     index["manifests"][0].update(digest=digest, size=len(data))
     (root / "index.json").write_text(json.dumps(index))
+    return digest
+
+
+def test_malformed_manifest_names_the_layout_and_digest(tmp_path: Path, fuse_works: None) -> None:
+    root = _layout(tmp_path / "img")
+    digest = _replace_manifest(root, b'{"layers": []}')
     expected = f"crfs-merge: {root}: {digest}: descriptor is not a JSON object"
+    assert _failure(f"oci:{root}", tmp_path) == expected
+
+
+def test_unknown_layer_type_names_the_layout_and_layer(tmp_path: Path, fuse_works: None) -> None:
+    root = _layout(tmp_path / "img")
+    manifest = json.loads(_blob(root, _manifest_digest(root)).read_bytes())
+    manifest["layers"][0]["mediaType"] = "application/vnd.example.layer.v1"
+    _replace_manifest(root, json.dumps(manifest).encode())
+    layer = manifest["layers"][0]["digest"]
+    expected = f"crfs-merge: {root}: layer {layer}: unknown layer media type 'application/vnd.example.layer.v1'"
     assert _failure(f"oci:{root}", tmp_path) == expected
 
 

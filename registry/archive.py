@@ -10,7 +10,7 @@ from typing import Any
 from registry.digest import Digest
 from registry.errors import BlobNotFoundError, ManifestError
 from registry.layout import resolve_layout
-from registry.manifest import Platform, diff_ids
+from registry.manifest import Platform, check_platform, diff_ids
 from registry.media_types import sniff_compression
 from registry.source import FileWindow, Image, Layer
 
@@ -44,21 +44,23 @@ def resolve_archive(path: str, ref: str | None, platform: Platform) -> Image:
     """Returns the image `ref` (or the only one) of a docker-save or OCI-layout tarball."""
     files = TarFiles.scan(path)
     if "manifest.json" in files.members:
-        return _resolve_legacy(files, ref)
+        return _resolve_legacy(files, ref, platform)
     if "index.json" in files.members:
         return resolve_layout(files, path, ref, platform)
     raise ManifestError(f"{path}: neither manifest.json nor index.json: not a docker archive")
 
 
-def _resolve_legacy(files: TarFiles, ref: str | None) -> Image:
+def _resolve_legacy(files: TarFiles, ref: str | None, platform: Platform) -> Image:
     try:
         entries = json.loads(files.window("manifest.json").read_all())
         entry = _pick_entry(entries, ref, files.path)
         layer_names = [str(name) for name in entry["Layers"]]
-        config = files.window(str(entry["Config"])).read_all()
+        config_name = str(entry["Config"])
+        config = files.window(config_name).read_all()
     except (ValueError, KeyError, TypeError) as exc:
         raise ManifestError(f"{files.path}: malformed manifest.json: {exc}") from exc
-    diffs = diff_ids(config)
+    diffs = diff_ids(config, f"{files.path}: {config_name}")
+    check_platform(config, platform, files.path)
     if len(diffs) != len(layer_names):
         raise ManifestError(f"{files.path}: {len(layer_names)} layers but config lists {len(diffs)} diff_ids")
     layers = tuple(_legacy_layer(files.window(n), d) for n, d in zip(layer_names, diffs, strict=True))

@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from registry.errors import BlobNotFoundError, ImageError, ManifestError
-from registry.layout import layers_of, manifest_for, read_blob
+from registry.errors import BlobNotFoundError, ImageError
+from registry.layout import image_from, manifest_for
 from registry.manifest import Manifest, Platform, decode, select_platform
 from registry.source import DirectoryFiles, FileWindow, Image
 
@@ -62,12 +62,8 @@ def resolve_dir(path: str, platform: Platform) -> Image:
     if not os.path.isfile(os.path.join(path, MANIFEST)):
         raise ImageError(f"{path}: not a dir: transport image (no {MANIFEST})")
     files = DirTransportFiles(path)
-    try:
-        document = decode(files.window(MANIFEST).read_all())
-    except ManifestError as exc:
-        raise ManifestError(f"{os.path.join(path, MANIFEST)}: {exc}") from None
-    manifest = document if isinstance(document, Manifest) else manifest_for(
-        files, select_platform(document, platform), platform
-    )  # fmt: skip
-    config = read_blob(files, manifest.config)
-    return Image(path, tuple(layers_of(files, manifest, config)), config)
+    document = decode(files.window(MANIFEST).read_all(), None, os.path.join(path, MANIFEST))
+    if isinstance(document, Manifest):
+        return image_from(files, path, document, platform, by_platform=False)
+    manifest, _ = manifest_for(files, select_platform(document, platform, path), platform, path)
+    return image_from(files, path, manifest, platform, by_platform=True)

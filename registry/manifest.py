@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import platform as host_platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from registry.digest import Digest
@@ -15,25 +15,30 @@ from registry.media_types import INDEXES, MANIFESTS, OCI_INDEX, OCI_MANIFEST
 
 @dataclass(frozen=True, slots=True)
 class Platform:
-    """An os/architecture[/variant] triple, as `--platform` spells it."""
+    """An os/architecture[/variant] triple, as `--platform` spells it.
+
+    `requested` says whether the user asked for it (`--platform`) or it is only this host's:
+    a single-platform image of another platform is refused only in the first case, as docker
+    does."""
 
     os: str
     architecture: str
     variant: str = ""
+    requested: bool = field(default=True, compare=False)
 
     @classmethod
     def parse(cls, text: str) -> Platform:
         parts = text.split("/")
         if len(parts) not in (2, 3) or not all(parts):
             raise ManifestError(f"invalid platform {text!r}: expected os/arch[/variant]")
-        return cls(*parts)
+        return cls(parts[0], parts[1], parts[2] if len(parts) == 3 else "")
 
     @classmethod
     def host(cls) -> Platform:
         """Returns the platform of this machine, named as Go (and so docker) names it."""
         machine = host_platform.machine().lower()
         arch, variant = _GO_ARCH.get(machine, (machine, ""))
-        return cls("linux", arch, variant)
+        return cls("linux", arch, variant, requested=False)
 
     def matches(self, other: Platform) -> bool:
         """True if `other` (an index entry) can run where `self` is wanted."""
@@ -88,13 +93,21 @@ class Index:
     manifests: tuple[Descriptor, ...]
 
 
-def decode(data: bytes, media_type: str | None = None) -> Manifest | Index:
-    """Returns the manifest or index that `data` holds.
+def decode(data: bytes, media_type: str | None = None, name: str = "manifest") -> Manifest | Index:
+    """Returns the manifest or index that `data` holds; errors start with `name`, the file or
+    reference that held it.
 
     The media type comes from the document itself, else from `media_type` (a registry's
     Content-Type or the descriptor that pointed here), else from its shape.
     """
-    doc = _json_object(data, "manifest")
+    try:
+        return _decode(data, media_type)
+    except ManifestError as exc:
+        raise ManifestError(f"{name}: {exc}") from None
+
+
+def _decode(data: bytes, media_type: str | None) -> Manifest | Index:
+    doc = _json_object(data)
     kind = doc.get("mediaType") or media_type or (OCI_INDEX if "manifests" in doc else OCI_MANIFEST)
     if kind in INDEXES:
         return Index(tuple(_descriptor(d) for d in _list(doc, "manifests")))
@@ -103,33 +116,53 @@ def decode(data: bytes, media_type: str | None = None) -> Manifest | Index:
     raise ManifestError(f"unsupported manifest media type {kind!r}")
 
 
-def select_platform(index: Index, wanted: Platform) -> Descriptor:
-    """Returns the first index entry that runs on `wanted`, as docker picks it."""
+def select_platform(index: Index, wanted: Platform, name: str = "image") -> Descriptor:
+    """Returns the first index entry that runs on `wanted`, as docker picks it; `name` (the
+    image) starts the error if none does."""
     candidates = [d for d in index.manifests if d.platform is not None and wanted.matches(d.platform)]
     if candidates:
         return candidates[0]
     if len(index.manifests) == 1 and index.manifests[0].platform is None:
         return index.manifests[0]
     available = ", ".join(sorted({str(d.platform) for d in index.manifests if d.platform})) or "none"
-    raise ManifestError(f"no image for platform {wanted} (available: {available})")
+    raise ManifestError(f"{name}: no image for platform {wanted} (available: {available})")
 
 
-def diff_ids(config: bytes) -> tuple[Digest, ...]:
-    """Returns the uncompressed-layer digests that an image config lists (rootfs.diff_ids)."""
-    doc = _json_object(config, "image config")
-    rootfs = doc.get("rootfs")
-    if not isinstance(rootfs, dict) or not isinstance(rootfs.get("diff_ids"), list):
-        raise ManifestError("image config has no rootfs.diff_ids")
-    return tuple(Digest.parse(str(d)) for d in rootfs["diff_ids"])
+def check_platform(config: bytes, wanted: Platform, name: str) -> None:
+    """Refuses a single-platform image whose config names another platform than the one the
+    user asked for (docker's rule); a config that names none, or a platform only implied by
+    the host, passes."""
+    if not wanted.requested:
+        return
+    try:
+        doc = _json_object(config)
+    except ManifestError as exc:
+        raise ManifestError(f"{name}: image config: {exc}") from None
+    actual = Platform(str(doc.get("os") or ""), str(doc.get("architecture") or ""), str(doc.get("variant") or ""))
+    if actual.os and actual.architecture and not wanted.matches(actual):
+        raise ManifestError(f"{name}: image platform {actual} does not match the requested {wanted}")
 
 
-def _json_object(data: bytes, what: str) -> dict[str, Any]:
+def diff_ids(config: bytes, name: str = "image config") -> tuple[Digest, ...]:
+    """Returns the uncompressed-layer digests that an image config lists (rootfs.diff_ids);
+    errors start with `name`, the config's file or digest."""
+    try:
+        doc = _json_object(config)
+        rootfs = doc.get("rootfs")
+        if not isinstance(rootfs, dict) or not isinstance(rootfs.get("diff_ids"), list):
+            raise ManifestError("no rootfs.diff_ids")
+        return tuple(Digest.parse(str(d)) for d in rootfs["diff_ids"])
+    except ManifestError as exc:
+        raise ManifestError(f"{name}: {exc}") from None
+
+
+def _json_object(data: bytes) -> dict[str, Any]:
     try:
         doc = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{what} is not valid JSON: {exc}") from exc
+        raise ManifestError(f"not valid JSON: {exc}") from exc
     if not isinstance(doc, dict):
-        raise ManifestError(f"{what} is not a JSON object")
+        raise ManifestError("not a JSON object")
     return doc
 
 

@@ -44,17 +44,18 @@ GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
-def layer_compression(media_type: str) -> Compression:
-    """Returns the compression of a layer media type; raises for foreign or unknown ones."""
+def layer_compression(media_type: str, name: str = "layer") -> Compression:
+    """Returns the compression of a layer media type; raises for foreign or unknown ones, in a
+    message that starts with `name` (the image and the layer's digest)."""
     if media_type in _FOREIGN:
         raise UnsupportedLayerError(
-            f"foreign (non-distributable) layer {media_type}: its bytes live outside the image, "
+            f"{name}: foreign (non-distributable) layer {media_type}: its bytes live outside the image, "
             "and crfs-merge does not fetch from URLs that the image names"
         )
     try:
         return _LAYERS[media_type]
     except KeyError:
-        raise UnsupportedLayerError(f"unknown layer media type {media_type!r}") from None
+        raise UnsupportedLayerError(f"{name}: unknown layer media type {media_type!r}") from None
 
 
 def sniff_compression(head: bytes) -> Compression:

@@ -20,7 +20,7 @@ from pathlib import Path
 from registry.cache_files import NoSpaceError, remove_if_abandoned, resumable_partial, space_errors_named
 from registry.digest import Digest
 from registry.errors import DigestMismatchError, ManifestError
-from registry.manifest import Descriptor, Manifest, Platform, decode, diff_ids, select_platform
+from registry.manifest import Descriptor, Manifest, Platform, check_platform, decode, diff_ids, select_platform
 from registry.media_types import TOC_DIGEST_ANNOTATION, layer_compression
 from registry.remote import Progress, RegistryClient
 from registry.remote_reference import RemoteReference
@@ -35,18 +35,20 @@ async def resolve_remote(client: RegistryClient, platform: Platform, blob_dir: P
     """Returns the client's image for `platform`, its layers windows on (not yet fetched)
     blob files under `blob_dir`."""
     reference = client.reference
-    manifest = await _manifest(client, reference, platform)
+    manifest, by_platform = await _manifest(client, reference, platform)
     config = await client.small_blob(manifest.config.digest)
-    diffs = diff_ids(config)
+    if not by_platform:  # no index chose it by platform: its config must say
+        check_platform(config, platform, str(reference))
+    diffs = diff_ids(config, f"{reference}: config {manifest.config.digest}")
     if len(diffs) != len(manifest.layers):
         raise ManifestError(f"{reference}: {len(manifest.layers)} layers but config lists {len(diffs)} diff_ids")
-    layers = [_layer(d, diff, blob_dir) for d, diff in zip(manifest.layers, diffs, strict=True)]
+    layers = [_layer(d, diff, blob_dir, str(reference)) for d, diff in zip(manifest.layers, diffs, strict=True)]
     return Image(str(reference), tuple(layers), config)
 
 
-def _layer(descriptor: Descriptor, diff_id: Digest, blob_dir: Path) -> Layer:
+def _layer(descriptor: Descriptor, diff_id: Digest, blob_dir: Path, image: str) -> Layer:
     window = FileWindow(str(_blob_path(blob_dir, descriptor)), 0, descriptor.size)
-    compression = layer_compression(descriptor.media_type)
+    compression = layer_compression(descriptor.media_type, f"{image}: layer {descriptor.digest}")
     return Layer(descriptor.digest, diff_id, compression, window, descriptor.annotation(TOC_DIGEST_ANNOTATION))
 
 
@@ -80,18 +82,21 @@ def _blob_path(blob_dir: Path, descriptor: Descriptor) -> Path:
     return blob_dir / f"{descriptor.digest.algorithm}-{descriptor.digest.hex}"
 
 
-async def _manifest(client: RegistryClient, reference: RemoteReference, platform: Platform) -> Manifest:
+async def _manifest(client: RegistryClient, reference: RemoteReference, platform: Platform) -> tuple[Manifest, bool]:
+    """Returns the manifest of `reference` for `platform`, and whether an image index chose it
+    by platform."""
     data, content_type = await client.manifest(reference.version)
     if reference.digest is not None:
         reference.digest.check_bytes(data, f"manifest of {reference}")
-    document = decode(data, _bare_media_type(content_type))
-    for _ in range(MAX_INDEX_DEPTH):
+    document = decode(data, _bare_media_type(content_type), f"{reference}: manifest")
+    for depth in range(MAX_INDEX_DEPTH):
         if isinstance(document, Manifest):
             log.info("%s: manifest sha256:%s", reference, hashlib.sha256(data).hexdigest())
-            return document
-        chosen = select_platform(document, platform)
+            return document, depth > 0
+        chosen = select_platform(document, platform, str(reference))
         data, _ = await client.manifest(str(chosen.digest))
-        document = decode(chosen.digest.check_bytes(data, f"manifest {chosen.digest}"), chosen.media_type)
+        where = f"{reference}: manifest {chosen.digest}"
+        document = decode(chosen.digest.check_bytes(data, where), chosen.media_type, where)
     raise ManifestError(f"{reference}: image index nesting too deep")
 
 

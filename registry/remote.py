@@ -281,7 +281,7 @@ class RegistryClient:
                     if status == 403 and not on_registry and not asked_again:
                         url, asked_again = original, True  # a signed URL expired: get a fresh one
                         continue
-                    _check(response, what, self.reference.registry)
+                    _check(response, what, named(self.reference, what))
                     return await consume(response)
             except (aiohttp.ClientConnectorCertificateError, ssl.SSLCertVerificationError) as exc:
                 raise RegistryError(f"{_safe(url)}: TLS certificate not trusted: {exc}") from None
@@ -369,7 +369,7 @@ class RegistryClient:
                         f"{self.reference.registry}: token server {_safe(realm)} refused "
                         + ("the credentials" if self._credentials else "anonymous access; use --creds")
                     )
-                _check(response, "token", _safe(realm))
+                _check(response, "token", f"token server {_safe(realm)}")
                 reply = json.loads(await _read_bounded(response, MAX_DOCUMENT_SIZE))
         except NETWORK_ERRORS as exc:
             raise _Retryable(f"token server {_safe(realm)}: {type(exc).__name__}: {exc}") from None
@@ -465,8 +465,9 @@ def _pick_challenge(header: str) -> Challenge | None:
     return challenges.get("bearer") or challenges.get("basic")
 
 
-def _check(response: aiohttp.ClientResponse, what: str, where: str) -> None:
-    """The one place HTTP statuses become domain errors."""
+def _check(response: aiohttp.ClientResponse, what: str, subject: str) -> None:
+    """The one place HTTP statuses become domain errors, each starting with `subject`: what
+    was asked for, named in full (see `named`)."""
     status = response.status
     if status in (200, 201, 202, 206) or (status == 404 and response.method == "HEAD"):
         return
@@ -474,10 +475,23 @@ def _check(response: aiohttp.ClientResponse, what: str, where: str) -> None:
         raise _Retryable(f"HTTP {status}", _retry_after(response))
     if status == 404:
         error = BlobNotFoundError if "blob" in what else ManifestError
-        raise error(f"{where}: {what} not found")
+        raise error(f"{subject} not found")
     if status in (401, 403):
-        raise AuthenticationError(f"{where}: {what}: access denied (HTTP {status})")
-    raise RegistryError(f"{where}: {what}: unexpected HTTP {status}")
+        raise AuthenticationError(f"{subject}: access denied (HTTP {status})")
+    raise RegistryError(f"{subject}: unexpected HTTP {status}")
+
+
+def named(reference: RemoteReference, what: str) -> str:
+    """Returns `what` a request was for ('manifest TAG', 'blob DIGEST [range]') with the
+    repository in front, as a user names it: 'REGISTRY/REPO:TAG: manifest',
+    'REGISTRY/REPO@DIGEST: blob'."""
+    repository = f"{reference.registry}/{reference.repository}"
+    kind, _, rest = what.partition(" ")
+    version = rest.partition(" ")[0]
+    if kind not in ("manifest", "blob") or not version:
+        return f"{repository}: {what}"
+    separator = "@" if ":" in version else ":"  # a digest has a colon, a tag cannot
+    return f"{repository}{separator}{version}: {kind}"
 
 
 def _retry_after(response: aiohttp.ClientResponse) -> float | None:

@@ -13,7 +13,7 @@ from registry.auth import Challenge, Credentials, parse_challenges
 from registry.credentials import find_credentials
 from registry.errors import ImageError, InvalidReferenceError
 from registry.remote_reference import RemoteReference, is_loopback
-from unionfs.remote_image import _terminal_progress
+from unionfs.progress import terminal_progress
 
 DIGEST = "sha256:" + "a" * 64
 
@@ -141,9 +141,9 @@ class _Terminal(io.StringIO):
 
 
 def test_progress_line_only_on_a_terminal() -> None:
-    assert _terminal_progress(io.StringIO()) is None
+    assert terminal_progress(io.StringIO(), "pulling layers") is None
     screen = _Terminal()
-    start = _terminal_progress(screen)
+    start = terminal_progress(screen, "pulling layers")
     assert start is not None
     advance = start(3_000_000)
     for _ in range(3):

@@ -257,15 +257,27 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from unionfs.export import export
+    from unionfs.progress import terminal_progress
 
     if len(args.operands) != 1:
         raise UsageError("--export DEST takes exactly one IMAGE")
+    _check_export_dest(args.export)
     image = _open_image(args, args.operands[0])
     try:
-        export(image, args.export)
+        export(image, args.export, terminal_progress(sys.stderr, "exporting"))
     finally:
         image.close()
     return 0
+
+
+def _check_export_dest(dest: str) -> None:
+    """Refuses, before any work, what would overwrite a file or fill a terminal with a tar."""
+    from unionfs.export import archive_compression
+
+    if dest == "-" and sys.stdout.isatty():
+        raise UsageError("--export -: stdout is a terminal; pipe the tar (| tar -t) or redirect it (> image.tar)")
+    if archive_compression(dest) is not None and os.path.lexists(dest):
+        raise UsageError(f"--export {dest}: file exists; remove it first or choose another name")
 
 
 def _mount(args: argparse.Namespace, argv: list[str]) -> int:

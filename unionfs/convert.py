@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from registry.remote_reference import RemoteReference
 from unionfs.aio import EventLoopThread
 from unionfs.build import Settings, local_layers
 from unionfs.estargz_writer import DEFAULT_CHUNK_SIZE, WrittenLayer, write_estargz
+from unionfs.progress import Progress, WatchedReader, terminal_progress
 
 
 def convert(source: str, dest: str, settings: Settings, chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -65,9 +67,12 @@ def _convert_to_layout(source: str, root: Path, tag: str, settings: Settings, ch
                        prioritized: list[str]) -> str:  # fmt: skip
     image, tars = local_layers(source, settings)
     descriptors, diff_ids = [], []
+    progress = _progress(sum(tar.size for tar in tars))
     for tar in tars:
         with tar.open() as reader:
-            written = _write_blob(root, reader, chunk_size, prioritized)
+            watched = WatchedReader(reader, tar.size, progress)
+            written = _write_blob(root, watched, chunk_size, prioritized)
+            watched.finish()
         descriptors.append(_descriptor(written))
         diff_ids.append(written.diff_id)
     config = json.loads(image.config)
@@ -75,6 +80,12 @@ def _convert_to_layout(source: str, root: Path, tag: str, settings: Settings, ch
     platform = Platform(config.get("os", "linux"), config.get("architecture", ""), config.get("variant", ""))
     data = json.dumps(config, separators=(",", ":")).encode()
     return write_manifest(root, descriptors, data, tag, platform)
+
+
+def _progress(total: int) -> Progress:
+    """Returns where to report converted bytes: a line on stderr if it is a terminal."""
+    start = terminal_progress(sys.stderr, "converting layers")
+    return start(total) if start else lambda count: None
 
 
 def _write_blob(root: Path, reader: object, chunk_size: int, prioritized: list[str]) -> WrittenLayer:

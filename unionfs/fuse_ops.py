@@ -118,6 +118,9 @@ class MergedFilesystem:
         if not self._tree.is_dir(parent):
             lowlevel.reply_err(req, errno.ENOTDIR)
             return
+        if len(name) > NAME_MAX:  # the kernel passes up to 1024 bytes; ext4, tmpfs, ... refuse them
+            lowlevel.reply_err(req, errno.ENAMETOOLONG)
+            return
         found = self._tree.child(parent, name)
         # A missing name is a negative entry, cached like the positive ones.
         record = lowlevel.entry_record(None if found is None else self._tree.attributes(found), CACHE_SECONDS)

@@ -14,12 +14,12 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import TextIO, TypeVar
+from typing import TypeVar
 
 from registry.digest import Digest
 from registry.media_types import Compression
 from registry.pull import fetch_blobs, resolve_remote
-from registry.remote import Progress, RegistryClient
+from registry.remote import RegistryClient
 from registry.remote_reference import RemoteReference
 from registry.source import FileWindow, Image, Layer
 from unionfs.aio import EventLoopThread
@@ -31,6 +31,7 @@ from unionfs.entry import Chunk, Entry
 from unionfs.estargz import LayerToc
 from unionfs.layer_store import LayerStore, RefetchNeeded
 from unionfs.lazy import LazyLayer, fetch_toc
+from unionfs.progress import terminal_progress
 from unionfs.tree import MergedTree
 
 log = logging.getLogger("crfs-merge")
@@ -77,7 +78,7 @@ def refetching(attempt: Callable[[], T], refetch: Callable[[Layer], None]) -> T:
 
 
 def _refetch(loop: EventLoopThread, client: RegistryClient, layer: Layer) -> None:
-    loop.run(fetch_blobs(client, [layer], _terminal_progress(sys.stderr)))
+    loop.run(fetch_blobs(client, [layer], terminal_progress(sys.stderr, "pulling layers")))
 
 
 async def _resolve_and_fetch(
@@ -92,7 +93,7 @@ async def _resolve_and_fetch(
     whole = [layer for n, layer in enumerate(image.layers) if n not in tocs and store.needs_blob(layer)]
     _log_layer_plan(image, tocs, whole)
     started = time.monotonic()
-    await fetch_blobs(client, whole, _terminal_progress(sys.stderr), store.needs_blob)
+    await fetch_blobs(client, whole, terminal_progress(sys.stderr, "pulling layers"), store.needs_blob)
     if whole:
         size = sum(layer.window.size for layer in whole)
         log.info("fetched %d layers, %.1f MB, in %.2f s", len(whole), size / 1e6, time.monotonic() - started)
@@ -217,25 +218,3 @@ def _prefetch(lazy: list[tuple[LazyLayer, list[Chunk]]]) -> None:
     for reader, chunks in lazy:
         if chunks:
             reader.prefetch(chunks)
-
-
-def _terminal_progress(stream: TextIO) -> Callable[[int], Progress] | None:
-    """Returns a progress-line factory for a terminal, or None when nobody is watching."""
-    if not stream.isatty():
-        return None
-
-    def start(total: int) -> Progress:
-        done, shown = 0, 0.0
-
-        def advance(count: int) -> None:
-            nonlocal done, shown
-            done += count
-            if time.monotonic() - shown > 0.2 or done >= total:
-                shown = time.monotonic()
-                end = "\n" if done >= total else ""
-                stream.write(f"\rcrfs-merge: pulling layers {done / 1e6:8.1f} / {total / 1e6:.1f} MB{end}")
-                stream.flush()
-
-        return advance
-
-    return start

@@ -23,6 +23,8 @@ _TYPE_BITS = {
     tarfile.FIFOTYPE: stat.S_IFIFO,
 }
 _REGULAR_TYPES = {tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, tarfile.LNKTYPE}
+MAX_ID = 2**32 - 1  # uid, gid, device numbers: 32 bits in the kernel and in the saved tree
+MIN_MTIME_NS, MAX_MTIME_NS = -(2**63), 2**63 - 1  # a timespec in nanoseconds, as the tree stores it
 
 
 def index_tar(fileobj: BinaryIO, length: int, layer: int, warn: Callable[[str], None]) -> list[Entry]:
@@ -35,7 +37,9 @@ def index_tar(fileobj: BinaryIO, length: int, layer: int, warn: Callable[[str], 
         with tarfile.open(fileobj=fileobj, mode="r:", errorlevel=2) as archive:
             share = sharer()
             entries = [e for m in _members(archive) if (e := _entry(m, length, layer, warn, share))]
-    except (tarfile.TarError, EOFError, UnicodeError) as exc:
+    except (tarfile.TarError, EOFError, ValueError, OverflowError) as exc:
+        # tarfile's own parsing of odd PAX records (GNU.sparse.*, numbers) raises plain
+        # ValueError; UnicodeError is one too.
         raise LayerFormatError(f"layer {layer}: malformed tar: {exc}") from exc
     return without_estargz_artifacts(entries)
 
@@ -60,6 +64,7 @@ def _members(archive: tarfile.TarFile):  # type: ignore[no-untyped-def]
 def _entry(
     member: tarfile.TarInfo, length: int, layer: int, warn: Callable[[str], None], share: Callable[[Any], Any]
 ) -> Entry | None:
+    _check_values(member, layer)  # first: tarfile has already moved on by a negative size
     path = clean_path(member.name)
     if path is None:
         warn(f"layer {layer}: {member.name!r} escapes the image root, entry skipped")
@@ -73,17 +78,20 @@ def _entry(
     size = member.size if member.isreg() else 0
     if member.offset_data + size > length:
         raise LayerFormatError(f"layer {layer}: {member.name!r} runs past the end of the tar (truncated)")
+    xattrs = _xattrs(member)
+    if any(not key or "\0" in key for key in xattrs):
+        raise LayerFormatError(f"layer {layer}: {member.name!r}: empty or NUL in an xattr name")
     return Entry(
         path=path,
         mode=share(mode),
         uid=share(member.uid),
         gid=share(member.gid),
         size=size,
-        mtime_ns=share(_mtime_ns(member)),
+        mtime_ns=share(_mtime_ns(member, layer, warn)),
         link=link,
         hardlink=member.islnk(),
         rdev=os.makedev(member.devmajor, member.devminor) if member.ischr() or member.isblk() else 0,
-        xattrs=_xattrs(member),
+        xattrs=xattrs,
         layer=layer,
         offset=member.offset_data if size else 0,
     )
@@ -110,15 +118,37 @@ def _link(member: tarfile.TarInfo, layer: int, warn: Callable[[str], None]) -> s
     return target
 
 
-def _mtime_ns(member: tarfile.TarInfo) -> int:
-    # PAX mtimes carry sub-second digits; going through float would round them.
-    text = member.pax_headers.get("mtime")
-    if text is not None:
+def _check_values(member: tarfile.TarInfo, layer: int) -> None:
+    """Refuses header values that no file can have, in one line naming layer and member.
+
+    tarfile reads them as they are: base-256 numbers (GNU) may be negative or huge, and PAX
+    records may say anything."""
+    about = f"layer {layer}: {member.name!r}"
+    if member.size < 0:
+        raise LayerFormatError(f"{about}: negative size {member.size}")
+    for field in ("uid", "gid", "devmajor", "devminor"):
+        value = getattr(member, field)
+        if not 0 <= value <= MAX_ID:
+            raise LayerFormatError(f"{about}: {field} {value} out of range")
+    if "\0" in member.name or "\0" in member.linkname:
+        raise LayerFormatError(f"{about}: NUL byte in a name or link target")
+
+
+def _mtime_ns(member: tarfile.TarInfo, layer: int, warn: Callable[[str], None]) -> int:
+    """Returns the mtime in nanoseconds, clamped (with a warning) to what a file system can
+    store; a PAX mtime that is no number falls back to the header's."""
+    try:
+        # PAX mtimes carry sub-second digits; going through float would round them.
+        nanoseconds = int(Decimal(member.pax_headers["mtime"]).scaleb(9))
+    except (KeyError, InvalidOperation, ValueError, OverflowError):
         try:
-            return int(Decimal(text).scaleb(9))
-        except InvalidOperation:
-            pass
-    return int(member.mtime) * 1_000_000_000
+            nanoseconds = int(Decimal(member.mtime).scaleb(9))
+        except (InvalidOperation, ValueError, OverflowError):
+            raise LayerFormatError(f"layer {layer}: {member.name!r}: mtime {member.mtime!r} is not a number") from None
+    clamped = min(max(nanoseconds, MIN_MTIME_NS), MAX_MTIME_NS)
+    if clamped != nanoseconds:
+        warn(f"layer {layer}: {member.name!r}: mtime out of range, clamped to {clamped // 1_000_000_000} s")
+    return clamped
 
 
 def _xattrs(member: tarfile.TarInfo) -> Mapping[str, bytes]:

@@ -130,6 +130,21 @@ def write_atomically(final: Path | str, data: bytes, purpose: str) -> None:
         raise
 
 
+def has_live_writer(path: Path | str) -> bool:
+    """True if the temporary file `path` is locked by the process writing it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def remove_if_abandoned(path: Path | str, grace: float = SWEEP_GRACE_SECONDS) -> bool:
     """Removes the temporary file `path` if its writer is gone (its lock can be taken and
     it is older than `grace` seconds); returns whether it did. The lock is held while the

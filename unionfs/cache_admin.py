@@ -29,7 +29,14 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from registry.cache_files import RESUMABLE_PREFIX, is_partial, is_resumable, remove_if_abandoned, sweep_partials
+from registry.cache_files import (
+    RESUMABLE_PREFIX,
+    has_live_writer,
+    is_partial,
+    is_resumable,
+    remove_if_abandoned,
+    sweep_partials,
+)
 from registry.source import Image
 
 log = logging.getLogger("crfs-merge")
@@ -224,7 +231,7 @@ def scan(cache_dir: Path, reap: bool = False) -> list[CacheFile]:
             if name.endswith(".lock"):
                 continue  # a lock belongs to whoever may wait on it: never removed
             partial = is_partial(name)
-            used = _has_writer(path) if partial else cache_key(name) in in_use and kind != "chunks"
+            used = has_live_writer(path) if partial else cache_key(name) in in_use and kind != "chunks"
             files.append(CacheFile(path, "partials" if partial else kind, info.st_size,
                                    max(info.st_atime, info.st_mtime), used))  # fmt: skip
     return files
@@ -245,20 +252,6 @@ def _walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:
                     yield entry.path, entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue  # removed since the listing: by another mount, or its writer
-
-
-def _has_writer(path: str) -> bool:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ import pytest
 from registry.layout_writer import write_layout
 from registry.media_types import Compression
 from tests.tarvocab import Member, tar_of
-from unionfs import libfuse
+from unionfs.fuse import libfuse
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 COMMAND = [sys.executable, "-m", "unionfs.cli"]

@@ -8,7 +8,7 @@ from dataclasses import fields
 
 from tests.tarvocab import Member, tar_of
 from unionfs.entry import Entry
-from unionfs.tar_index import index_tar
+from unionfs.storage.tar_index import index_tar
 from unionfs.tree import MergedTree, freeze
 from whiteout.apply import merge_layers
 

@@ -26,8 +26,8 @@ from tests.conftest import COMMAND, ImageWriter, Mounter, require, unmount
 from tests.registry_servers import REGISTRY_BINARY, FaultProxy, Registry, skopeo_copy
 from tests.tarvocab import f, tar_of
 from unionfs.aio import EventLoopThread
-from unionfs.cache_admin import CacheFile, choose_evictions, parse_size
-from unionfs.chunk_cache import ChunkCache
+from unionfs.storage.cache_admin import CacheFile, choose_evictions, parse_size
+from unionfs.storage.chunk_cache import ChunkCache
 
 KB = 1000
 

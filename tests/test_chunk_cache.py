@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from unionfs.chunk_cache import ChunkCache
+from unionfs.storage.chunk_cache import ChunkCache
 
 
 def _chunk(number: int) -> tuple[str, bytes]:

@@ -36,7 +36,7 @@ from tests.tarvocab import d, f, sym, tar_of, wh
 from tests.tree_walk import describe_tree
 from unionfs.aio import EventLoopThread
 from unionfs.build import build
-from unionfs.layer_store import LayerStore
+from unionfs.storage.layer_store import LayerStore
 from unionfs.tree import MergedTree
 
 RANDOM = random.Random(9)

@@ -15,7 +15,7 @@ import pytest
 from registry.errors import LayerFormatError
 from tests.tarvocab import d, dev, f, fifo, hl, sym, tar_of
 from unionfs.entry import Entry
-from unionfs.estargz import (
+from unionfs.estargz.toc import (
     FOOTER_SIZE,
     LEGACY_FOOTER_SIZE,
     chunk_data,
@@ -25,8 +25,8 @@ from unionfs.estargz import (
     plan_fetches,
     read_toc_member,
 )
-from unionfs.estargz_writer import footer, write_estargz
-from unionfs.tar_index import index_tar
+from unionfs.estargz.writer import footer, write_estargz
+from unionfs.storage.tar_index import index_tar
 
 BIG = os.urandom(50_000)
 LAYER = tar_of(

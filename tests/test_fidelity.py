@@ -16,9 +16,9 @@ from tests.tarvocab import d, f, hl, sym, tar_of, wh
 from tests.test_mount import umoci_unpack, umoci_view
 from tests.test_whiteout import SYMLINK_CASES
 from tests.tree_walk import describe_tree
-from unionfs.estargz import FOOTER_SIZE, parse_footer, parse_toc, read_toc_member
-from unionfs.estargz_writer import write_estargz
-from unionfs.tar_index import index_tar
+from unionfs.estargz.toc import FOOTER_SIZE, parse_footer, parse_toc, read_toc_member
+from unionfs.estargz.writer import write_estargz
+from unionfs.storage.tar_index import index_tar
 
 RICH = [
     [d("etc/"), f("etc/hosts", b"h", uid=7, mode=0o600), f("etc/motd", b"m"), sym("etc/mtab", "/proc/mounts"),

@@ -25,7 +25,7 @@ from tests.tarvocab import d, f, hl, opq, sym, tar_of, wh
 from tests.tree_walk import describe_tree
 from unionfs.aio import EventLoopThread
 from unionfs.entry import Entry
-from unionfs.estargz import FOOTER_SIZE, parse_footer, parse_toc, read_toc_member
+from unionfs.estargz.toc import FOOTER_SIZE, parse_footer, parse_toc, read_toc_member
 
 MIB = 1024 * 1024
 BIG = {f"data/blob{i:02}": os.urandom(MIB) for i in range(12)}  # incompressible: bytes on the wire are real

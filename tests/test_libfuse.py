@@ -17,9 +17,9 @@ import pytest
 
 from tests.conftest import COMMAND, IN_CI, MOUNT_TIMEOUT, ImageWriter, require, unmount
 from tests.tarvocab import f
-from unionfs import libfuse
-from unionfs.libfuse import layout
-from unionfs.lowlevel import buf_type, file_info_type
+from unionfs.fuse import libfuse
+from unionfs.fuse.libfuse import layout
+from unionfs.fuse.lowlevel import buf_type, file_info_type
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,7 +75,7 @@ def libfuse_files_mapped(pid: int | str) -> set[str]:
 
 def test_mfusepy_and_lowlevel_map_one_libfuse_3() -> None:
     require(libfuse.locate() is not None, libfuse.INSTALL_HINT)
-    script = ("from unionfs import lowlevel; bound = lowlevel.bindings(); import mfusepy; "
+    script = ("from unionfs.fuse import lowlevel; bound = lowlevel.bindings(); import mfusepy; "
               "print(bound.fuse.name, mfusepy.fuse_version_major, mfusepy._libfuse._name)")  # fmt: skip
     probe = f"{script}; print(open('/proc/self/maps').read())"
     env = {k: v for k, v in os.environ.items() if k != libfuse.LIBRARY_VARIABLE}

@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import COMMAND, ImageWriter, unmount
 from tests.tarvocab import d, f, wh
-from unionfs.server_log import BoundedFileHandler
+from unionfs.commands.server_log import BoundedFileHandler
 
 TIMEOUT = 60
 

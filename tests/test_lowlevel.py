@@ -1,4 +1,4 @@
-"""The kernel records that unionfs/lowlevel.py packs, read back with an independent parser
+"""The kernel records that unionfs/fuse/lowlevel.py packs, read back with an independent parser
 written from include/uapi/linux/fuse.h (fuse_entry_out, fuse_attr_out, fuse_dirent[plus])."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import stat
 import struct
 
 from unionfs.entry import Attributes
-from unionfs.lowlevel import Listed, attr_record, entry_record, listing_buffer
+from unionfs.fuse.lowlevel import Listed, attr_record, entry_record, listing_buffer
 
 ATTR_FIELDS = "ino size blocks atime mtime ctime atimensec mtimensec ctimensec mode nlink uid gid rdev blksize flags"
 FILE = Attributes(ino=7, mode=stat.S_IFREG | 0o640, nlink=2, uid=1000, gid=50, size=1025, rdev=0,

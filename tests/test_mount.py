@@ -17,7 +17,7 @@ from tests.conftest import ImageWriter, Mounter
 from tests.tarvocab import d, dev, f, fifo, hl, opq, sym, wh
 from tests.test_whiteout import CASES
 from tests.tree_walk import describe_tree
-from unionfs.fuse_ops import OLD_KERNEL_VARIABLE
+from unionfs.fuse.ops import OLD_KERNEL_VARIABLE
 
 
 def umoci_unpack(umoci: str, image: str, dest: Path) -> Path:
@@ -201,7 +201,7 @@ def test_signals_unmount_a_foreground_mount(oci_image: ImageWriter, fuse_works: 
 def test_a_warm_walk_and_reread_are_served_by_the_kernel_alone(
     old_kernel: bool, oci_image: ImageWriter, fuse_works: None, tmp_path: Path
 ) -> None:
-    """What the module docstring of unionfs/fuse_ops.py promises: once a tree has been walked
+    """What the module docstring of unionfs/fuse/ops.py promises: once a tree has been walked
     and a file read, walking and reading again send the server no request at all (libfuse's
     debug log names every request it receives). A kernel that cannot skip OPEN and OPENDIR
     still opens and releases, but lists and reads nothing again."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from unionfs.estargz import _modtime_ns
+from unionfs.estargz.toc import _modtime_ns
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = sorted(p for d in ("registry", "whiteout", "unionfs", "tests", "benchmarks", "examples")

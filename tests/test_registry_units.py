@@ -13,7 +13,7 @@ from registry.auth import Challenge, Credentials, parse_challenges
 from registry.credentials import find_credentials
 from registry.errors import ImageError, InvalidReferenceError
 from registry.remote_reference import RemoteReference, is_loopback
-from unionfs.progress import terminal_progress
+from unionfs.commands.progress import terminal_progress
 
 DIGEST = "sha256:" + "a" * 64
 

@@ -22,7 +22,7 @@ from tests.conftest import require
 from tests.merge_helpers import describe
 from tests.tarvocab import d, f, opq, sym, tar_of, wh
 from unionfs.build import build
-from unionfs.layer_store import LayerStore
+from unionfs.storage.layer_store import LayerStore
 
 LAYERS = [
     tar_of(d("etc/"), f("etc/hosts", b"127.0.0.1\n"), f("etc/motd", b"hi"), sym("etc/mtab", "/proc/mounts")),

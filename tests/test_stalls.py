@@ -24,7 +24,7 @@ from tests.conftest import COMMAND, MOUNT_TIMEOUT, Mounter, require, unmount
 from tests.registry_servers import REGISTRY_BINARY, Fault, FaultProxy, Registry, skopeo_copy
 from tests.tarvocab import d, f, tar_of
 from unionfs.aio import EventLoopThread
-from unionfs.lazy import FAILURE_MEMORY
+from unionfs.estargz.lazy import FAILURE_MEMORY
 
 T = TypeVar("T")
 KIB = 1024

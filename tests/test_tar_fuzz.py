@@ -16,7 +16,7 @@ from registry.layout_writer import write_layout
 from tests.conftest import COMMAND
 from tests.tarvocab import f, tar_of
 from unionfs.build import merged_tree
-from unionfs.tar_index import index_tar
+from unionfs.storage.tar_index import index_tar
 
 BLOCK = 512
 # (offset, width) of each ustar header field

@@ -19,7 +19,7 @@ from tests.tarvocab import d, dev, f, hl, sym, wh
 from tests.test_sources import oci_layout
 from unionfs import build as build_module
 from unionfs.build import build
-from unionfs.layer_store import LayerStore
+from unionfs.storage.layer_store import LayerStore
 from unionfs.tree import FORMAT, INODE_ARRAYS, ROOT, CorruptTreeError, MergedTree
 
 RICH = [d("etc"), f("etc/hosts", b"h"), sym("etc/mtab", "/proc/mounts"), dev("dev/null", "c", 1, 3),

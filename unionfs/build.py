@@ -15,10 +15,10 @@ from registry.options import RemoteOptions
 from registry.reference import REGISTRY, ImageReference
 from registry.remote_reference import RemoteReference
 from registry.source import FileWindow, Image
-from unionfs.cache_admin import DEFAULT_MAX_BYTES, image_keys, note_also_in_use, note_in_use, tidy_in_background
 from unionfs.content import ContentReader, TarReader
 from unionfs.entry import Entry
-from unionfs.layer_store import LayerStore
+from unionfs.storage.cache_admin import DEFAULT_MAX_BYTES, image_keys, note_also_in_use, note_in_use, tidy_in_background
+from unionfs.storage.layer_store import LayerStore
 from unionfs.tree import MergedTree, freeze
 from whiteout.apply import merge_layers
 

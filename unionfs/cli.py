@@ -3,11 +3,11 @@
     crfs-merge [options] IMAGE DIR       mount; returns once DIR is ready
     crfs-merge --export DEST IMAGE       write the merged tree to a directory or a tar
     crfs-merge convert SRC DST           rewrite an image's layers as eStargz (to a layout or registry)
-    crfs-merge cache [prune ...]         show what the cache holds, or prune it (unionfs/cache_admin.py)
+    crfs-merge cache [prune ...]         show what the cache holds, or prune it (unionfs/storage/cache_admin.py)
 
 Caveats:
-- The mount is served by a background process (unionfs/server.py says how it starts, logs and
-  reports); only one may serve a directory at a time (unionfs/mount_lock.py).
+- The mount is served by a background process (unionfs/commands/server.py says how it starts, logs and
+  reports); only one may serve a directory at a time (unionfs/commands/mount_lock.py).
 - eStargz layers of registry images are read lazily, so the server keeps its registry
   session (on one event loop thread) for as long as the mount lives; other layers are
   fetched whole before the mount is ready.
@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, Any
 
 from registry.errors import ImageError
 from registry.reference import ImageReference
-from unionfs import server
-from unionfs.estargz_writer import DEFAULT_CHUNK_SIZE
-from unionfs.mount_lock import MountpointError, check_directory, check_mountpoint, lock_mountpoint
-from unionfs.server_log import configure_terminal
-from unionfs.usage import UsageError
+from unionfs.commands import server
+from unionfs.commands.mount_lock import MountpointError, check_directory, check_mountpoint, lock_mountpoint
+from unionfs.commands.server_log import configure_terminal
+from unionfs.commands.usage import UsageError
+from unionfs.estargz.writer import DEFAULT_CHUNK_SIZE
 
 if TYPE_CHECKING:
     from unionfs.build import MountedImage, Settings
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the command; returns its exit status (0 ok, 1 failure, 2 usage)."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["cache"]:
-        from unionfs.cache_admin import command
+        from unionfs.storage.cache_admin import command
 
         return command(argv[1:])
     converting = bool(argv) and argv[0] == "convert"
@@ -160,7 +160,7 @@ class _Version(argparse.Action):
 
 
 def _size(text: str) -> int:
-    from unionfs.cache_admin import parse_size
+    from unionfs.storage.cache_admin import parse_size
 
     try:
         return parse_size(text)
@@ -229,7 +229,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     from registry.manifest import Platform
     from registry.options import RemoteOptions
     from unionfs.build import Settings
-    from unionfs.layer_store import default_cache_dir
+    from unionfs.storage.layer_store import default_cache_dir
 
     return Settings(
         cache_dir=server.absolute(args.cache_dir or default_cache_dir()),  # the server leaves its cwd
@@ -247,7 +247,7 @@ def _open_image(args: argparse.Namespace, image_text: str) -> MountedImage:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from unionfs.convert import convert
+    from unionfs.commands.convert import convert
 
     files = [p for p in args.prefetch_files.split(",") if p]
     digest = convert(args.source, args.dest, _settings(args), args.chunk_size, files)
@@ -256,8 +256,8 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from unionfs.export import export
-    from unionfs.progress import terminal_progress
+    from unionfs.commands.export import export
+    from unionfs.commands.progress import terminal_progress
 
     if len(args.operands) != 1:
         raise UsageError("--export DEST takes exactly one IMAGE")
@@ -272,7 +272,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _check_export_dest(dest: str) -> None:
     """Refuses, before any work, what would overwrite a file or fill a terminal with a tar."""
-    from unionfs.export import archive_compression
+    from unionfs.commands.export import archive_compression
 
     if dest == "-" and sys.stdout.isatty():
         raise UsageError("--export -: stdout is a terminal; pipe the tar (| tar -t) or redirect it (> image.tar)")
@@ -314,7 +314,7 @@ def _preflight(mountpoint: str) -> None:
         raise UsageError("/dev/fuse is missing: load the fuse module, or use --export")
     if os.geteuid() != 0 and shutil.which("fusermount3") is None:
         raise UsageError("fusermount3 is not installed (Debian/Ubuntu: apt-get install fuse3), or use --export")
-    from unionfs import libfuse  # here, not at the top: nothing else of the command needs libfuse
+    from unionfs.fuse import libfuse  # here, not at the top: nothing else of the command needs libfuse
 
     if libfuse.locate() is None:
         raise UsageError(f"{libfuse.INSTALL_HINT}, or use --export")
@@ -322,7 +322,7 @@ def _preflight(mountpoint: str) -> None:
 
 def _serve(args: argparse.Namespace, image_text: str, mountpoint: str, options: dict[str, str | bool]) -> int:
     """The server's work, in the foreground or in the background: returns once unmounted."""
-    from unionfs.fuse_ops import check_options, mount
+    from unionfs.fuse.ops import check_options, mount
 
     mountpoint = os.path.abspath(mountpoint)  # the server leaves the caller's directory
     server.prepare(args, mountpoint)

@@ -2,7 +2,7 @@
 
 A local layer's bytes are in its uncompressed tar, read with pread (no seek state, so any
 number of FUSE worker threads read at once); an eStargz layer's are fetched lazily
-(unionfs/lazy.py). The content reader only dispatches by the entry's layer.
+(unionfs/estargz/lazy.py). The content reader only dispatches by the entry's layer.
 """
 
 from __future__ import annotations

@@ -24,14 +24,14 @@ from registry.remote_reference import RemoteReference
 from registry.source import FileWindow, Image, Layer
 from unionfs.aio import EventLoopThread
 from unionfs.build import MountedImage, Settings, build, layer_tars, log_resolved, merged_tree
-from unionfs.cache_admin import image_keys, note_in_use
-from unionfs.chunk_cache import ChunkCache
+from unionfs.commands.progress import terminal_progress
 from unionfs.content import ContentReader, LayerReader, TarReader
 from unionfs.entry import Chunk, Entry
-from unionfs.estargz import LayerToc
-from unionfs.layer_store import LayerStore, RefetchNeeded
-from unionfs.lazy import LazyLayer, fetch_toc
-from unionfs.progress import terminal_progress
+from unionfs.estargz.lazy import LazyLayer, fetch_toc
+from unionfs.estargz.toc import LayerToc
+from unionfs.storage.cache_admin import image_keys, note_in_use
+from unionfs.storage.chunk_cache import ChunkCache
+from unionfs.storage.layer_store import LayerStore, RefetchNeeded
 from unionfs.tree import MergedTree
 
 log = logging.getLogger("crfs-merge")

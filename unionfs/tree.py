@@ -184,7 +184,7 @@ class MergedTree:
     @classmethod
     def from_bytes(cls, data: bytes | memoryview) -> MergedTree:
         """The inverse of to_bytes; CorruptTreeError for anything it did not write whose
-        shape is wrong (the cache also seals the bytes with a digest: unionfs/sealed.py)."""
+        shape is wrong (the cache also seals the bytes with a digest: unionfs/storage/sealed.py)."""
         try:
             return cls._parse(memoryview(data))
         except (ValueError, KeyError, TypeError, IndexError, OverflowError) as exc:

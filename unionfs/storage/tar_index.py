@@ -11,7 +11,7 @@ from typing import Any, BinaryIO
 
 from registry.errors import LayerFormatError
 from unionfs.entry import NO_XATTRS, Entry, sharer
-from unionfs.estargz import ARTIFACTS, TOC_NAME
+from unionfs.estargz.toc import ARTIFACTS, TOC_NAME
 from whiteout.paths import clean_path
 
 XATTR_PAX_PREFIX = "SCHILY.xattr."

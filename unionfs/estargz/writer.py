@@ -20,8 +20,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
-from unionfs.estargz import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_NAME
-from unionfs.tar_index import XATTR_PAX_PREFIX
+from unionfs.estargz.toc import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_NAME
+from unionfs.storage.tar_index import XATTR_PAX_PREFIX
 from whiteout.paths import clean_path
 
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024  # upstream's default

@@ -19,7 +19,7 @@ import os
 import stat
 from pathlib import Path
 
-from unionfs.server_log import default_log_path
+from unionfs.commands.server_log import default_log_path
 
 log = logging.getLogger("crfs-merge")
 

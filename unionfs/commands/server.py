@@ -26,9 +26,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from registry.errors import ImageError
-from unionfs.mount_lock import record_owner
-from unionfs.server_log import attach_log_file, default_log_path, leave_the_terminal, open_log
-from unionfs.usage import UsageError
+from unionfs.commands.mount_lock import record_owner
+from unionfs.commands.server_log import attach_log_file, default_log_path, leave_the_terminal, open_log
+from unionfs.commands.usage import UsageError
 
 log = logging.getLogger("crfs-merge")
 READY = b"ready\n"

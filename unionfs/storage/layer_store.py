@@ -7,7 +7,7 @@ Cache layout (content-addressed, safe to share between concurrent mounts):
     CACHE/trees/v2/HEX.tree      the merged tree of a stack of layers (unionfs/tree.py's bytes),
                                  named by a hash of the layers' names and their tars' stamps, so
                                  a mount of an image already seen loads arrays and merges nothing
-Index and tree files are sealed (unionfs/sealed.py): any change to their bytes is noticed
+Index and tree files are sealed (unionfs/storage/sealed.py): any change to their bytes is noticed
 on load, and the file is dropped and made again. A tar is verified against its diff_id when
 it is made, and again whenever its stamp (size, mtime, inode) differs from the one its index
 was written for. Files are written under a temporary name and renamed into place, and a
@@ -44,8 +44,8 @@ from registry.errors import DigestMismatchError, ImageError, LayerFormatError
 from registry.media_types import Compression
 from registry.source import FileWindow, Layer
 from unionfs.entry import NO_XATTRS, Entry, sharer
-from unionfs.sealed import DamagedCacheFile, seal, unseal
-from unionfs.tar_index import index_tar
+from unionfs.storage.sealed import DamagedCacheFile, seal, unseal
+from unionfs.storage.tar_index import index_tar
 from unionfs.tree import CorruptTreeError, MergedTree
 
 log = logging.getLogger("crfs-merge")

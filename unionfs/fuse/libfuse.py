@@ -1,5 +1,5 @@
 """Which libfuse this process uses: one libfuse 3, found by its soname, loaded once and shared
-by mfusepy (whose ABI structures unionfs/lowlevel.py uses) and by unionfs/lowlevel.py itself.
+by mfusepy (whose ABI structures unionfs/fuse/lowlevel.py uses) and by unionfs/fuse/lowlevel.py itself.
 
 mfusepy, left to itself, looks for libfuse 2 (`libfuse.so.2`) before libfuse 3, so a machine
 with both installed (AppImages need libfuse2) would give it the wrong one. It honours
@@ -139,5 +139,5 @@ def load() -> Libfuse:
         # mfusepy was imported before this module chose (by someone else's import): its
         # structures would describe another library.
         raise LibfuseMissing(f"mfusepy loaded libfuse {mfusepy.fuse_version_major}.{mfusepy.fuse_version_minor}, "
-                             f"not {name}: import unionfs.libfuse first")  # fmt: skip
+                             f"not {name}: import unionfs.fuse.libfuse first")  # fmt: skip
     return Libfuse(name, lib, version, layout(version), mfusepy)

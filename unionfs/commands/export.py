@@ -20,9 +20,9 @@ import zstandard
 
 from registry.media_types import Compression
 from unionfs.build import MountedImage
+from unionfs.commands.progress import Progress
 from unionfs.entry import Entry
-from unionfs.progress import Progress
-from unionfs.tar_index import XATTR_PAX_PREFIX
+from unionfs.storage.tar_index import XATTR_PAX_PREFIX
 from unionfs.tree import Inode
 
 log = logging.getLogger("crfs-merge")

@@ -384,6 +384,6 @@ def _size_argument(text: str) -> int:
 
 
 def _default_cache_dir() -> Path:
-    from unionfs.layer_store import default_cache_dir
+    from unionfs.storage.layer_store import default_cache_dir
 
     return default_cache_dir()

@@ -31,9 +31,8 @@ from registry.remote import RegistryClient
 from registry.retry import Patience
 from registry.source import Layer
 from unionfs.aio import EventLoopThread
-from unionfs.chunk_cache import ChunkCache
 from unionfs.entry import Chunk, Entry
-from unionfs.estargz import (
+from unionfs.estargz.toc import (
     FOOTER_SIZE,
     Fetch,
     LayerToc,
@@ -44,7 +43,8 @@ from unionfs.estargz import (
     plan_fetches,
     read_toc_member,
 )
-from unionfs.sealed import DamagedCacheFile, seal, unseal
+from unionfs.storage.chunk_cache import ChunkCache
+from unionfs.storage.sealed import DamagedCacheFile, seal, unseal
 
 log = logging.getLogger("crfs-merge")
 READAHEAD_CHUNKS = 4  # on a miss, also start fetching this many following chunks of the file
@@ -71,7 +71,7 @@ async def fetch_toc(client: RegistryClient, layer: Layer, number: int, toc_dir: 
     Two closed-range requests, the footer then the TOC member, unless an earlier mount left
     the TOC in `toc_dir`. A TOC that does not match the layer's toc.digest annotation is an
     error, not a fallback: the layer is not what its manifest says. A cached TOC is sealed
-    (unionfs/sealed.py) and checked against the annotation too: one that fails is removed,
+    (unionfs/storage/sealed.py) and checked against the annotation too: one that fails is removed,
     with a warning, and fetched again."""
     digest, size = layer.digest, layer.window.size
     if digest is None or size < FOOTER_SIZE:

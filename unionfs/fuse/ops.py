@@ -1,5 +1,5 @@
 """FUSE operations over a frozen merged tree, served by inode through libfuse's low-level API
-(unionfs/lowlevel.py).
+(unionfs/fuse/lowlevel.py).
 
 What the kernel is allowed to keep, and why it may: the tree never changes while mounted, so
 names, missing names, attributes and symlink targets are valid for a day ("forever" for a
@@ -34,10 +34,10 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from registry.errors import ImageError
-from unionfs import lowlevel
 from unionfs.build import MountedImage
-from unionfs.lowlevel import Listed
-from unionfs.usage import UsageError
+from unionfs.commands.usage import UsageError
+from unionfs.fuse import lowlevel
+from unionfs.fuse.lowlevel import Listed
 
 log = logging.getLogger("crfs-merge")
 F = TypeVar("F", bound=Callable[..., None])

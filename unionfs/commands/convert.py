@@ -27,8 +27,8 @@ from registry.remote import RegistryClient
 from registry.remote_reference import RemoteReference
 from unionfs.aio import EventLoopThread
 from unionfs.build import Settings, local_layers
-from unionfs.estargz_writer import DEFAULT_CHUNK_SIZE, WrittenLayer, write_estargz
-from unionfs.progress import Progress, WatchedReader, terminal_progress
+from unionfs.commands.progress import Progress, WatchedReader, terminal_progress
+from unionfs.estargz.writer import DEFAULT_CHUNK_SIZE, WrittenLayer, write_estargz
 
 
 def convert(source: str, dest: str, settings: Settings, chunk_size: int = DEFAULT_CHUNK_SIZE,

@@ -21,9 +21,9 @@ import struct
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from unionfs import libfuse
 from unionfs.entry import Attributes
-from unionfs.libfuse import Layout, Libfuse
+from unionfs.fuse import libfuse
+from unionfs.fuse.libfuse import Layout, Libfuse
 
 FUSE_CAP_SPLICE_WRITE = 1 << 7
 FUSE_CAP_AUTO_INVAL_DATA = 1 << 12
@@ -88,7 +88,7 @@ def listing_buffer(items: Iterable[Listed], first_offset: int, size: int, plus: 
 
 # ---------------------------------------------------------------- the C side
 # Bound on first use (a Session, or a reply), not at import: the records above, and the tests
-# and `--export` that use only them, need no libfuse. unionfs/libfuse.py chooses the library.
+# and `--export` that use only them, need no libfuse. unionfs/fuse/libfuse.py chooses the library.
 
 _req = ctypes.c_void_p
 _ino = ctypes.c_uint64

@@ -211,7 +211,7 @@ class RegistryClient:
                 moved = progress is not None and progress() != before
                 delay = clock.after_failure(try_started, now, exc.retry_after, moved)
                 if delay is None:
-                    raise RegistryError(f"{self.reference.registry}: {what}: {exc} ({clock.gave_up(now)})") from None
+                    raise RegistryError(f"{named(self.reference, what)}: {exc} ({clock.gave_up(now)})") from None
                 log.info("%s: %s; retrying in %.1fs", what, exc, delay)
                 await asyncio.sleep(delay)
 
@@ -233,7 +233,7 @@ class RegistryClient:
         except DEADLINE_PASSED:
             clock.tries += 1
             raise RegistryError(
-                f"{self.reference.registry}: {what}: no answer before the deadline ({clock.gave_up(time.monotonic())})"
+                f"{named(self.reference, what)}: no answer before the deadline ({clock.gave_up(time.monotonic())})"
             ) from None
 
     async def _try(

@@ -192,6 +192,7 @@ def test_a_registry_that_never_recovers_ends_the_mount_with_one_line_within_the_
     assert run.returncode == 1 and not os.path.ismount(mountpoint)
     lines = run.stderr.splitlines()
     assert len(lines) == 1 and "HTTP 503" in lines[0] and "gave up after" in lines[0], run.stderr
+    assert f"{proxy.host}/{images['plain']}: manifest: HTTP 503" in lines[0]  # the repository, named
     assert budget - 1.5 <= took <= budget + 5, f"{took:.1f}s for a budget of {budget:g}s"
     assert proxy.requests["manifest"] >= budget - 2  # one try a second, as Retry-After asked
 

@@ -3,7 +3,7 @@
     crfs-merge [options] IMAGE DIR       mount; returns once DIR is ready
     crfs-merge --export DEST IMAGE       write the merged tree to a directory or a tar
     crfs-merge convert SRC DST           rewrite an image's layers as eStargz (to a layout or registry)
-    crfs-merge cache [prune ...]         show what the cache holds, or prune it (unionfs/storage/cache_admin.py)
+    crfs-merge cache [prune ...]         show what the cache holds, or prune it (unionfs/commands/cache.py)
 
 Caveats:
 - The mount is served by a background process (unionfs/commands/server.py says how it starts, logs and
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the command; returns its exit status (0 ok, 1 failure, 2 usage)."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["cache"]:
-        from unionfs.storage.cache_admin import command
+        from unionfs.commands.cache import command
 
         return command(argv[1:])
     converting = bool(argv) and argv[0] == "convert"
@@ -160,12 +160,9 @@ class _Version(argparse.Action):
 
 
 def _size(text: str) -> int:
-    from unionfs.storage.cache_admin import parse_size
+    from unionfs.commands.cache import size_argument  # only when the option is given
 
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    return size_argument(text)
 
 
 def _boolean(text: str) -> bool:

@@ -107,3 +107,17 @@ def test_a_plus_listing_links_children_but_not_the_dots() -> None:
     assert [r["entry"]["nodeid"] for r in listed] == [0, 0, 10, 11]  # type: ignore[index]
     child = listed[3]["entry"]
     assert child["entry_valid"] == 30 and child["attr"]["size"] == 1  # type: ignore[index]
+
+
+def test_a_fault_repeated_within_the_window_is_logged_once() -> None:
+    from unionfs.fuse.ops import RepeatedFaults
+
+    now = [100.0]
+    faults = RepeatedFaults(window=5.0, clock=lambda: now[0])
+    key = ("read", (7,))
+    assert faults.is_news(key)
+    now[0] += 1.0
+    assert not faults.is_news(key)  # the kernel's next request of the same read
+    assert faults.is_news(("read", (8,))) and faults.is_news(("readlink", (7,)))
+    now[0] += 5.0
+    assert faults.is_news(key)  # a later read that fails is news again

@@ -30,6 +30,8 @@ import logging
 import os
 import stat
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -55,10 +57,35 @@ HIGH_LEVEL_OPTIONS = {"kernel_cache", "auto_cache", "noauto_cache", "direct_io",
 HIGH_LEVEL_HINT = "an option of libfuse's high-level API; crfs-merge sets caching and ownership itself (README: Design)"
 
 
+class RepeatedFaults:
+    """Says whether a fault is news: the first for a (request, inode) within `window` seconds
+    is; its repeats are not. The kernel splits one read() into several requests and asks again
+    for a page that failed (which then fails at once, as a fetch that just failed), so one
+    failed read would otherwise log a line per request."""
+
+    def __init__(self, window: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._window, self._clock = window, clock
+        self._last: dict[tuple[str, object], float] = {}
+        self._lock = threading.Lock()
+
+    def is_news(self, key: tuple[str, object]) -> bool:
+        now = self._clock()
+        with self._lock:
+            news = now - self._last.get(key, -self._window) >= self._window
+            self._last[key] = now  # a steady stream of failures stays one line
+            if len(self._last) > 4096:  # forget old kinds rather than grow for ever
+                self._last = {k: t for k, t in self._last.items() if now - t < self._window}
+            return news
+
+
+_faults = RepeatedFaults(window=5.0)
+
+
 def _replies_on_error(method: F) -> F:
     """Every request must get exactly one reply, or the process that made it hangs: an
     exception before the reply becomes one. A missing inode or name is ENOENT; a fault reading
-    bytes is EIO with one log line; anything else is a bug, logged with its traceback."""
+    bytes is EIO with one log line (not one per repeat of the same fault); anything else is a
+    bug, logged with its traceback."""
 
     @functools.wraps(method)
     def wrapper(self: Any, req: int, *args: Any) -> None:
@@ -67,7 +94,8 @@ def _replies_on_error(method: F) -> F:
         except KeyError:
             lowlevel.reply_err(req, errno.ENOENT)
         except (OSError, ImageError) as exc:
-            log.error("%s%s: %s", method.__name__, args[:1], exc)
+            level = logging.ERROR if _faults.is_news((method.__name__, args[:1])) else logging.DEBUG
+            log.log(level, "%s%s: %s", method.__name__, args[:1], exc)
             lowlevel.reply_err(req, errno.EIO)
         except BaseException:
             log.exception("%s%s", method.__name__, args[:1])

@@ -193,6 +193,15 @@ def test_commit_pushes_to_a_registry(lower: str, mount: Mounter, tmp_path: Path)
         local = f"oci:{tmp_path / 'local'}:v1"
         assert commit(tmp_path / "upper", lower, local, tmp_path).returncode == 0
         assert describe_tree(mount(dest)) == describe_tree(mount(local))
+        # A registry IMAGE: its blobs, which the cache does not keep, go into DEST as they are.
+        (tmp_path / "empty").mkdir()
+        again = f"oci:{tmp_path / 'again'}:v2"
+        run = commit(tmp_path / "empty", dest, again, tmp_path)
+        assert run.returncode == 0, run.stderr
+        pushed, _ = _layout_image(tmp_path / "local", "v1")
+        manifest, _ = _layout_image(tmp_path / "again", "v2")
+        assert [m["digest"] for m in manifest["layers"][:-1]] == [m["digest"] for m in pushed["layers"]]
+        assert describe_tree(mount(again)) == describe_tree(mount(local))
     finally:
         registry.stop()
 

@@ -25,7 +25,12 @@ import zstandard
 from registry.errors import DigestMismatchError
 from registry.layout_writer import LAYER_MEDIA_TYPES, blob_dir
 from registry.media_types import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION, Compression
+from registry.pull import fetch_blobs
+from registry.reference import REGISTRY, ImageReference
+from registry.remote import RegistryClient
+from registry.remote_reference import RemoteReference
 from registry.source import FileWindow, Layer
+from unionfs.aio import EventLoopThread
 from unionfs.build import Settings, local_layers
 from unionfs.commands.convert import deliver, estargz_descriptor, write_estargz_blob, write_image
 from unionfs.upper.diff import UpperDirError, write_layer_tar
@@ -51,7 +56,13 @@ def _commit_to_layout(upper: str, source: str, root: Path, tag: str, settings: S
     # The upper layer first: a DIR that is no valid diff is refused before any blob is copied.
     new_layer, new_diff_id = _write_upper_layer(root, upper, compression)
     image, tars = local_layers(source, settings)
-    descriptors = [_copy_layer(root, layer, tar) for layer, tar in zip(image.layers, tars, strict=True)]
+    refetched = _fetch_dropped_blobs(source, list(image.layers), settings)
+    try:
+        descriptors = [_copy_layer(root, layer, tar) for layer, tar in zip(image.layers, tars, strict=True)]
+    finally:
+        for layer in refetched:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(layer.window.path)
     config = extended_config(json.loads(image.config), new_diff_id, message, _now())
     return write_image(root, [*descriptors, new_layer], config, tag)
 
@@ -70,6 +81,24 @@ def extended_config(config: dict[str, Any], diff_id: str, message: str | None, c
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _fetch_dropped_blobs(source: str, layers: list[Layer], settings: Settings) -> list[Layer]:
+    """Returns the layers whose blobs were fetched again from the registry `source` names:
+    the cache keeps a registry layer as its verified tar, not its blob, and the new image
+    must hold IMAGE's blobs as they are. The caller removes them once copied."""
+    reference = ImageReference.parse(source)
+    dropped = [layer for layer in layers if layer.digest and not os.path.exists(layer.window.path)]
+    if reference.transport != REGISTRY or not dropped:
+        return []
+
+    async def fetch() -> None:
+        async with RegistryClient(RemoteReference.parse(reference.path), settings.remote, os.environ) as client:
+            await fetch_blobs(client, dropped)
+
+    with EventLoopThread() as loop:
+        loop.run(fetch())
+    return dropped
 
 
 def _copy_layer(root: Path, layer: Layer, tar: FileWindow) -> dict[str, object]:

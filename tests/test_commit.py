@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -28,7 +29,7 @@ from tests.registry_servers import REGISTRY_BINARY, Registry
 from tests.tarvocab import MTIME, Member, d, f, hl, opq, sym, tar_of, wh
 from tests.test_mount import umoci_unpack, umoci_view
 from tests.tree_walk import describe_tree
-from unionfs.upper.diff import OverrideStat, UpperDirError, parse_override_stat, upper_members
+from unionfs.upper.diff import OverrideStat, UpperDirError, parse_override_stat, upper_members, write_layer_tar
 
 OVERRIDE = "user.containers.override_stat"
 ME = {"uid": os.getuid(), "gid": os.getgid()}
@@ -316,3 +317,16 @@ def test_the_walk_refuses_what_no_layer_can_say(tmp_path: Path) -> None:
         list(upper_members(str(tmp_path / "d"), print))
     with pytest.raises(UpperDirError, match="missing"):
         list(upper_members(str(tmp_path / "none"), print))
+
+
+def test_the_same_directory_gives_the_same_layer(tmp_path: Path) -> None:
+    upper = make_upper(tmp_path / "upper")
+    first, second = io.BytesIO(), io.BytesIO()
+    write_layer_tar(str(upper), first, print)
+    os.utime(upper / "new.txt")  # atime and mtime move; then back: only the layer's inputs count
+    os.utime(upper / "new.txt", (MTIME, MTIME))
+    write_layer_tar(str(upper), second, print)
+    assert first.getvalue() == second.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(first.getvalue())) as archive:
+        assert archive.getmember("etc/hosts").uname == "" and archive.getmember("new.txt").pax_headers[
+            "SCHILY.xattr.user.note"] == "hello"  # fmt: skip

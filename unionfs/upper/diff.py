@@ -95,7 +95,7 @@ Warn = Callable[[str], None]
 def upper_members(root: str, warn: Warn) -> Iterator[LayerMember]:
     """Yields the members of the layer that the upper directory `root` is, parents before
     children and names in byte order; raises UpperDirError for what no layer can say."""
-    if not os.path.isdir(root) or os.path.islink(root):
+    if not os.path.isdir(root):
         raise UpperDirError(f"{root}: the upper directory is missing or not a directory")
     first_names: dict[tuple[int, int], str] = {}  # (dev, inode) -> the name a hardlink points to
     yield from _walk(root, "", first_names, warn)

@@ -3,6 +3,7 @@
     crfs-merge [options] IMAGE DIR       mount; returns once DIR is ready
     crfs-merge --export DEST IMAGE       write the merged tree to a directory or a tar
     crfs-merge convert SRC DST           rewrite an image's layers as eStargz (to a layout or registry)
+    crfs-merge commit --upper DIR IMAGE DEST   IMAGE plus a layer made from an upper directory
     crfs-merge cache [prune ...]         show what the cache holds, or prune it (unionfs/commands/cache.py)
 
 Caveats:
@@ -45,6 +46,7 @@ PREFETCH_MODES = ("none", "landmark", "all")
 USAGE = """crfs-merge [options] IMAGE DIR
        crfs-merge --export DEST [options] IMAGE
        crfs-merge convert [options] SRC DST
+       crfs-merge commit --upper DIR [options] IMAGE DEST
        crfs-merge cache [--cache-dir DIR] [prune (--max-size SIZE | --all)]
        crfs-merge --version"""
 
@@ -58,13 +60,16 @@ def main(argv: list[str] | None = None) -> int:
         from unionfs.commands.cache import command
 
         return command(argv[1:])
-    converting = bool(argv) and argv[0] == "convert"
-    args = (_convert_parser() if converting else _parser()).parse_args(argv[1:] if converting else argv)
+    subcommand = argv[0] if argv[:1] in (["convert"], ["commit"]) else ""
+    parser = {"convert": _convert_parser, "commit": _commit_parser}.get(subcommand, _parser)()
+    args = parser.parse_args(argv[1:] if subcommand else argv)
     configure_terminal(args.verbose)
     try:
         args.creds = _credentials(args)
-        if converting:
+        if subcommand == "convert":
             return _convert(args)
+        if subcommand == "commit":
+            return _commit(args)
         if args.export:
             return _export(args)
         return _mount(args, argv)
@@ -119,6 +124,24 @@ def _convert_parser() -> argparse.ArgumentParser:
                         help=f"largest chunk of a file (default {DEFAULT_CHUNK_SIZE})")  # fmt: skip
     parser.add_argument("--prefetch-files", default="", metavar="PATH[,PATH...]",
                         help="files to put first, before the prefetch landmark, in their layers")  # fmt: skip
+    _add_source_options(parser)
+    return parser
+
+
+def _commit_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crfs-merge commit",
+        description="Write IMAGE plus one layer made from an upper directory (OCI diff form) as a new image.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--upper", required=True, metavar="DIR", help="the upper directory: files, .wh. "
+                        "whiteouts, opaque markers, user.containers.override_stat")  # fmt: skip
+    parser.add_argument("source", metavar="IMAGE", help="the image DIR was made over")
+    parser.add_argument("dest", metavar="DEST", help="oci:PATH[:TAG] (an OCI layout, created or extended), "
+                        "or a registry reference to push to")  # fmt: skip
+    parser.add_argument("--compression", choices=("gzip", "zstd", "estargz"), default="gzip",
+                        help="of the new layer (default gzip)")  # fmt: skip
+    parser.add_argument("-m", "--message", default=None, help="the new history entry's comment")
     _add_source_options(parser)
     return parser
 
@@ -248,6 +271,19 @@ def _convert(args: argparse.Namespace) -> int:
 
     files = [p for p in args.prefetch_files.split(",") if p]
     digest = convert(args.source, args.dest, _settings(args), args.chunk_size, files)
+    print(f"{args.dest}: {digest}")
+    return 0
+
+
+def _commit(args: argparse.Namespace) -> int:
+    from unionfs.commands.commit import commit
+    from unionfs.upper.diff import UpperDirError
+
+    try:
+        digest = commit(args.upper, args.source, args.dest, _settings(args), args.compression, args.message)
+    except UpperDirError as exc:
+        log.error("%s", exc)
+        return 1
     print(f"{args.dest}: {digest}")
     return 0
 

@@ -15,7 +15,9 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from registry.errors import InvalidReferenceError
 from registry.layout_writer import LAYER_MEDIA_TYPES, blob_dir, write_manifest
@@ -35,15 +37,22 @@ def convert(source: str, dest: str, settings: Settings, chunk_size: int = DEFAUL
             prioritized: list[str] | None = None) -> str:  # fmt: skip
     """Writes SRC as an eStargz image to `dest`, an OCI layout (oci:PATH[:TAG]) or a registry
     reference; returns the manifest digest."""
+    return deliver(dest, settings, "convert", lambda root, tag: _convert_to_layout(
+        source, root, tag, settings, chunk_size, prioritized or []))  # fmt: skip
+
+
+def deliver(dest: str, settings: Settings, command: str, write: Callable[[Path, str], str]) -> str:
+    """Returns the manifest digest of the image that write(layout root, tag) writes, into
+    `dest`: an OCI layout (oci:PATH[:TAG], created or gaining the tag) written in place, or
+    a registry reference, pushed from a staging layout in the cache directory."""
     target = ImageReference.parse(dest)
     if target.transport == OCI:
-        return _convert_to_layout(source, Path(target.path), target.tag or "latest", settings, chunk_size,
-                                  prioritized or [])  # fmt: skip
+        return write(Path(target.path), target.tag or "latest")
     if target.transport != REGISTRY:
-        raise InvalidReferenceError(f"{dest}: convert writes an OCI layout (oci:PATH[:TAG]) or to a registry")
-    staging = Path(tempfile.mkdtemp(prefix="convert-", dir=_ensure(settings.cache_dir)))
+        raise InvalidReferenceError(f"{dest}: {command} writes an OCI layout (oci:PATH[:TAG]) or to a registry")
+    staging = Path(tempfile.mkdtemp(prefix=f"{command}-", dir=_ensure(settings.cache_dir)))
     try:
-        _convert_to_layout(source, staging, "push", settings, chunk_size, prioritized or [])
+        write(staging, "push")
         return _push(RemoteReference.parse(target.path), staging, settings)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -71,12 +80,18 @@ def _convert_to_layout(source: str, root: Path, tag: str, settings: Settings, ch
     for tar in tars:
         with tar.open() as reader:
             watched = WatchedReader(reader, tar.size, progress)
-            written = _write_blob(root, watched, chunk_size, prioritized)
+            written = write_estargz_blob(root, watched, chunk_size, prioritized)
             watched.finish()
-        descriptors.append(_descriptor(written))
+        descriptors.append(estargz_descriptor(written))
         diff_ids.append(written.diff_id)
     config = json.loads(image.config)
     config["rootfs"] = {"type": "layers", "diff_ids": diff_ids}
+    return write_image(root, descriptors, config, tag)
+
+
+def write_image(root: Path, descriptors: list[dict[str, object]], config: dict[str, Any], tag: str) -> str:
+    """Writes `config` and a manifest of `descriptors` (blobs already in the layout at
+    `root`) for the config's platform, tagged `tag`; returns the manifest digest."""
     platform = Platform(config.get("os", "linux"), config.get("architecture", ""), config.get("variant", ""))
     data = json.dumps(config, separators=(",", ":")).encode()
     return write_manifest(root, descriptors, data, tag, platform)
@@ -88,7 +103,9 @@ def _progress(total: int) -> Progress:
     return start(total) if start else lambda count: None
 
 
-def _write_blob(root: Path, reader: object, chunk_size: int, prioritized: list[str]) -> WrittenLayer:
+def write_estargz_blob(root: Path, reader: object, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                       prioritized: list[str] | None = None) -> WrittenLayer:  # fmt: skip
+    """Returns what was written: the uncompressed tar `reader` as an eStargz blob of the layout at `root`."""
     blobs = blob_dir(root)
     fd, temp = tempfile.mkstemp(dir=blobs, prefix=".partial-")
     try:
@@ -101,7 +118,8 @@ def _write_blob(root: Path, reader: object, chunk_size: int, prioritized: list[s
             os.unlink(temp)
 
 
-def _descriptor(written: WrittenLayer) -> dict[str, object]:
+def estargz_descriptor(written: WrittenLayer) -> dict[str, object]:
+    """Returns the layer descriptor of an eStargz blob, with its TOC digest and size annotations."""
     return {
         "mediaType": LAYER_MEDIA_TYPES[Compression.GZIP],
         "digest": written.digest,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import contextlib
 import hashlib
 import logging
 import time
@@ -44,7 +43,7 @@ from unionfs.estargz.toc import (
     read_toc_member,
 )
 from unionfs.storage.chunk_cache import ChunkCache
-from unionfs.storage.sealed import DamagedCacheFile, seal, unseal
+from unionfs.storage.sealed import DamagedCacheFile, drop_damaged, seal, unseal
 
 log = logging.getLogger("crfs-merge")
 READAHEAD_CHUNKS = 4  # on a miss, also start fetching this many following chunks of the file
@@ -112,21 +111,15 @@ def _load_cached_toc(path: Path, layer: Layer, number: int) -> LayerToc | None:
     except FileNotFoundError:
         return None
     except (OSError, DamagedCacheFile) as exc:
-        _drop_cached_toc(path, exc)
+        drop_damaged(path, exc, "fetching the TOC again", log.warning)
         return None
     offset_line, _, toc_json = bytes(payload).partition(b"\n")
     try:
         _check_toc_digest(layer, toc_json)
         return parse_toc(toc_json, number, int(offset_line))
     except (ValueError, ImageError) as exc:
-        _drop_cached_toc(path, exc)
+        drop_damaged(path, exc, "fetching the TOC again", log.warning)
         return None
-
-
-def _drop_cached_toc(path: Path, damage: Exception) -> None:
-    log.warning("cache: %s is damaged (%s); removed, fetching the TOC again", path, damage)
-    with contextlib.suppress(OSError):
-        path.unlink()
 
 
 def _write_cached_toc(path: Path, layer: Layer, toc_json: bytes, toc_offset: int) -> None:

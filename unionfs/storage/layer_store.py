@@ -44,7 +44,7 @@ from registry.errors import DigestMismatchError, ImageError, LayerFormatError
 from registry.media_types import Compression
 from registry.source import FileWindow, Layer
 from unionfs.entry import NO_XATTRS, Entry, sharer
-from unionfs.storage.sealed import DamagedCacheFile, seal, unseal
+from unionfs.storage.sealed import DamagedCacheFile, drop_damaged, seal, unseal
 from unionfs.storage.tar_index import index_tar
 from unionfs.tree import CorruptTreeError, MergedTree
 
@@ -219,20 +219,7 @@ class LayerStore:
         return os.path.dirname(os.path.abspath(layer.window.path)) == os.path.abspath(self._blobs)
 
     def _drop(self, path: Path, damage: Exception, then: str, must_go: bool = False) -> None:
-        """Removes a damaged cache file, with one warning naming it. A file that would be
-        used again if left (`must_go`: a tar, a blob) that cannot be removed (a read-only
-        cache) fails the mount instead; a tree or index is then just not used."""
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            if must_go:
-                raise OSError(exc.errno, f"cache: {path} is damaged ({damage}) and cannot be removed: "
-                                         f"{exc.strerror}") from None  # fmt: skip
-            self._warn(f"cache: {path} is damaged ({damage}); {then}")
-            return
-        self._warn(f"cache: {path} is damaged ({damage}); removed, {then}")
+        drop_damaged(path, damage, then, self._warn, must_go)
 
     def _load_index(self, path: Path, key: str, stamp: list[object], number: int) -> list[Entry] | None:
         """Returns the entries of the saved index if it is whole and describes the tar as it

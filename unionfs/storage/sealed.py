@@ -10,6 +10,8 @@ rebuilt, never served.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
+from pathlib import Path
 
 MAGIC = b"crfs-merge sealed sha256\n"
 DIGEST_SIZE = 32  # SHA-256 runs at about 1.7 GB/s where the CPU has SHA extensions (blake2b: 0.7)
@@ -40,6 +42,23 @@ def unseal(label: str, data: bytes) -> memoryview:
     return payload
 
 
+
+
+def drop_damaged(path: Path, damage: Exception, then: str, warn: Callable[[str], None], must_go: bool = False) -> None:
+    """Removes a damaged cache file, with one warning naming it and what happens `then`. A file
+    that would be used again if left (`must_go`: a tar, a blob) and cannot be removed (a
+    read-only cache) fails the mount instead; a tree, index or TOC is then just not used."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if must_go:
+            raise OSError(exc.errno, f"cache: {path} is damaged ({damage}) and cannot be removed: "
+                                     f"{exc.strerror}") from None  # fmt: skip
+        warn(f"cache: {path} is damaged ({damage}); {then}")
+        return
+    warn(f"cache: {path} is damaged ({damage}); removed, {then}")
 
 
 def _head(label: str) -> bytes:

@@ -22,6 +22,7 @@ from cachetools import LRUCache
 from registry.cache_files import write_atomically
 from registry.digest import Digest
 from registry.errors import ManifestError
+from unionfs.storage.sealed import DamagedCacheFile, drop_damaged
 
 log = logging.getLogger("crfs-merge")
 # Small on purpose: the kernel keeps the pages of files read (kernel_cache), so this only
@@ -91,9 +92,8 @@ class ChunkCache:
         except FileNotFoundError:
             return None
         if hashlib.new(algorithm_hex[0], data).hexdigest() != algorithm_hex[1]:
-            log.warning("chunk cache: %s is damaged; removed, it will be fetched again", self._path(key).name)
-            with contextlib.suppress(FileNotFoundError):
-                self._path(key).unlink()
+            damage = DamagedCacheFile("its digest does not match its contents")
+            drop_damaged(self._path(key), damage, "fetching it again", log.warning)
             return None
         return data
 

@@ -141,10 +141,10 @@ def _member(path: str, arcname: str, info: os.stat_result, first_names: dict[tup
         return None
     override = _override(path, info)
     tar = tarfile.TarInfo(arcname)
-    tar.mtime = int(info.st_mtime)
     tar.uid, tar.gid = (override.uid, override.gid) if override else (info.st_uid, info.st_gid)
     tar.mode = override.mode if override else stat.S_IMODE(info.st_mode)
     tar.pax_headers = _xattrs(path, info)
+    _set_mtime(tar, info.st_mtime_ns)
     if override and override.kind == "socket":
         warn(f"{path}: a socket, which a layer cannot hold; skipped")
         return None
@@ -162,6 +162,15 @@ def _member(path: str, arcname: str, info: os.stat_result, first_names: dict[tup
         return LayerMember(tar, path)
     _set_type(tar, path, info)
     return LayerMember(tar)
+
+
+def _set_mtime(tar: tarfile.TarInfo, nanoseconds: int) -> None:
+    """The mtime to the nanosecond: a PAX record where there is a fraction of a second (as
+    containerd writes them), so that the committed image shows the times the mount showed."""
+    seconds, fraction = divmod(nanoseconds, 1_000_000_000)
+    tar.mtime = seconds
+    if fraction:
+        tar.pax_headers["mtime"] = f"{seconds}.{fraction:09d}"
 
 
 def _set_type(tar: tarfile.TarInfo, path: str, info: os.stat_result) -> None:

@@ -250,6 +250,14 @@ class WritableTree:
         self._copy_up_one(node, parent, name, with_data)
 
     def _copy_up_one(self, node: Node, parent: Node, name: bytes, with_data: bool) -> None:
+        """Copies one entry up, leaving its parent's times as they were: a copy-up is no
+        change a program made (kernel overlayfs does the same)."""
+        parent_path = self.store.path(self.path(parent))
+        times = os.lstat(parent_path)
+        self._copy_entry(node, parent, name, with_data)
+        os.utime(parent_path, ns=(times.st_atime_ns, times.st_mtime_ns), follow_symlinks=False)
+
+    def _copy_entry(self, node: Node, parent: Node, name: bytes, with_data: bool) -> None:
         assert node.lower is not None
         relative = join(self.path(parent), name)
         a = self._tree.attributes(node.lower)

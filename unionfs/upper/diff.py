@@ -170,7 +170,7 @@ def _set_mtime(tar: tarfile.TarInfo, nanoseconds: int) -> None:
     seconds, fraction = divmod(nanoseconds, 1_000_000_000)
     tar.mtime = seconds
     if fraction:
-        tar.pax_headers["mtime"] = f"{seconds}.{fraction:09d}"
+        tar.pax_headers = {**tar.pax_headers, "mtime": f"{seconds}.{fraction:09d}"}
 
 
 def _set_type(tar: tarfile.TarInfo, path: str, info: os.stat_result) -> None:

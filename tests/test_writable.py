@@ -15,6 +15,7 @@ import os
 import signal
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -273,3 +274,44 @@ def test_a_full_disk_is_enospc_to_the_writer_and_nothing_is_lost(image: str, mou
         unmount(mnt)
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+_WORKER = r"""
+import os, sys
+root, number = sys.argv[1], int(sys.argv[2])
+shared = os.path.join(root, "var/shared")
+os.makedirs(shared, exist_ok=True)
+mine = os.path.join(root, f"etc/network/w{number}")
+os.mkdir(mine)
+for j in range(60):
+    made = os.path.join(shared, f"w{number}-{j}")
+    with open(made, "wb") as handle:
+        handle.write(f"{number}:{j}\n".encode() * 50)
+    os.rename(made, os.path.join(mine, f"r{j}"))
+    if j % 3 == 0:
+        os.unlink(os.path.join(mine, f"r{j}"))
+    with open(os.path.join(root, "etc/hostname"), "ab") as log:
+        log.write(f"line {number} {j}\n".encode())
+    os.listdir(os.path.join(root, "etc/network"))
+"""
+
+
+def test_sixteen_processes_create_write_rename_and_delete_at_once(image: str, upper: Path, mount: Mounter) -> None:
+    mnt = mount(image, "--upper", str(upper))
+    (mnt / "var/shared").mkdir()
+    workers = [subprocess.Popen([sys.executable, "-c", _WORKER, str(mnt), str(n)], stderr=subprocess.PIPE)
+               for n in range(16)]  # fmt: skip
+    for worker in workers:
+        _, errors = worker.communicate(timeout=300)
+        assert worker.returncode == 0, errors.decode()
+    assert os.listdir(mnt / "var/shared") == []
+    for n in range(16):
+        kept = sorted(os.listdir(mnt / f"etc/network/w{n}"))
+        assert kept == sorted(f"r{j}" for j in range(60) if j % 3), n
+        assert (mnt / f"etc/network/w{n}/r1").read_bytes() == f"{n}:1\n".encode() * 50
+    lines = (mnt / "etc/hostname").read_bytes().split(b"\n")
+    assert lines[0] == b"seed", "the copy-up happened once, before every append"
+    assert sorted(lines[1:-1]) == sorted(f"line {n} {j}".encode() for n in range(16) for j in range(60))
+    shown = describe_tree(mnt)
+    unmount(mnt)
+    assert describe_tree(mount(image, "--upper", str(upper))) == shown

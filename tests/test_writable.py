@@ -315,3 +315,36 @@ def test_sixteen_processes_create_write_rename_and_delete_at_once(image: str, up
     shown = describe_tree(mnt)
     unmount(mnt)
     assert describe_tree(mount(image, "--upper", str(upper))) == shown
+
+
+def test_chown_r_copies_metadata_only_and_the_bytes_come_later(image: str, upper: Path, mount: Mounter,
+                                                               tmp_path: Path) -> None:  # fmt: skip
+    mnt = mount(image, "--upper", str(upper))
+    subprocess.run(["chown", "-R", "1000:1000", str(mnt / "usr")], check=True)
+    copy = upper / "usr/lib/big"
+    assert copy.stat().st_size == BIG and copy.stat().st_blocks * 512 < BIG // 100, "no bytes copied by chown"
+    assert os.stat(mnt / "usr/lib/big").st_uid == 1000
+    assert (mnt / "usr/lib/big").read_bytes() == _big()
+    unmount(mnt)
+    mnt = mount(image, "--upper", str(upper))
+    assert (mnt / "usr/lib/big").read_bytes() == _big(), "a remount still reads a metadata-only copy's bytes"
+    assert os.stat(mnt / "usr/lib/one").st_ino == os.stat(mnt / "usr/lib/two").st_ino
+    with open(mnt / "usr/lib/big", "r+b") as handle:
+        handle.write(b"NEW")
+    assert (mnt / "usr/lib/big").read_bytes() == b"NEW" + _big()[3:]
+    assert copy.stat().st_blocks * 512 >= BIG
+    assert os.stat(mnt / "usr/lib/big").st_uid == 1000
+    shown = describe_tree(mnt, skip_dir_mtime=True)
+    unmount(mnt)
+    dest = f"oci:{tmp_path / 'committed'}:v2"
+    run = subprocess.run([*COMMAND, "commit", "--cache-dir", str(tmp_path / "cache"), "--upper", str(upper), image,
+                          dest], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert describe_tree(mount(dest), skip_dir_mtime=True) == shown
+
+
+def test_commit_refuses_an_upper_directory_in_use(image: str, upper: Path, mount: Mounter, tmp_path: Path) -> None:
+    mount(image, "--upper", str(upper))
+    run = subprocess.run([*COMMAND, "commit", "--cache-dir", str(tmp_path / "cache"), "--upper", str(upper), image,
+                          f"oci:{tmp_path / 'out'}:x"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 1 and "a writable mount is using it" in run.stderr, run.stderr

@@ -285,14 +285,14 @@ class WritableFilesystem:
     def _open_fd(self, node: Node, flags: int) -> int | None:
         if flags & _WRITE_ACCESS or flags & os.O_TRUNC:
             return self._tree.open_upper(node, flags)
-        if node.in_upper:
+        if node.in_upper and not node.metacopy:
             return self._tree.open_upper(node, 0)
-        return None
+        return None  # read from the image (also a metadata-only copy's bytes)
 
     @_answers_errno
     def read(self, req: int, ino: int, size: int, offset: int, fi: Any) -> None:
         handle = self._handle(fi)
-        if handle.fd is None and handle.node.in_upper:
+        if handle.fd is None and handle.node.in_upper and not handle.node.metacopy:
             with self._lock:  # copied up since it was opened: read the copy
                 if handle.fd is None:
                     handle.fd = self._tree.open_upper(handle.node, 0)

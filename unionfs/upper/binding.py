@@ -18,9 +18,9 @@ import logging
 import os
 
 from unionfs.commands.usage import UsageError
+from unionfs.upper.diff import IMAGE_XATTR
 
 log = logging.getLogger("crfs-merge")
-IMAGE_XATTR = "user.crfs-merge.image"
 
 
 def claim_upper(directory: str, image_id: str, image_text: str) -> tuple[int, bool]:

@@ -39,9 +39,10 @@ from dataclasses import dataclass, field
 from unionfs.content import ContentReader
 from unionfs.entry import Attributes
 from unionfs.tree import ROOT, MergedTree
-from unionfs.upper.store import OPAQUE, RESERVED_XATTRS, WHITEOUT, Shown, UpperStore, join, libc
+from unionfs.upper.store import METACOPY_XATTR, OPAQUE, RESERVED_XATTRS, WHITEOUT, Shown, UpperStore, join, libc
 
 COPY_CHUNK = 1 << 20
+META, FULL, EMPTY = "meta", "full", "empty"  # what copy_up copies of a regular file's bytes
 KEEP_TIME = -1  # in set_attributes' times: leave this one as it is
 NAME_MAX = 255
 
@@ -62,6 +63,7 @@ class Node:
     lower: int | None
     in_upper: bool
     kind: int  # S_IFMT bits
+    metacopy: bool = False  # an upper file whose bytes are still the lower ones (copy_up)
     orphan_fd: int | None = None  # an upper file unlinked while open: where its metadata is
     open_count: int = 0
     aliases_known: bool = field(default=False, repr=False)
@@ -140,10 +142,25 @@ class WritableTree:
             if kind == stat.S_IFDIR and not self.store.is_opaque(relative):
                 below = self._lower_child(parent, name)
                 lower = below if below is not None and self._tree.is_dir(below) else None
-            node = self._new_node(lower if lower is not None else None, True, kind)
+            copied_from = self.store.metacopy_source(relative) if kind == stat.S_IFREG else None
+            if copied_from is not None:
+                lower = self._tree_inode(copied_from, relative)
+            node = self._new_node(lower, True, kind)
+            node.metacopy = copied_from is not None
             self._by_upper[key] = node
         self._know_name(node, parent, name)
         return node
+
+    def _tree_inode(self, path: bytes, relative: bytes) -> int:
+        """The image's regular file at `path`, whose bytes a metadata-only copy still shows."""
+        try:
+            inode = self._tree.lookup(os.fsdecode(path))
+        except KeyError:
+            inode = None
+        if inode is None or not inode.entry.is_regular:
+            raise OSError(errno.EIO, f"{relative.decode(errors='replace')}: its bytes are to come from "
+                          f"{path.decode(errors='replace')} of the image, which has no such file")  # fmt: skip
+        return inode.ino
 
     def _lower_node(self, parent: Node, name: bytes, lower: int) -> Node:
         node = self._nodes.get(lower)
@@ -235,29 +252,34 @@ class WritableTree:
 
     # ------------------------------------------------------------ copy-up
 
-    def copy_up(self, node: Node, with_data: bool = True) -> None:
-        """Gives `node` an upper entry (its parents first). `with_data` False copies a regular
-        file as empty: for an O_TRUNC open or a truncate to zero."""
+    def copy_up(self, node: Node, data: str = META) -> None:
+        """Gives `node` an upper entry (its parents first). For a regular file, `data` says
+        what of its bytes: META copies none and keeps reading the lower ones (a chmod, chown,
+        utime, xattr, link or rename: a `chown -R` copies no file's bytes), FULL all of them,
+        EMPTY none because they are about to go (an O_TRUNC open, a truncate to zero). A
+        metadata-only copy gets its bytes when first opened for writing (fill_data)."""
         if node.in_upper:
+            if data != META and node.metacopy:
+                self._fill_data(node, data)
             return
         if not node.names or node.lower is None:
             raise fail(errno.ENOENT)  # a lower file unlinked while open: nothing to copy it to
         parent, name = node.names[0]
         self.copy_up(parent)
         if stat.S_ISREG(node.kind) and self._tree.attributes(node.lower).nlink > 1:
-            self._copy_up_group(node, with_data)
+            self._copy_up_group(node, data)
             return
-        self._copy_up_one(node, parent, name, with_data)
+        self._copy_up_one(node, parent, name, data)
 
-    def _copy_up_one(self, node: Node, parent: Node, name: bytes, with_data: bool) -> None:
+    def _copy_up_one(self, node: Node, parent: Node, name: bytes, data: str) -> None:
         """Copies one entry up, leaving its parent's times as they were: a copy-up is no
         change a program made (kernel overlayfs does the same)."""
         parent_path = self.store.path(self.path(parent))
         times = os.lstat(parent_path)
-        self._copy_entry(node, parent, name, with_data)
+        self._copy_entry(node, parent, name, data)
         os.utime(parent_path, ns=(times.st_atime_ns, times.st_mtime_ns), follow_symlinks=False)
 
-    def _copy_entry(self, node: Node, parent: Node, name: bytes, with_data: bool) -> None:
+    def _copy_entry(self, node: Node, parent: Node, name: bytes, data: str) -> None:
         assert node.lower is not None
         relative = join(self.path(parent), name)
         a = self._tree.attributes(node.lower)
@@ -266,7 +288,8 @@ class WritableTree:
         elif stat.S_ISLNK(a.mode):
             os.symlink(self._tree.link(node.lower), self.store.path(relative))
         elif stat.S_ISREG(a.mode):
-            self._copy_file(node.lower, relative, with_data)
+            self._copy_file(node.lower, relative, data)
+            node.metacopy = data == META
         else:
             self.store.make_node(relative, stat.S_IFMT(a.mode), a.rdev)
         self._finish_copy(node, relative, a)
@@ -283,15 +306,34 @@ class WritableTree:
         node.in_upper = True
         self._by_upper[(info.st_dev, info.st_ino)] = node
 
-    def _copy_file(self, lower: int, relative: bytes, with_data: bool) -> None:
+    def _copy_file(self, lower: int, relative: bytes, data: str) -> None:
         directory = relative.rpartition(b"/")[0]
         fd, temporary = self.store.new_file_fd(directory)
         try:
-            if with_data:
+            if data == FULL:
                 self._copy_bytes(lower, fd)
+            elif data == META:
+                os.ftruncate(fd, self._tree.attributes(lower).size)  # sparse: the size shows right
+                os.setxattr(fd, METACOPY_XATTR, relative)
             self.store.give_name(fd, temporary, relative)
         finally:
             os.close(fd)
+
+    def _fill_data(self, node: Node, data: str) -> None:
+        """Gives a metadata-only copy its bytes (none for EMPTY), then drops its mark: a crash
+        before that leaves the mark, and the lower bytes keep showing, which are the same."""
+        assert node.lower is not None
+        path = self._upper_path(node)
+        times = os.lstat(path)
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+        try:
+            if data == FULL:
+                self._copy_bytes(node.lower, fd)
+            os.removexattr(fd, METACOPY_XATTR)
+        finally:
+            os.close(fd)
+        os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+        node.metacopy = False
 
     def _copy_bytes(self, lower: int, fd: int) -> None:
         entry = self._tree.entry(lower)
@@ -308,12 +350,12 @@ class WritableTree:
                 copied = os.pwrite(fd, data, position)
             position += copied
 
-    def _copy_up_group(self, node: Node, with_data: bool) -> None:
+    def _copy_up_group(self, node: Node, data: str) -> None:
         """Copies up a lower file with several names once, and links each visible name to it."""
         assert node.lower is not None
         names = [(parent, name) for parent, name in self._visible_names(node.lower)]
         first_parent, first_name = node.names[0]
-        self._copy_up_one(node, first_parent, first_name, with_data)
+        self._copy_up_one(node, first_parent, first_name, data)
         source = self.store.path(self.path(node))
         for parent, name in names:
             if (parent, name) == (first_parent, first_name):
@@ -580,7 +622,7 @@ class WritableTree:
         if size is not None:
             if stat.S_ISDIR(node.kind):
                 raise fail(errno.EISDIR)
-            self.copy_up(node, with_data=size != 0)
+            self.copy_up(node, EMPTY if size == 0 else FULL)
             if fd is not None:
                 os.ftruncate(fd, size)
             else:
@@ -641,7 +683,7 @@ class WritableTree:
         writes (O_TRUNC copies no bytes)."""
         if node.orphan_fd is not None and not node.names:
             return os.open(f"/proc/self/fd/{node.orphan_fd}", os.O_RDWR)
-        self.copy_up(node, with_data=not flags & os.O_TRUNC)
+        self.copy_up(node, EMPTY if flags & os.O_TRUNC else FULL)
         fd = os.open(self._upper_path(node), os.O_RDWR | os.O_NOFOLLOW)
         if flags & os.O_TRUNC:
             os.ftruncate(fd, 0)

@@ -21,13 +21,15 @@ import os
 import stat
 from dataclasses import dataclass
 
-from unionfs.upper.diff import OVERRIDE_STAT_XATTR, OverrideStat, parse_override_stat
+from unionfs.upper.diff import IMAGE_XATTR, METACOPY_XATTR, OVERRIDE_STAT_XATTR, OverrideStat, parse_override_stat
 from whiteout.markers import OPAQUE_MARKER, WHITEOUT_PREFIX
 
 WHITEOUT = WHITEOUT_PREFIX.encode()
 OPAQUE = OPAQUE_MARKER.encode()
 # Our own xattrs on upper files; never shown through the mount, never settable through it.
-RESERVED_XATTRS = frozenset({OVERRIDE_STAT_XATTR, "user.crfs-merge.image"})
+# METACOPY_XATTR marks a metadata-only copy: a sparse upper file whose bytes are still those of
+# the image's file at the path it holds (overlay.py copy_up; commit reads them from there).
+RESERVED_XATTRS = frozenset({OVERRIDE_STAT_XATTR, METACOPY_XATTR, IMAGE_XATTR})
 _KIND_NAMES = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink", stat.S_IFIFO: "pipe",
                stat.S_IFSOCK: "socket", stat.S_IFCHR: "char", stat.S_IFBLK: "block"}  # fmt: skip
 _KIND_BITS = {name: bits for bits, name in _KIND_NAMES.items()}
@@ -166,6 +168,13 @@ class UpperStore:
             return
         os.setxattr(path, OVERRIDE_STAT_XATTR, override_text(wanted, stat.S_IFMT(info.st_mode)),
                     follow_symlinks=False)  # fmt: skip
+
+    def metacopy_source(self, relative: bytes) -> bytes | None:
+        """The image path whose bytes a metadata-only copy shows; None for an ordinary file."""
+        try:
+            return os.getxattr(self.path(relative), METACOPY_XATTR, follow_symlinks=False)
+        except OSError:
+            return None
 
     # ------------------------------------------------------------ making entries
 

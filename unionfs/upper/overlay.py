@@ -659,6 +659,21 @@ class WritableTree:
         return {name: os.getxattr(path, name, follow_symlinks=False)
                 for name in os.listxattr(path, follow_symlinks=False) if name not in RESERVED_XATTRS}  # fmt: skip
 
+    def xattr(self, node: Node, name: str) -> bytes | None:
+        """One xattr's value, or None: asked on every write(2) for security.capability, so
+        it reads just that one."""
+        if not node.in_upper:
+            assert node.lower is not None
+            return self._tree.xattrs(node.lower).get(name)
+        if name in RESERVED_XATTRS or stat.S_ISLNK(node.kind):
+            return None
+        try:
+            return os.getxattr(self._upper_path(node), name, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno in (errno.ENODATA, errno.ENOTSUP):
+                return None
+            raise
+
     def set_xattr(self, node: Node, name: str, value: bytes, flags: int) -> None:
         if name in RESERVED_XATTRS:
             raise fail(errno.EPERM)

@@ -9,8 +9,11 @@ tests/test_writable_programs.py.
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import fcntl
 import hashlib
+import mmap
 import os
 import signal
 import stat
@@ -348,3 +351,53 @@ def test_commit_refuses_an_upper_directory_in_use(image: str, upper: Path, mount
     run = subprocess.run([*COMMAND, "commit", "--cache-dir", str(tmp_path / "cache"), "--upper", str(upper), image,
                           f"oci:{tmp_path / 'out'}:x"], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert run.returncode == 1 and "a writable mount is using it" in run.stderr, run.stderr
+
+
+def _renameat2(old: Path, new: Path, flags: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.renameat2(-100, os.fsencode(old), -100, os.fsencode(new), flags) != 0:
+        number = ctypes.get_errno()
+        raise OSError(number, os.strerror(number))
+
+
+def test_the_file_operations_programs_use(image: str, upper: Path, mount: Mounter) -> None:
+    mnt = mount(image, "--upper", str(upper))
+    made = mnt / "etc/made"
+    fd = os.open(made, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o640)
+    assert _errno(lambda: os.open(made, os.O_CREAT | os.O_EXCL | os.O_RDWR)) == errno.EEXIST
+    os.pwrite(fd, b"0123456789", 0)
+    os.posix_fallocate(fd, 0, 1 << 20)
+    assert os.fstat(fd).st_size == 1 << 20
+    os.ftruncate(fd, 4096)
+    with mmap.mmap(fd, 4096, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as mapped:
+        mapped[0:5] = b"MMAP!"
+        mapped.flush()
+    os.fdatasync(fd)
+    os.fsync(fd)
+    os.close(fd)
+    assert made.read_bytes()[:10] == b"MMAP!56789"
+    with open(mnt / "etc/hostname", "ab") as appending:  # a lower file: copied up, then appended to
+        appending.write(b"tail\n")
+    assert (mnt / "etc/hostname").read_bytes() == b"seed\ntail\n"
+    with open(mnt / "etc/hostname", "r+b") as locked:
+        fcntl.flock(locked, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(locked, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)
+        other = os.open(mnt / "etc/hostname", os.O_RDONLY)
+        assert _errno(lambda: fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)) == errno.EWOULDBLOCK
+        os.close(other)
+    noreplace, exchange = 1, 2
+    assert _errno(lambda: _renameat2(mnt / "etc/made", mnt / "etc/hostname", noreplace)) == errno.EEXIST
+    _renameat2(mnt / "etc/made", mnt / "etc/passwd", exchange)
+    assert (mnt / "etc/made").read_bytes() == b"root:x:0:0\n"
+    assert (mnt / "etc/passwd").read_bytes()[:5] == b"MMAP!"
+    os.mkfifo(mnt / "fifo", 0o600)
+    assert stat.S_ISFIFO(os.stat(mnt / "fifo").st_mode)
+    os.setxattr(mnt / "etc/hostname", "user.a", b"1", os.XATTR_CREATE)
+    assert _errno(lambda: os.setxattr(mnt / "etc/hostname", "user.a", b"2", os.XATTR_CREATE)) == errno.EEXIST
+    assert _errno(lambda: os.setxattr(mnt / "etc/hostname", "user.b", b"2", os.XATTR_REPLACE)) == errno.ENODATA
+    own = "user.containers.override_stat"  # the mount's own bookkeeping: not settable through it
+    assert _errno(lambda: os.setxattr(mnt / "etc/hostname", own, b"0:0:777")) == errno.EPERM
+    os.removexattr(mnt / "etc/hostname", "user.a")
+    assert os.listxattr(mnt / "etc/hostname") == []
+    statfs = os.statvfs(mnt)
+    assert statfs.f_bavail > 0 and statfs.f_namemax == 255

@@ -220,6 +220,10 @@ def test_a_commit_mounts_as_the_writable_mount_showed(image: str, upper: Path, m
     os.mkfifo(mnt / "etc/pipe")
     os.chown(mnt / "etc/passwd", 42, 43)
     os.setxattr(mnt / "etc/passwd", "user.note", b"kept")
+    # As the mount shows it once remounted: with the kernel's writeback cache, a file made and
+    # written just before the unmount may show the kernel's mtime until then (README: Writable).
+    unmount(mnt)
+    mnt = mount(image, "--upper", str(upper))
     shown = describe_tree(mnt, skip_dir_mtime=True)
     unmount(mnt)
     dest = f"oci:{tmp_path / 'committed'}:v2"
@@ -241,7 +245,8 @@ def test_sigkill_during_copy_ups_never_shows_half_a_file(image: str, upper: Path
         copied = upper / "usr/lib/big"
         if copied.exists():
             data = copied.read_bytes()
-            assert data in (_big(), _big() + b"tail\n", _big() + b"tail\ntail\n"), f"round {round_number}: {len(data)}"
+            whole = [_big() + b"tail\n" * appended for appended in range(round_number + 2)]
+            assert data in whole, f"round {round_number}: {len(data)} bytes, not the lower file with whole appends"
         assert not [p for p in upper.rglob("*") if ".wh..wh.crfs" in p.name]
     again = mount(image, "--upper", str(upper))
     assert (again / "usr/lib/big").read_bytes().startswith(_big())

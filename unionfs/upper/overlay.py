@@ -39,7 +39,17 @@ from dataclasses import dataclass, field
 from unionfs.content import ContentReader
 from unionfs.entry import Attributes
 from unionfs.tree import ROOT, MergedTree
-from unionfs.upper.store import METACOPY_XATTR, OPAQUE, RESERVED_XATTRS, WHITEOUT, Shown, UpperStore, join, libc
+from unionfs.upper.store import (
+    METACOPY_XATTR,
+    OPAQUE,
+    RESERVED_XATTRS,
+    WHITEOUT,
+    Shown,
+    UpperStore,
+    disk_permissions,
+    join,
+    libc,
+)
 
 COPY_CHUNK = 1 << 20
 META, FULL, EMPTY = "meta", "full", "empty"  # what copy_up copies of a regular file's bytes
@@ -64,6 +74,7 @@ class Node:
     in_upper: bool
     kind: int  # S_IFMT bits
     metacopy: bool = False  # an upper file whose bytes are still the lower ones (copy_up)
+    override: bool | None = None  # whether its upper file has an override_stat (None: not known)
     orphan_fd: int | None = None  # an upper file unlinked while open: where its metadata is
     open_count: int = 0
     aliases_known: bool = field(default=False, repr=False)
@@ -203,7 +214,10 @@ class WritableTree:
             return self._upper_attributes(node, b"", info, Shown(info.st_mode, info.st_uid, info.st_gid))
         relative = self.path(node)
         info = os.lstat(self.store.path(relative))
-        return self._upper_attributes(node, relative, info, self.store.shown(relative, info))
+        shown = self.store.shown(relative, info, may_have_override=node.override is not False)
+        if node.override is None:
+            node.override = (shown.mode, shown.uid, shown.gid) != (info.st_mode, info.st_uid, info.st_gid)
+        return self._upper_attributes(node, relative, info, shown)
 
     def _upper_attributes(self, node: Node, relative: bytes, info: os.stat_result, shown: Shown) -> Attributes:
         size = info.st_size
@@ -300,7 +314,7 @@ class WritableTree:
         if not stat.S_ISLNK(a.mode):
             for key, value in self._tree.xattrs(node.lower).items():
                 os.setxattr(path, key, value, follow_symlinks=False)
-        self.store.set_shown(relative, Shown(a.mode, a.uid, a.gid, a.rdev))
+        node.override = self.store.set_shown(relative, Shown(a.mode, a.uid, a.gid, a.rdev), may_have_override=False)
         os.utime(path, ns=(a.mtime_ns, a.mtime_ns), follow_symlinks=False)
         info = os.lstat(path)
         node.in_upper = True
@@ -414,17 +428,21 @@ class WritableTree:
         return lower is not None and self._tree.is_dir(lower)
 
     def _finish_new(self, parent: Node, name: bytes, relative: bytes, owner: tuple[int, int], mode: int,
-                    rdev: int = 0) -> Node:  # fmt: skip
-        uid, gid = self._new_owner(parent, owner)
-        self.store.set_shown(relative, Shown(mode, uid, gid, rdev))
-        self.store.drop_whiteout(self.path(parent), name)
+                    hidden: bool, rdev: int = 0) -> Node:  # fmt: skip
+        """Gives a new upper entry its owner and mode, drops the whiteout it replaces (after:
+        a crash between shows the new entry, never the old lower one), returns its node."""
+        override = self.store.set_shown(relative, Shown(mode, *owner, rdev), may_have_override=False)
+        if hidden:
+            self.store.drop_whiteout(self.path(parent), name)
         info = os.lstat(self.store.path(relative))
         node = self._new_node(None, True, stat.S_IFMT(mode))
+        node.override = override
         self._by_upper[(info.st_dev, info.st_ino)] = node
         self._know_name(node, parent, name)
         return node
 
     def _new_owner(self, parent: Node, owner: tuple[int, int]) -> tuple[int, int]:
+        """The owner of a new entry: the caller's, with the group of a setgid directory."""
         parent_attributes = self.attributes(parent)
         if parent_attributes.mode & stat.S_ISGID:
             return owner[0], parent_attributes.gid
@@ -436,10 +454,12 @@ class WritableTree:
     def create(self, parent: Node, name: bytes, mode: int, owner: tuple[int, int], flags: int) -> tuple[Node, int]:
         """Makes a regular file; returns its node and a descriptor opened with `flags`."""
         self._check_new_name(parent, name)
-        relative, _ = self._prepare_name(parent, name)
-        fd = os.open(self.store.path(relative), os.O_CREAT | os.O_EXCL | os.O_RDWR | (flags & os.O_CLOEXEC), 0o600)
+        relative, hidden = self._prepare_name(parent, name)
+        mode = stat.S_IFREG | stat.S_IMODE(mode)
+        fd = os.open(self.store.path(relative), os.O_CREAT | os.O_EXCL | os.O_RDWR | (flags & os.O_CLOEXEC),
+                     disk_permissions(mode))  # fmt: skip
         try:
-            node = self._finish_new(parent, name, relative, owner, stat.S_IFREG | stat.S_IMODE(mode))
+            node = self._finish_new(parent, name, relative, self._new_owner(parent, owner), mode, hidden)
         except BaseException:
             os.close(fd)
             raise
@@ -447,27 +467,29 @@ class WritableTree:
 
     def mkdir(self, parent: Node, name: bytes, mode: int, owner: tuple[int, int]) -> Node:
         self._check_new_name(parent, name)
-        relative, _ = self._prepare_name(parent, name)
-        os.mkdir(self.store.path(relative), 0o700)
+        relative, hidden = self._prepare_name(parent, name)
+        mode = self._sgid_dir(parent, stat.S_IFDIR | (mode & 0o7777))
+        os.mkdir(self.store.path(relative), disk_permissions(mode))
         if self._lower_dir_at(parent, name):
             self.store.make_opaque(relative)
-        return self._finish_new(parent, name, relative, owner, self._sgid_dir(parent, stat.S_IFDIR | (mode & 0o7777)))
+        return self._finish_new(parent, name, relative, self._new_owner(parent, owner), mode, hidden)
 
     def mknod(self, parent: Node, name: bytes, mode: int, rdev: int, owner: tuple[int, int]) -> Node:
         self._check_new_name(parent, name)
-        relative, _ = self._prepare_name(parent, name)
+        relative, hidden = self._prepare_name(parent, name)
         kind = stat.S_IFMT(mode) or stat.S_IFREG
         if kind == stat.S_IFREG:
             os.close(os.open(self.store.path(relative), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         else:
             self.store.make_node(relative, kind, rdev)
-        return self._finish_new(parent, name, relative, owner, kind | (mode & 0o7777), rdev)
+        return self._finish_new(parent, name, relative, self._new_owner(parent, owner), kind | (mode & 0o7777), hidden,
+                                rdev)  # fmt: skip
 
     def symlink(self, parent: Node, name: bytes, target: bytes, owner: tuple[int, int]) -> Node:
         self._check_new_name(parent, name)
-        relative, _ = self._prepare_name(parent, name)
+        relative, hidden = self._prepare_name(parent, name)
         os.symlink(target, self.store.path(relative))
-        return self._finish_new(parent, name, relative, owner, stat.S_IFLNK | 0o777)
+        return self._finish_new(parent, name, relative, self._new_owner(parent, owner), stat.S_IFLNK | 0o777, hidden)
 
     def link(self, node: Node, parent: Node, name: bytes) -> Node:
         if stat.S_ISDIR(node.kind):
@@ -637,7 +659,7 @@ class WritableTree:
         a = self.attributes(node)
         new_mode = stat.S_IFMT(a.mode) | (stat.S_IMODE(mode) if mode is not None else stat.S_IMODE(a.mode))
         wanted = Shown(new_mode, a.uid if uid is None else uid, a.gid if gid is None else gid, a.rdev)
-        self.store.set_shown(self.path(node), wanted)
+        node.override = self.store.set_shown(self.path(node), wanted, may_have_override=node.override is not False)
 
     def _set_times(self, node: Node, times: tuple[int | None, int | None]) -> None:
         """Sets atime and mtime: each in nanoseconds, None for now, or KEEP_TIME."""

@@ -137,10 +137,8 @@ class WritableTree:
             info = self.store.lstat(relative)
             if info is not None:
                 return self._upper_node(parent, name, relative, info)
-            if self.store.has_whiteout(directory, name):
-                raise fail(errno.ENOENT)
         lower = self._lower_child(parent, name)
-        if lower is None:
+        if lower is None or parent.in_upper and self.store.has_whiteout(directory, name):
             raise fail(errno.ENOENT)
         return self._lower_node(parent, name, lower)
 
@@ -420,7 +418,8 @@ class WritableTree:
         was removed there (a whiteout to drop, and a directory made there must be opaque)."""
         self.copy_up(parent)
         directory = self.path(parent)
-        hidden = self.store.has_whiteout(directory, name)
+        # Whiteouts are made only over lower entries, so where none shows there is none.
+        hidden = self._lower_child(parent, name) is not None and self.store.has_whiteout(directory, name)
         return join(directory, name), hidden
 
     def _lower_dir_at(self, parent: Node, name: bytes) -> bool:

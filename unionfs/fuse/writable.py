@@ -54,6 +54,8 @@ def _answers_errno(method: F) -> F:
     def wrapper(self: Any, req: int, *args: Any) -> None:
         try:
             method(self, req, *args)
+            if self._tree.changed_behind_the_kernel:
+                self._tell_the_kernel()
         except KeyError:
             lowlevel.reply_err(req, errno.ENOENT)
         except OSError as exc:
@@ -87,6 +89,7 @@ class WritableFilesystem:
         self._lock = tree.lock
         self._on_ready, self._on_destroy = on_ready, on_destroy
         self._handles: dict[int, _Handle] = {}
+        self.forget_attributes: Callable[[int], None] = lambda ino: None  # set once the session exists
         self._next_handle = 1
         self._handle_lock = threading.Lock()
 
@@ -113,6 +116,12 @@ class WritableFilesystem:
 
     def destroy(self, userdata: int) -> None:
         self._on_destroy()
+
+    def _tell_the_kernel(self) -> None:
+        with self._lock:
+            changed, self._tree.changed_behind_the_kernel = self._tree.changed_behind_the_kernel, []
+        for ino in changed:
+            self.forget_attributes(ino)
 
     # ------------------------------------------------------------ replies
 
@@ -439,6 +448,7 @@ def mount(tree: WritableTree, mountpoint: str, options: dict[str, str | bool], o
         session = lowlevel.Session(filesystem.callbacks(), mount_options(options))
     except lowlevel.SessionError as exc:
         raise UsageError(f"{mountpoint}: FUSE mount failed: {exc} (see the libfuse message above)") from None
+    filesystem.forget_attributes = session.forget_attributes
     try:
         session.serve(mountpoint, threads)
     except lowlevel.SessionError as exc:

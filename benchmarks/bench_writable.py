@@ -255,9 +255,10 @@ def mount(method: str, setup: Setup) -> float:
     """Drops caches, mounts `method`; returns the seconds until the command returned, or raises."""
     drop_caches()
     upper = setup.upper_root(method)
-    (upper / "work").mkdir(parents=True, exist_ok=True)
-    if method != "crfs":  # crfs-merge makes its upper directory itself
+    upper.mkdir(parents=True, exist_ok=True)
+    if method != "crfs":  # crfs-merge makes its upper directory itself and needs no work directory
         (upper / "upper").mkdir(exist_ok=True)
+        (upper / "work").mkdir(exist_ok=True)
     env = crfs_env() if method == "crfs" else None
     seconds, rc, _ = run_measured(mount_argv(method, setup), setup.log, env)
     if rc != 0 or not os.path.ismount(setup.mountpoint(method)):
@@ -608,7 +609,9 @@ def rate_lines(results: dict[str, Any]) -> list[str]:
 def target_lines(results: dict[str, Any]) -> list[str]:
     """Issue 10's targets: data paths within 1.3x of kernel overlayfs; metadata-heavy workloads
     at least as fast as fuse-overlayfs."""
-    if "crfs" not in results["args"]["methods"] or "unavailable" in results.get("crfs", {}):
+    if "crfs" not in results["args"]["methods"]:
+        return []
+    if "unavailable" in results.get("crfs", {}):
         return ["targets: crfs-merge --upper " + UNAVAILABLE]
     lines = ["targets (crfs-merge --upper):"]
     for key, what in (("seq_write_seconds", "sequential write"), ("big_cold_seconds", "read after copy-up, cold"),

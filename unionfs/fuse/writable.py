@@ -92,8 +92,12 @@ class WritableFilesystem:
         self._handle_lock = threading.Lock()
 
     def callbacks(self) -> dict[str, Callable[..., None]]:
+        """The operations libfuse calls. FLUSH is left out on purpose: it has nothing to do
+        here (data reach the upper file by WRITE; the kernel writes back and reports write-back
+        errors on close before it would send FLUSH), and libfuse's ENOSYS tells the kernel to
+        stop sending one on every close."""
         names = ["init", "destroy", "lookup", "forget", "forget_multi", "getattr", "setattr", "readlink", "mknod",
-                 "mkdir", "unlink", "rmdir", "symlink", "rename", "link", "open", "read", "write_buf", "flush",
+                 "mkdir", "unlink", "rmdir", "symlink", "rename", "link", "open", "read", "write_buf",
                  "release", "fsync", "opendir", "readdir", "releasedir", "fsyncdir", "statfs", "setxattr",
                  "getxattr", "listxattr", "removexattr", "create", "fallocate"]  # fmt: skip
         return {name: getattr(self, name) for name in names}
@@ -323,10 +327,6 @@ class WritableFilesystem:
             raise fail(-written)
         record = _WRITE_OUT.pack(written, 0)
         lowlevel.reply_buf(req, record, len(record))
-
-    @_answers_errno
-    def flush(self, req: int, ino: int, fi: Any) -> None:
-        lowlevel.reply_err(req, 0)
 
     @_answers_errno
     def release(self, req: int, ino: int, fi: Any) -> None:

@@ -439,3 +439,26 @@ def test_tar_archives_a_tree_right_after_a_change_deep_below(oci_image: ImageWri
     (mnt / "a/b/d/new").write_bytes(b"new")
     run = subprocess.run(["tar", "-cf", "/dev/null", "-C", str(mnt), "a"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
+
+
+def test_inode_numbers_stay_across_a_remount(image: str, upper: Path, mount: Mounter) -> None:
+    """git's index, for one, keeps inode numbers: a file made in DIR and a copied-up one keep
+    theirs from one mount to the next (the copied-up one its image number)."""
+    mnt = mount(image, "--upper", str(upper))
+    image_number = os.stat(mnt / "etc/hostname").st_ino
+    (mnt / "etc/hostname").write_bytes(b"copied\n")
+    (mnt / "made").write_bytes(b"made\n")
+    (mnt / "dir").mkdir()
+    before = {p: os.lstat(mnt / p).st_ino for p in ("etc/hostname", "made", "dir", "etc")}
+    assert before["etc/hostname"] == image_number
+    unmount(mnt)
+    mnt = mount(image, "--upper", str(upper))
+    assert {p: os.lstat(mnt / p).st_ino for p in before} == before
+
+
+def test_removing_one_name_of_an_image_hardlink_pair_leaves_one_link(image: str, upper: Path,
+                                                                     mount: Mounter) -> None:  # fmt: skip
+    mnt = mount(image, "--upper", str(upper))
+    (mnt / "usr/lib/one").unlink()
+    assert os.stat(mnt / "usr/lib/two").st_nlink == 1, "as kernel overlayfs counts it"
+    assert (mnt / "usr/lib/two").read_bytes() == b"hardlinked\n"

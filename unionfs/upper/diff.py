@@ -26,7 +26,8 @@ from whiteout.markers import OPAQUE_MARKER, WHITEOUT_PREFIX
 OVERRIDE_STAT_XATTR = "user.containers.override_stat"
 METACOPY_XATTR = "user.crfs-merge.metacopy"  # see unionfs/upper/store.py
 IMAGE_XATTR = "user.crfs-merge.image"  # see unionfs/upper/binding.py
-_OWN_XATTRS = frozenset({OVERRIDE_STAT_XATTR, METACOPY_XATTR, IMAGE_XATTR})
+ORIGIN_XATTR = "user.crfs-merge.origin"  # see unionfs/upper/store.py
+_OWN_XATTRS = frozenset({OVERRIDE_STAT_XATTR, METACOPY_XATTR, IMAGE_XATTR, ORIGIN_XATTR})
 # The fourth field of an override, the file's real type, for those a regular file on disk
 # stands in for; "file", "dir" and "symlink" must agree with what is on disk.
 _STAND_IN_TYPES = {"char": tarfile.CHRTYPE, "block": tarfile.BLKTYPE, "pipe": tarfile.FIFOTYPE}

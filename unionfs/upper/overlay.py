@@ -43,6 +43,7 @@ from unionfs.tree import ROOT, MergedTree
 from unionfs.upper.store import (
     METACOPY_XATTR,
     OPAQUE,
+    ORIGIN_XATTR,
     RESERVED_XATTRS,
     WHITEOUT,
     Shown,
@@ -76,6 +77,8 @@ class Node:
     kind: int  # S_IFMT bits
     metacopy: bool = False  # an upper file whose bytes are still the lower ones (copy_up)
     override: bool | None = None  # whether its upper file has an override_stat (None: not known)
+    upper_key: tuple[int, int] | None = None  # (st_dev, st_ino) of its upper entry
+    names_removed: int = 0  # names of an image file whited out this mount (as overlayfs counts)
     orphan_fd: int | None = None  # an upper file unlinked while open: where its metadata is
     open_count: int = 0
     aliases_known: bool = field(default=False, repr=False)
@@ -90,7 +93,7 @@ class WritableTree:
         self.lock = threading.RLock()
         self._nodes: dict[int, Node] = {}
         self._by_upper: dict[tuple[int, int], Node] = {}
-        self._next_ino = tree.inode_count + 1
+        self._next_ino = 1 << 63  # numbers for the rare node whose own is taken (see _upper_ino)
         self._hardlink_names: dict[int, list[bytes]] | None = None
         # Inodes whose attributes changed in a way the kernel did not ask for and may have
         # cached: a directory copied up as the parent of a parent now shows DIR's size and a
@@ -156,18 +159,30 @@ class WritableTree:
         node = self._by_upper.get(key)
         if node is None:
             kind = stat.S_IFMT(self.store.shown(relative, info).mode)
-            lower = None
+            lower = origin = None
             if kind == stat.S_IFDIR and not self.store.is_opaque(relative):
                 below = self._lower_child(parent, name)
-                lower = below if below is not None and self._tree.is_dir(below) else None
+                lower = origin = below if below is not None and self._tree.is_dir(below) else None
             copied_from = self.store.metacopy_source(relative) if kind == stat.S_IFREG else None
             if copied_from is not None:
-                lower = self._tree_inode(copied_from, relative)
-            node = self._new_node(lower, True, kind)
+                lower = origin = self._tree_inode(copied_from, relative)
+            elif kind == stat.S_IFREG:
+                origin = self._origin(relative)
+            node = self._new_node(lower, True, kind, info, origin)
             node.metacopy = copied_from is not None
-            self._by_upper[key] = node
         self._know_name(node, parent, name)
         return node
+
+    def _origin(self, relative: bytes) -> int | None:
+        """The tree inode a file was copied up from, so that it keeps its number after a
+        remount too; None for a file made in DIR, or an origin the image lacks."""
+        path = self.store.origin_source(relative)
+        if path is None:
+            return None
+        try:
+            return self._tree.lookup(os.fsdecode(path)).ino
+        except KeyError:
+            return None
 
     def _tree_inode(self, path: bytes, relative: bytes) -> int:
         """The image's regular file at `path`, whose bytes a metadata-only copy still shows."""
@@ -188,14 +203,32 @@ class WritableTree:
         self._know_name(node, parent, name)
         return node
 
-    def _new_node(self, lower: int | None, in_upper: bool, kind: int) -> Node:
-        if lower is not None and lower not in self._nodes:
-            ino = lower
-        else:
-            ino, self._next_ino = self._next_ino, self._next_ino + 1
-        node = Node(ino, [], lower, in_upper, kind)
+    def _new_node(self, lower: int | None, in_upper: bool, kind: int, info: os.stat_result,
+                  origin: int | None = None) -> Node:  # fmt: skip
+        """A node for the upper entry `info`. Its number, stable from one mount to the next:
+        the tree inode it was copied up from, else one above the tree's numbers made from the
+        upper inode's (git's index, for one, keeps inode numbers)."""
+        ino = origin if origin is not None and origin not in self._nodes else self._upper_ino(info)
+        node = Node(ino, [], lower, in_upper, kind, upper_key=(info.st_dev, info.st_ino))
         self._nodes[ino] = node
+        self._by_upper[(info.st_dev, info.st_ino)] = node
         return node
+
+    def _upper_ino(self, info: os.stat_result) -> int:
+        ino = self._tree.inode_count + info.st_ino
+        if ino in self._nodes or ino >= 1 << 63:  # an upper inode number reused while the old one is open
+            ino, self._next_ino = self._next_ino, self._next_ino + 1
+        return ino
+
+    def _drop_if_gone(self, node: Node) -> None:
+        """Forgets an upper node whose last name went and that no one has open, so that a new
+        file that gets its upper inode number is a new node."""
+        if node.names or node.open_count or node.orphan_fd is not None or node.upper_key is None:
+            return
+        if self._by_upper.get(node.upper_key) is node:
+            del self._by_upper[node.upper_key]
+        if self._nodes.get(node.ino) is node and node.lower is None:
+            del self._nodes[node.ino]
 
     @staticmethod
     def _know_name(node: Node, parent: Node, name: bytes) -> None:
@@ -213,7 +246,7 @@ class WritableTree:
         if not node.in_upper:
             assert node.lower is not None
             a = self._tree.attributes(node.lower)
-            return a._replace(ino=node.ino)
+            return a._replace(ino=node.ino, nlink=a.nlink - node.names_removed)
         if not node.names and node.ino != ROOT:
             if node.orphan_fd is None:
                 raise fail(errno.ESTALE)
@@ -323,7 +356,8 @@ class WritableTree:
         os.utime(path, ns=(a.mtime_ns, a.mtime_ns), follow_symlinks=False)
         info = os.lstat(path)
         node.in_upper = True
-        self._by_upper[(info.st_dev, info.st_ino)] = node
+        node.upper_key = (info.st_dev, info.st_ino)
+        self._by_upper[node.upper_key] = node
         if stat.S_ISDIR(a.mode):
             self.changed_behind_the_kernel.append(node.ino)
 
@@ -336,6 +370,7 @@ class WritableTree:
             elif data == META:
                 os.ftruncate(fd, self._tree.attributes(lower).size)  # sparse: the size shows right
                 os.setxattr(fd, METACOPY_XATTR, relative)
+            os.setxattr(fd, ORIGIN_XATTR, relative)
             self.store.give_name(fd, temporary, relative)
         finally:
             os.close(fd)
@@ -453,9 +488,8 @@ class WritableTree:
         if hidden:
             self.store.drop_whiteout(self.path(parent), name)
         info = os.lstat(self.store.path(relative))
-        node = self._new_node(None, True, stat.S_IFMT(mode))
+        node = self._new_node(None, True, stat.S_IFMT(mode), info)
         node.override = override
-        self._by_upper[(info.st_dev, info.st_ino)] = node
         self._know_name(node, parent, name)
         return node
 
@@ -557,7 +591,10 @@ class WritableTree:
             else:
                 self._keep_orphan(node, relative)
                 os.unlink(self.store.path(relative))
+        elif not stat.S_ISDIR(node.kind):
+            node.names_removed += 1  # an image file's name whited out: its other names show one link less
         self._forget_name(node, parent, name)
+        self._drop_if_gone(node)
 
     def _keep_orphan(self, node: Node, relative: bytes) -> None:
         """A file unlinked while open keeps its metadata reachable through a descriptor
@@ -631,6 +668,9 @@ class WritableTree:
         self.store.drop_whiteout(self.path(new_parent), new_name)
         if target is not None:
             self._forget_name(target, new_parent, new_name)
+            if not target.in_upper and not stat.S_ISDIR(target.kind):
+                target.names_removed += 1
+            self._drop_if_gone(target)
         self._rename_name(node, parent, name, new_parent, new_name)
 
     @staticmethod
@@ -793,6 +833,7 @@ class WritableTree:
         if node.open_count <= 0 and node.orphan_fd is not None and not node.names:
             os.close(node.orphan_fd)
             node.orphan_fd = None
+            self._drop_if_gone(node)
 
 
 def _check_types(node: Node, target: Node) -> None:

@@ -21,7 +21,14 @@ import os
 import stat
 from dataclasses import dataclass
 
-from unionfs.upper.diff import IMAGE_XATTR, METACOPY_XATTR, OVERRIDE_STAT_XATTR, OverrideStat, parse_override_stat
+from unionfs.upper.diff import (
+    IMAGE_XATTR,
+    METACOPY_XATTR,
+    ORIGIN_XATTR,
+    OVERRIDE_STAT_XATTR,
+    OverrideStat,
+    parse_override_stat,
+)
 from whiteout.markers import OPAQUE_MARKER, WHITEOUT_PREFIX
 
 WHITEOUT = WHITEOUT_PREFIX.encode()
@@ -29,7 +36,8 @@ OPAQUE = OPAQUE_MARKER.encode()
 # Our own xattrs on upper files; never shown through the mount, never settable through it.
 # METACOPY_XATTR marks a metadata-only copy: a sparse upper file whose bytes are still those of
 # the image's file at the path it holds (overlay.py copy_up; commit reads them from there).
-RESERVED_XATTRS = frozenset({OVERRIDE_STAT_XATTR, METACOPY_XATTR, IMAGE_XATTR})
+# ORIGIN_XATTR names the image path a copied-up file came from (its inode number stays).
+RESERVED_XATTRS = frozenset({OVERRIDE_STAT_XATTR, METACOPY_XATTR, ORIGIN_XATTR, IMAGE_XATTR})
 _KIND_NAMES = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink", stat.S_IFIFO: "pipe",
                stat.S_IFSOCK: "socket", stat.S_IFCHR: "char", stat.S_IFBLK: "block"}  # fmt: skip
 _KIND_BITS = {name: bits for bits, name in _KIND_NAMES.items()}
@@ -180,6 +188,13 @@ class UpperStore:
         """The image path whose bytes a metadata-only copy shows; None for an ordinary file."""
         try:
             return os.getxattr(self.path(relative), METACOPY_XATTR, follow_symlinks=False)
+        except OSError:
+            return None
+
+    def origin_source(self, relative: bytes) -> bytes | None:
+        """The image path a copied-up file came from; None for a file made in DIR."""
+        try:
+            return os.getxattr(self.path(relative), ORIGIN_XATTR, follow_symlinks=False)
         except OSError:
             return None
 

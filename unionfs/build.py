@@ -30,8 +30,10 @@ class MountedImage:
     must run once the mount is ready (prefetch) and when it ends (closing the registry)."""
 
     def __init__(self, tree: MergedTree, content: ContentReader, prefetch: Callable[[], None] = lambda: None,
-                 close: Callable[[], None] = lambda: None, waits_on_network: bool = False) -> None:  # fmt: skip
+                 close: Callable[[], None] = lambda: None, waits_on_network: bool = False,
+                 image_id: str = "") -> None:  # fmt: skip
         self.tree, self.content = tree, content
+        self.image_id = image_id  # sha256:... of the config: what an upper directory is bound to
         self._prefetch, self._close = prefetch, close
         self._when_ready: list[Callable[[], None]] = []
         self.waits_on_network = waits_on_network  # some reads block on a registry (lazy layers)
@@ -119,7 +121,7 @@ def build(image: Image, store: LayerStore) -> MountedImage:
         store.save_tree(name, tree)
     else:
         log.info("merged tree loaded from the cache: %d inodes", tree.inode_count)
-    return MountedImage(tree, ContentReader([TarReader(tar) for tar in tars]))
+    return MountedImage(tree, ContentReader([TarReader(tar) for tar in tars]), image_id=image_id(image))
 
 
 def merged_tree(layers: list[list[Entry]]) -> MergedTree:
@@ -128,6 +130,11 @@ def merged_tree(layers: list[list[Entry]]) -> MergedTree:
     tree = freeze(merge_layers(layers, warn=log.warning))
     log.info("merged %d layers: %d inodes in %.2f s", len(layers), tree.inode_count, time.monotonic() - started)
     return tree
+
+
+def image_id(image: Image) -> str:
+    """The image's id: the digest of its config, as `docker images --digests` calls it."""
+    return "sha256:" + hashlib.sha256(image.config).hexdigest()
 
 
 def log_resolved(image: Image) -> None:

@@ -99,6 +99,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
                         help="FUSE mount options passed to libfuse, e.g. allow_other")  # fmt: skip
     parser.add_argument("--export", metavar="DEST", help="write the merged tree to DEST (directory, .tar, or -)")
+    parser.add_argument("--upper", metavar="DIR", help="mount read-write: every change goes to DIR, in OCI diff "
+                        "form (created if missing; bound to IMAGE); `crfs-merge commit` makes it a layer")  # fmt: skip
     parser.add_argument("--prefetch", choices=PREFETCH_MODES, default="landmark",
                         help="eStargz layers: fetch in the background none, the prioritized files (landmark, "
                         "the default), or all")  # fmt: skip
@@ -318,7 +320,9 @@ def _mount(args: argparse.Namespace, argv: list[str]) -> int:
         raise UsageError("usage: crfs-merge [options] IMAGE DIR (or --export DEST IMAGE)")
     image_text, mountpoint = args.operands
     ImageReference.parse(image_text)  # a bad reference fails here, before any process starts
-    options = parse_options(args.options)
+    options = parse_options(args.options, writable=args.upper is not None)
+    if args.upper is not None:
+        args.upper = os.path.abspath(args.upper)
     if args.ready_fd is not None:  # a spawned server: the command checked all, and passed the lock down
         return _serve(args, image_text, mountpoint, options)
     _preflight(mountpoint)
@@ -330,13 +334,16 @@ def _mount(args: argparse.Namespace, argv: list[str]) -> int:
     return server.start(args, argv, image_text, mountpoint, options, lock_fd, _serve)
 
 
-def parse_options(values: list[str]) -> dict[str, str | bool]:
-    """Returns `-o a,b=c` values as {'a': True, 'b': 'c'}; 'ro' is implied, 'rw' refused."""
+def parse_options(values: list[str], writable: bool = False) -> dict[str, str | bool]:
+    """Returns `-o a,b=c` values as {'a': True, 'b': 'c'}; without --upper, 'ro' is implied
+    and 'rw' refused."""
     options: dict[str, str | bool] = {}
     for item in (o for value in values for o in value.split(",") if o):
         key, sep, value = item.partition("=")
-        if key == "rw":
-            raise UsageError("the mount is read-only; -o rw is not supported")
+        if key == "rw" and not writable:
+            raise UsageError("the mount is read-only; -o rw is not supported (--upper DIR mounts read-write)")
+        if key in ("rw", "ro") and writable:
+            continue
         options[key] = value if sep else True
     return options
 
@@ -361,8 +368,35 @@ def _serve(args: argparse.Namespace, image_text: str, mountpoint: str, options: 
     server.prepare(args, mountpoint)
     check_options(options)  # before the image is built: a refused option is a usage error
     image = _open_image(args, image_text)
+    if args.upper is not None:
+        return _serve_writable(args, image, image_text, mountpoint, options)
     server.detach(args)
     mount(image, mountpoint, options, on_ready=lambda: server.report_ready(args))
+    log.info("unmounted")
+    return 0
+
+
+def _serve_writable(args: argparse.Namespace, image: MountedImage, image_text: str, mountpoint: str,
+                    options: dict[str, str | bool]) -> int:  # fmt: skip
+    """Serves `image` read-write over the upper directory `args.upper`."""
+    from unionfs.fuse import writable
+    from unionfs.fuse.ops import worker_threads
+    from unionfs.upper.binding import claim_upper
+    from unionfs.upper.overlay import WritableTree
+    from unionfs.upper.store import UpperStore
+
+    lock_fd, new = claim_upper(args.upper, image.image_id, image_text)
+    try:
+        tree = WritableTree(image.tree, image.content, UpperStore(os.fsencode(args.upper)), show_root=new)
+        server.detach(args)
+
+        def ready() -> None:
+            server.report_ready(args)
+            image.start_prefetch()
+
+        writable.mount(tree, mountpoint, options, ready, image.close, worker_threads(image))
+    finally:
+        os.close(lock_fd)
     log.info("unmounted")
     return 0
 

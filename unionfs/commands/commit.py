@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
 import gzip
 import hashlib
 import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -31,9 +33,9 @@ from registry.remote import RegistryClient
 from registry.remote_reference import RemoteReference
 from registry.source import FileWindow, Layer
 from unionfs.aio import EventLoopThread
-from unionfs.build import Settings, local_layers
+from unionfs.build import MountedImage, Settings, image_id, local_layers, open_image
 from unionfs.commands.convert import deliver, estargz_descriptor, write_estargz_blob, write_image
-from unionfs.upper.diff import UpperDirError, write_layer_tar
+from unionfs.upper.diff import IMAGE_XATTR, ImageBytes, UpperDirError, write_layer_tar
 
 log = logging.getLogger("crfs-merge")
 COMPRESSIONS = ("gzip", "zstd", "estargz")
@@ -47,15 +49,34 @@ def commit(upper: str, source: str, dest: str, settings: Settings, compression: 
     the new manifest digest. Raises UpperDirError for a DIR that is not a valid diff."""
     if not os.path.isdir(upper):
         raise UpperDirError(f"{upper}: the upper directory is missing or not a directory")
-    return deliver(dest, settings, "commit", lambda root, tag: _commit_to_layout(
-        upper, source, root, tag, settings, compression, message))  # fmt: skip
+    with _unused_upper(upper):
+        return deliver(dest, settings, "commit", lambda root, tag: _commit_to_layout(
+            upper, source, root, tag, settings, compression, message))  # fmt: skip
+
+
+@contextlib.contextmanager
+def _unused_upper(upper: str) -> Iterator[None]:
+    """Holds the upper directory's lock while committing: a writable mount of it could change
+    it half-way, and the commit would catch half a change."""
+    fd = os.open(upper, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UpperDirError(f"{upper}: a writable mount is using it; unmount it first") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def _commit_to_layout(upper: str, source: str, root: Path, tag: str, settings: Settings, compression: str,
                       message: str | None) -> str:  # fmt: skip
-    # The upper layer first: a DIR that is no valid diff is refused before any blob is copied.
-    new_layer, new_diff_id = _write_upper_layer(root, upper, compression)
     image, tars = local_layers(source, settings)
+    _check_binding(upper, image_id(image), source)
+    # The upper layer before the old ones: a DIR that is no valid diff is refused before any
+    # blob is copied.
+    with _ImageFiles(source, settings) as files:
+        new_layer, new_diff_id = _write_upper_layer(root, upper, compression, files.bytes_of)
     refetched = _fetch_dropped_blobs(source, list(image.layers), settings)
     try:
         descriptors = [_copy_layer(root, layer, tar) for layer, tar in zip(image.layers, tars, strict=True)]
@@ -134,11 +155,49 @@ def _copy_blob(root: Path, window: FileWindow, expected: str | None) -> tuple[st
     return digest, sink.size
 
 
-def _write_upper_layer(root: Path, upper: str, compression: str) -> tuple[dict[str, object], str]:
+def _check_binding(upper: str, wanted: str, source: str) -> None:
+    """Refuses an upper directory a writable mount made over another image."""
+    try:
+        bound = os.getxattr(upper, IMAGE_XATTR).decode(errors="replace")
+    except OSError:
+        return  # made by hand, or on a file system without xattrs: nothing to check against
+    if bound != wanted:
+        raise UpperDirError(f"{upper}: holds changes to image {bound}, not to {source} ({wanted})")
+
+
+class _ImageFiles:
+    """The merged files of an image, opened on first use: the bytes of metadata-only copies."""
+
+    def __init__(self, source: str, settings: Settings) -> None:
+        self._source, self._settings = source, settings
+        self._image: MountedImage | None = None
+
+    def __enter__(self) -> _ImageFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._image is not None:
+            self._image.close()
+
+    def bytes_of(self, path: str, size: int) -> Iterator[bytes]:
+        if self._image is None:
+            self._image = open_image(self._source, self._settings)
+        try:
+            inode = self._image.tree.lookup(path)
+        except KeyError:
+            inode = None
+        if inode is None or not inode.entry.is_regular or inode.entry.size != size:
+            raise UpperDirError(f"{path}: a metadata-only copy of a file the image does not have")
+        for offset in range(0, size, _COPY_BLOCK):
+            yield self._image.content.read(inode.entry, offset, min(_COPY_BLOCK, size - offset))
+
+
+def _write_upper_layer(root: Path, upper: str, compression: str,
+                       image_bytes: ImageBytes) -> tuple[dict[str, object], str]:  # fmt: skip
     """Returns the descriptor and the diff_id of the layer made from `upper`, written into the layout."""
     blobs = blob_dir(root)
     with tempfile.TemporaryFile(dir=blobs, prefix=".tar-") as tar:
-        write_layer_tar(upper, tar, log.warning)  # type: ignore[arg-type]
+        write_layer_tar(upper, tar, log.warning, image_bytes)  # type: ignore[arg-type]
         tar.seek(0)
         if compression == "estargz":
             written = write_estargz_blob(root, tar)

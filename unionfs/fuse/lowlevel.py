@@ -145,6 +145,10 @@ class _Args(ctypes.Structure):
     _fields_ = [("argc", ctypes.c_int), ("argv", ctypes.POINTER(ctypes.c_char_p)), ("allocated", ctypes.c_int)]
 
 
+class _RequestContext(ctypes.Structure):  # struct fuse_ctx
+    _fields_ = [("uid", ctypes.c_uint32), ("gid", ctypes.c_uint32), ("pid", ctypes.c_int32), ("umask", ctypes.c_uint32)]
+
+
 class _LoopConfigV1(ctypes.Structure):  # libfuse 3.2 - 3.11
     _fields_ = [("clone_fd", ctypes.c_int), ("max_idle_threads", ctypes.c_uint)]
 
@@ -158,12 +162,16 @@ _FILE_RANGE = 1 << 1 | 1 << 2 | 1 << 3  # FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK | FU
 
 
 def file_info_type(layout: Layout) -> type[ctypes.Structure]:
-    """Returns struct fuse_file_info of `layout` up to its word of one-bit fields, which is all
-    that is written here (always through libfuse's pointer, so the rest need not be declared).
+    """Returns struct fuse_file_info of `layout` up to `fh`, which is all that is read or
+    written here (always through libfuse's pointer, so the rest need not be declared).
     ctypes places the bits as the C compiler does, first declared first."""
     bits = [(name, ctypes.c_uint32, 1) for name in layout.file_info_bits]
     padding = ("padding", ctypes.c_uint32, 32 - len(bits))
-    return type("fuse_file_info", (ctypes.Structure,), {"_fields_": [("flags", ctypes.c_int32), *bits, padding]})
+    # Then one more 32-bit word of padding (two from 3.17 on, which the alignment of `fh`
+    # absorbs): `fh` is at offset 16 in every 3.x.
+    handle = [("padding2", ctypes.c_uint32), ("fh", ctypes.c_uint64)]
+    return type("fuse_file_info", (ctypes.Structure,), {"_fields_": [("flags", ctypes.c_int32), *bits, padding,
+                                                                      *handle]})  # fmt: skip
 
 
 def buf_type(layout: Layout) -> type[ctypes.Structure]:
@@ -195,18 +203,48 @@ class _Bindings:
             "getattr": ctypes.CFUNCTYPE(None, _req, _ino, _fi),
             "readlink": ctypes.CFUNCTYPE(None, _req, _ino),
             "open": ctypes.CFUNCTYPE(None, _req, _ino, file_info_p),
-            "read": ctypes.CFUNCTYPE(None, _req, _ino, ctypes.c_size_t, ctypes.c_int64, _fi),
+            "read": ctypes.CFUNCTYPE(None, _req, _ino, ctypes.c_size_t, ctypes.c_int64, file_info_p),
             "opendir": ctypes.CFUNCTYPE(None, _req, _ino, file_info_p),
-            "readdir": ctypes.CFUNCTYPE(None, _req, _ino, ctypes.c_size_t, ctypes.c_int64, _fi),
+            "readdir": ctypes.CFUNCTYPE(None, _req, _ino, ctypes.c_size_t, ctypes.c_int64, file_info_p),
             "statfs": ctypes.CFUNCTYPE(None, _req, _ino),
             "getxattr": ctypes.CFUNCTYPE(None, _req, _ino, ctypes.c_char_p, ctypes.c_size_t),
             "listxattr": ctypes.CFUNCTYPE(None, _req, _ino, ctypes.c_size_t),
             "forget_multi": ctypes.CFUNCTYPE(None, _req, ctypes.c_size_t, ctypes.c_void_p),
-            "readdirplus": ctypes.CFUNCTYPE(None, _req, _ino, ctypes.c_size_t, ctypes.c_int64, _fi),
+            "readdirplus": ctypes.CFUNCTYPE(None, _req, _ino, ctypes.c_size_t, ctypes.c_int64, file_info_p),
+            **self._writing_callbacks(fuse, file_info_p),
         }
         self.operations = type("fuse_lowlevel_ops", (ctypes.Structure,), {
             "_fields_": [(name, self.callbacks.get(name, ctypes.c_void_p)) for name in _OPS_ORDER]})
         self._declare_functions(fuse)
+
+    def _writing_callbacks(self, fuse: Libfuse, file_info_p: Any) -> dict[str, Any]:
+        """The signatures of the operations only a writable mount registers."""
+        name, mode, dev = ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint64
+        with_file = ctypes.CFUNCTYPE(None, _req, _ino, file_info_p)
+        entry_op = ctypes.CFUNCTYPE(None, _req, _ino, name)
+        return {
+            "setattr": ctypes.CFUNCTYPE(None, _req, _ino, ctypes.POINTER(fuse.mfusepy.c_stat), ctypes.c_int,
+                                        file_info_p),
+            "mknod": ctypes.CFUNCTYPE(None, _req, _ino, name, mode, dev),
+            "mkdir": ctypes.CFUNCTYPE(None, _req, _ino, name, mode),
+            "unlink": entry_op,
+            "rmdir": entry_op,
+            "symlink": ctypes.CFUNCTYPE(None, _req, name, _ino, name),
+            "rename": ctypes.CFUNCTYPE(None, _req, _ino, name, _ino, name, ctypes.c_uint),
+            "link": ctypes.CFUNCTYPE(None, _req, _ino, _ino, name),
+            "create": ctypes.CFUNCTYPE(None, _req, _ino, name, mode, file_info_p),
+            "write_buf": ctypes.CFUNCTYPE(None, _req, _ino, ctypes.POINTER(self.bufvec), ctypes.c_int64,
+                                          file_info_p),
+            "flush": with_file,
+            "release": with_file,
+            "releasedir": with_file,
+            "fsync": ctypes.CFUNCTYPE(None, _req, _ino, ctypes.c_int, file_info_p),
+            "fsyncdir": ctypes.CFUNCTYPE(None, _req, _ino, ctypes.c_int, file_info_p),
+            "setxattr": ctypes.CFUNCTYPE(None, _req, _ino, name, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int),
+            "removexattr": entry_op,
+            "fallocate": ctypes.CFUNCTYPE(None, _req, _ino, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+                                          file_info_p),
+        }  # fmt: skip
 
     def _declare(self, name: str, restype: Any, *argtypes: Any) -> None:
         function = getattr(self.lib, name, None)
@@ -239,6 +277,10 @@ class _Bindings:
         declare("fuse_reply_data", ctypes.c_int, _req, ctypes.POINTER(self.bufvec), ctypes.c_int)
         declare("fuse_reply_xattr", ctypes.c_int, _req, ctypes.c_size_t)
         declare("fuse_reply_statfs", ctypes.c_int, _req, ctypes.POINTER(fuse.mfusepy.c_statvfs))
+        declare("fuse_req_ctx", ctypes.POINTER(_RequestContext), _req)
+        declare("fuse_buf_size", ctypes.c_size_t, ctypes.POINTER(self.bufvec))
+        declare("fuse_buf_copy", ctypes.c_ssize_t, ctypes.POINTER(self.bufvec), ctypes.POINTER(self.bufvec),
+                ctypes.c_int)  # fmt: skip
 
     def new_session(self, args: _Args, operations: ctypes.Structure) -> int | None:
         """Returns libfuse's fuse_session_new(...), telling 3.17 and later which ABI we speak
@@ -295,6 +337,23 @@ def reply_file_range(req: int, fd: int, position: int, size: int) -> int:
     vector = bound.bufvec(1, 0, 0)
     vector.buf[0] = bound.buf(size, _FILE_RANGE, None, fd, position)
     return int(bound.lib.fuse_reply_data(req, ctypes.byref(vector), 0))
+
+
+def request_owner(req: int) -> tuple[int, int]:
+    """The uid and gid of the process that made request `req` (the owner of what it creates)."""
+    context = bindings().lib.fuse_req_ctx(req).contents
+    return int(context.uid), int(context.gid)
+
+
+def write_into(fd: int, position: int, source: Any) -> int:
+    """Copies the data of a WRITE (libfuse's fuse_bufvec) into file `fd` at `position` without
+    passing it through Python (spliced where the kernel and libfuse can); returns the bytes
+    written or a negative errno."""
+    bound = bindings()
+    size = bound.lib.fuse_buf_size(source)
+    destination = bound.bufvec(1, 0, 0)
+    destination.buf[0] = bound.buf(size, _FILE_RANGE, None, fd, position)
+    return int(bound.lib.fuse_buf_copy(ctypes.byref(destination), source, 0))
 
 
 def reply_statfs(req: int, **fields: int) -> int:

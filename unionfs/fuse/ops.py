@@ -260,7 +260,7 @@ class MergedFilesystem:
             lowlevel.reply_buf(req, value, len(value))
 
 
-def _worker_threads(image: MountedImage) -> int:
+def worker_threads(image: MountedImage) -> int:
     """Returns how many libfuse worker threads to run. Python holds one lock for all of them,
     so past one per core they mostly contend: with 8 parallel readers on 2 cores, 2 threads
     ran 30 % faster than libfuse's default of 10. Lazy layers wait on the network instead, and
@@ -311,7 +311,7 @@ def mount(image: MountedImage, mountpoint: str, options: dict[str, str | bool], 
     except lowlevel.SessionError as exc:
         raise UsageError(f"{mountpoint}: FUSE mount failed: {exc} (see the libfuse message above)") from None
     try:
-        session.serve(mountpoint, _worker_threads(image))
+        session.serve(mountpoint, worker_threads(image))
     except lowlevel.SessionError as exc:
         raise UsageError(f"{exc} (the line above says why)") from None
     finally:

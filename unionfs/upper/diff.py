@@ -24,6 +24,9 @@ from unionfs.storage.tar_index import XATTR_PAX_PREFIX
 from whiteout.markers import OPAQUE_MARKER, WHITEOUT_PREFIX
 
 OVERRIDE_STAT_XATTR = "user.containers.override_stat"
+METACOPY_XATTR = "user.crfs-merge.metacopy"  # see unionfs/upper/store.py
+IMAGE_XATTR = "user.crfs-merge.image"  # see unionfs/upper/binding.py
+_OWN_XATTRS = frozenset({OVERRIDE_STAT_XATTR, METACOPY_XATTR, IMAGE_XATTR})
 # The fourth field of an override, the file's real type, for those a regular file on disk
 # stands in for; "file", "dir" and "symlink" must agree with what is on disk.
 _STAND_IN_TYPES = {"char": tarfile.CHRTYPE, "block": tarfile.BLKTYPE, "pipe": tarfile.FIFOTYPE}
@@ -83,10 +86,16 @@ def _parse_kind(field: str, text: str) -> tuple[str, int, int]:
 
 @dataclass(frozen=True, slots=True)
 class LayerMember:
-    """One tar member of the layer, and the file its data comes from (regular files)."""
+    """One tar member of the layer, and the file its data comes from (regular files): a file
+    of the upper directory, or for a metadata-only copy the image's file at `image_path`."""
 
     info: tarfile.TarInfo
     source: str | None = None
+    image_path: str | None = None
+
+
+ImageBytes = Callable[[str, int], Iterator[bytes]]
+"""Yields the bytes of the image's file at a path, which must be of the given size."""
 
 
 Warn = Callable[[str], None]
@@ -141,10 +150,10 @@ def _member(path: str, arcname: str, info: os.stat_result, first_names: dict[tup
         return None
     override = _override(path, info)
     tar = tarfile.TarInfo(arcname)
-    tar.mtime = int(info.st_mtime)
     tar.uid, tar.gid = (override.uid, override.gid) if override else (info.st_uid, info.st_gid)
     tar.mode = override.mode if override else stat.S_IMODE(info.st_mode)
     tar.pax_headers = _xattrs(path, info)
+    _set_mtime(tar, info.st_mtime_ns)
     if override and override.kind == "socket":
         warn(f"{path}: a socket, which a layer cannot hold; skipped")
         return None
@@ -159,9 +168,19 @@ def _member(path: str, arcname: str, info: os.stat_result, first_names: dict[tup
     if stat.S_ISREG(info.st_mode):
         first_names[key] = arcname
         tar.size = info.st_size
-        return LayerMember(tar, path)
+        image_path = _metacopy_source(path)
+        return LayerMember(tar, None, image_path) if image_path is not None else LayerMember(tar, path)
     _set_type(tar, path, info)
     return LayerMember(tar)
+
+
+def _set_mtime(tar: tarfile.TarInfo, nanoseconds: int) -> None:
+    """The mtime to the nanosecond: a PAX record where there is a fraction of a second (as
+    containerd writes them), so that the committed image shows the times the mount showed."""
+    seconds, fraction = divmod(nanoseconds, 1_000_000_000)
+    tar.mtime = seconds
+    if fraction:
+        tar.pax_headers = {**tar.pax_headers, "mtime": f"{seconds}.{fraction:09d}"}
 
 
 def _set_type(tar: tarfile.TarInfo, path: str, info: os.stat_result) -> None:
@@ -198,6 +217,13 @@ def _override(path: str, info: os.stat_result) -> OverrideStat | None:
     return override
 
 
+def _metacopy_source(path: str) -> str | None:
+    try:
+        return os.fsdecode(os.getxattr(path, METACOPY_XATTR, follow_symlinks=False))
+    except OSError:
+        return None
+
+
 def _xattrs(path: str, info: os.stat_result) -> dict[str, str]:
     """Returns the file's xattrs but override_stat as PAX SCHILY.xattr records; a value
     that is not UTF-8 keeps its bytes (tarfile then writes the records as binary)."""
@@ -208,17 +234,41 @@ def _xattrs(path: str, info: os.stat_result) -> dict[str, str]:
     return {
         XATTR_PAX_PREFIX + name: os.getxattr(path, name, follow_symlinks=False).decode("utf-8", "surrogateescape")
         for name in sorted(names)
-        if name != OVERRIDE_STAT_XATTR
+        if name not in _OWN_XATTRS
     }
 
 
-def write_layer_tar(root: str, out: IO[bytes], warn: Warn) -> None:
-    """Writes the upper directory `root` to `out` as an uncompressed PAX tar layer."""
+def write_layer_tar(root: str, out: IO[bytes], warn: Warn, image_bytes: ImageBytes | None = None) -> None:
+    """Writes the upper directory `root` to `out` as an uncompressed PAX tar layer; the bytes
+    of metadata-only copies come from `image_bytes` (UpperDirError if there are some and no
+    image to read them from)."""
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as archive:
         for member in upper_members(root, warn):
             member.info.uname = member.info.gname = ""
-            if member.source is None:
+            if member.image_path is not None:
+                if image_bytes is None:
+                    raise UpperDirError(f"{member.info.name}: a metadata-only copy, and no image to read from")
+                archive.addfile(member.info, _ChunkReader(image_bytes(member.image_path, member.info.size)))
+            elif member.source is None:
                 archive.addfile(member.info)
-                continue
-            with open(member.source, "rb") as data:
-                archive.addfile(member.info, data)
+            else:
+                with open(member.source, "rb") as data:
+                    archive.addfile(member.info, data)
+
+
+class _ChunkReader:
+    """A file-like view of an iterator of byte strings (what tarfile.addfile reads from)."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks, self._pending = chunks, b""
+
+    def read(self, size: int = -1) -> bytes:
+        while size < 0 or len(self._pending) < size:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                break
+            self._pending += chunk
+        if size < 0:
+            size = len(self._pending)
+        data, self._pending = self._pending[:size], self._pending[size:]
+        return data

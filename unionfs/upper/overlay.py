@@ -1,0 +1,731 @@
+"""The writable merged tree: the image's frozen tree below, an upper directory in OCI diff form
+above, and the rules that join them, with no FUSE in sight (unionfs/fuse/writable.py serves it).
+
+The rules are kernel overlayfs's, in OCI's vocabulary:
+- A name shows the upper entry if there is one; else, unless the upper directory whites it out
+  (`.wh.NAME`) or is opaque (`.wh..wh..opq`), the lower one. A directory in both merges them.
+- A change to a lower entry first copies it up: its parent directories, then the entry with its
+  metadata; a file's bytes go to a nameless file that gets its name only when complete, so no
+  crash shows half a copy. Truncating to zero copies no bytes at all.
+- A lower file with several names (a hardlink group) is copied up once, every visible name then
+  linked to the copy, so it stays one inode.
+- Removing a name the lower layers have leaves a whiteout; a directory made where a lower one was
+  removed is opaque.
+- A directory that has a lower part is not renamed: EXDEV, as kernel overlayfs answers without
+  redirect_dir, so `mv` copies and deletes instead. (A redirect would need a marker OCI layers
+  cannot carry.) Directories made in the upper rename as on any file system.
+- Names starting `.wh.` are the spec's: creating one is EINVAL, looking one up finds nothing.
+
+Inode numbers: a lower entry keeps its tree inode number, also once copied up; an upper-only
+entry gets a number above the tree's, one per upper inode (its hardlinks share it). Numbers are
+stable for the life of the mount.
+
+All namespace work holds one lock: it is short, it runs in Python (which runs one thread at a
+time anyway), and it makes every check-then-change step atomic. File data is read and written
+through descriptors outside the lock.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from unionfs.content import ContentReader
+from unionfs.entry import Attributes
+from unionfs.tree import ROOT, MergedTree
+from unionfs.upper.store import METACOPY_XATTR, OPAQUE, RESERVED_XATTRS, WHITEOUT, Shown, UpperStore, join, libc
+
+COPY_CHUNK = 1 << 20
+META, FULL, EMPTY = "meta", "full", "empty"  # what copy_up copies of a regular file's bytes
+KEEP_TIME = -1  # in set_attributes' times: leave this one as it is
+NAME_MAX = 255
+
+
+def fail(number: int) -> OSError:
+    return OSError(number, os.strerror(number))
+
+
+@dataclass(eq=False)
+class Node:
+    """One inode of the merged view. `names` are the (directory node, name) pairs it is known
+    by, the first being the one its upper path is made from; `lower` is the tree inode whose
+    bytes or children it shows (None: upper only, or a directory that hides the lower one);
+    `in_upper` says an upper entry exists for it."""
+
+    ino: int
+    names: list[tuple[Node, bytes]]
+    lower: int | None
+    in_upper: bool
+    kind: int  # S_IFMT bits
+    metacopy: bool = False  # an upper file whose bytes are still the lower ones (copy_up)
+    orphan_fd: int | None = None  # an upper file unlinked while open: where its metadata is
+    open_count: int = 0
+    aliases_known: bool = field(default=False, repr=False)
+
+
+class WritableTree:
+    """The merged view of `tree` (bytes from `content`) with changes in `store`."""
+
+    def __init__(self, tree: MergedTree, content: ContentReader, store: UpperStore, show_root: bool = False) -> None:
+        """`show_root`: give the upper directory the image's root owner and mode (a new one)."""
+        self._tree, self._content, self.store = tree, content, store
+        self.lock = threading.RLock()
+        self._nodes: dict[int, Node] = {}
+        self._by_upper: dict[tuple[int, int], Node] = {}
+        self._next_ino = tree.inode_count + 1
+        self._hardlink_names: dict[int, list[bytes]] | None = None
+        info = store.lstat(b"")
+        if info is None or not stat.S_ISDIR(info.st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, "the upper directory is missing", store.root.decode())
+        root = Node(ROOT, [], ROOT if not store.is_opaque(b"") else None, True, stat.S_IFDIR)
+        self._nodes[ROOT] = root
+        self._by_upper[(info.st_dev, info.st_ino)] = root
+        if show_root:
+            a = tree.attributes(ROOT)
+            store.set_shown(b"", Shown(a.mode, a.uid, a.gid))
+
+    # ------------------------------------------------------------ paths and nodes
+
+    def node(self, ino: int) -> Node:
+        found = self._nodes.get(ino)
+        if found is None:
+            raise KeyError(ino)
+        return found
+
+    def path(self, node: Node) -> bytes:
+        parts: list[bytes] = []
+        while node.names:
+            parent, name = node.names[0]
+            parts.append(name)
+            node = parent
+        return b"/".join(reversed(parts))
+
+    def _lower_child(self, directory: Node, name: bytes) -> int | None:
+        """The tree inode the lower layers show at `name` in `directory`, if any shows through."""
+        if directory.lower is None:
+            return None
+        return self._tree.child(directory.lower, name)
+
+    def lookup(self, parent: Node, name: bytes) -> Node:
+        """Returns the node at `name` in `parent`; raises ENOENT, ENOTDIR, ENAMETOOLONG."""
+        if not stat.S_ISDIR(parent.kind):
+            raise fail(errno.ENOTDIR)
+        if len(name) > NAME_MAX:
+            raise fail(errno.ENAMETOOLONG)
+        if name.startswith(WHITEOUT):
+            raise fail(errno.ENOENT)
+        directory = self.path(parent)
+        if parent.in_upper:
+            relative = join(directory, name)
+            info = self.store.lstat(relative)
+            if info is not None:
+                return self._upper_node(parent, name, relative, info)
+            if self.store.has_whiteout(directory, name):
+                raise fail(errno.ENOENT)
+        lower = self._lower_child(parent, name)
+        if lower is None:
+            raise fail(errno.ENOENT)
+        return self._lower_node(parent, name, lower)
+
+    def _upper_node(self, parent: Node, name: bytes, relative: bytes, info: os.stat_result) -> Node:
+        key = (info.st_dev, info.st_ino)
+        node = self._by_upper.get(key)
+        if node is None:
+            kind = stat.S_IFMT(self.store.shown(relative, info).mode)
+            lower = None
+            if kind == stat.S_IFDIR and not self.store.is_opaque(relative):
+                below = self._lower_child(parent, name)
+                lower = below if below is not None and self._tree.is_dir(below) else None
+            copied_from = self.store.metacopy_source(relative) if kind == stat.S_IFREG else None
+            if copied_from is not None:
+                lower = self._tree_inode(copied_from, relative)
+            node = self._new_node(lower, True, kind)
+            node.metacopy = copied_from is not None
+            self._by_upper[key] = node
+        self._know_name(node, parent, name)
+        return node
+
+    def _tree_inode(self, path: bytes, relative: bytes) -> int:
+        """The image's regular file at `path`, whose bytes a metadata-only copy still shows."""
+        try:
+            inode = self._tree.lookup(os.fsdecode(path))
+        except KeyError:
+            inode = None
+        if inode is None or not inode.entry.is_regular:
+            raise OSError(errno.EIO, f"{relative.decode(errors='replace')}: its bytes are to come from "
+                          f"{path.decode(errors='replace')} of the image, which has no such file")  # fmt: skip
+        return inode.ino
+
+    def _lower_node(self, parent: Node, name: bytes, lower: int) -> Node:
+        node = self._nodes.get(lower)
+        if node is None:
+            node = Node(lower, [], lower, False, stat.S_IFMT(self._tree.mode(lower)))
+            self._nodes[lower] = node
+        self._know_name(node, parent, name)
+        return node
+
+    def _new_node(self, lower: int | None, in_upper: bool, kind: int) -> Node:
+        if lower is not None and lower not in self._nodes:
+            ino = lower
+        else:
+            ino, self._next_ino = self._next_ino, self._next_ino + 1
+        node = Node(ino, [], lower, in_upper, kind)
+        self._nodes[ino] = node
+        return node
+
+    @staticmethod
+    def _know_name(node: Node, parent: Node, name: bytes) -> None:
+        if (parent, name) not in node.names:
+            node.names.append((parent, name))
+
+    @staticmethod
+    def _forget_name(node: Node, parent: Node, name: bytes) -> None:
+        if (parent, name) in node.names:
+            node.names.remove((parent, name))
+
+    # ------------------------------------------------------------ attributes
+
+    def attributes(self, node: Node) -> Attributes:
+        if not node.in_upper:
+            assert node.lower is not None
+            a = self._tree.attributes(node.lower)
+            return a._replace(ino=node.ino)
+        if not node.names and node.ino != ROOT:
+            if node.orphan_fd is None:
+                raise fail(errno.ESTALE)
+            info = os.fstat(node.orphan_fd)
+            return self._upper_attributes(node, b"", info, Shown(info.st_mode, info.st_uid, info.st_gid))
+        relative = self.path(node)
+        info = os.lstat(self.store.path(relative))
+        return self._upper_attributes(node, relative, info, self.store.shown(relative, info))
+
+    def _upper_attributes(self, node: Node, relative: bytes, info: os.stat_result, shown: Shown) -> Attributes:
+        size = info.st_size
+        if stat.S_ISCHR(shown.mode) or stat.S_ISBLK(shown.mode):
+            size = 0
+        nlink = info.st_nlink
+        if stat.S_ISDIR(shown.mode) and node.lower is not None:
+            nlink = 1  # a merged directory: its subdirectories cannot be counted cheaply (as overlayfs)
+        return Attributes(node.ino, shown.mode, nlink, shown.uid, shown.gid, size, shown.rdev, info.st_mtime_ns)
+
+    def link_target(self, node: Node) -> bytes:
+        if not stat.S_ISLNK(node.kind):
+            raise fail(errno.EINVAL)
+        if node.in_upper:
+            return os.readlink(self.store.path(self.path(node)))
+        assert node.lower is not None
+        return os.fsencode(self._tree.link(node.lower))
+
+    # ------------------------------------------------------------ listing
+
+    def listing(self, directory: Node) -> list[tuple[bytes, int, int]]:
+        """Returns (name, inode number, type bits) of every child, sorted by name."""
+        if not stat.S_ISDIR(directory.kind):
+            raise fail(errno.ENOTDIR)
+        relative = self.path(directory)
+        upper, whiteouts, opaque = self.store.listing(relative) if directory.in_upper else ({}, set(), False)
+        children: dict[bytes, tuple[int, int]] = {}
+        if directory.lower is not None and not opaque:
+            for name, lower in self._tree.children(directory.lower):
+                if name not in whiteouts and name not in upper:
+                    node = self._nodes.get(lower)
+                    children[name] = (node.ino if node else lower, self._tree.mode(lower))
+        for name in upper:
+            node = self.lookup(directory, name)
+            children[name] = (node.ino, node.kind)
+        return [(name, ino, kind) for name, (ino, kind) in sorted(children.items())]
+
+    def _is_empty(self, directory: Node) -> bool:
+        relative = self.path(directory)
+        upper, whiteouts, opaque = self.store.listing(relative) if directory.in_upper else ({}, set(), False)
+        if upper:
+            return False
+        if directory.lower is None or opaque:
+            return True
+        return all(name in whiteouts for name, _ in self._tree.children(directory.lower))
+
+    # ------------------------------------------------------------ copy-up
+
+    def copy_up(self, node: Node, data: str = META) -> None:
+        """Gives `node` an upper entry (its parents first). For a regular file, `data` says
+        what of its bytes: META copies none and keeps reading the lower ones (a chmod, chown,
+        utime, xattr, link or rename: a `chown -R` copies no file's bytes), FULL all of them,
+        EMPTY none because they are about to go (an O_TRUNC open, a truncate to zero). A
+        metadata-only copy gets its bytes when first opened for writing (fill_data)."""
+        if node.in_upper:
+            if data != META and node.metacopy:
+                self._fill_data(node, data)
+            return
+        if not node.names or node.lower is None:
+            raise fail(errno.ENOENT)  # a lower file unlinked while open: nothing to copy it to
+        parent, name = node.names[0]
+        self.copy_up(parent)
+        if stat.S_ISREG(node.kind) and self._tree.attributes(node.lower).nlink > 1:
+            self._copy_up_group(node, data)
+            return
+        self._copy_up_one(node, parent, name, data)
+
+    def _copy_up_one(self, node: Node, parent: Node, name: bytes, data: str) -> None:
+        """Copies one entry up, leaving its parent's times as they were: a copy-up is no
+        change a program made (kernel overlayfs does the same)."""
+        parent_path = self.store.path(self.path(parent))
+        times = os.lstat(parent_path)
+        self._copy_entry(node, parent, name, data)
+        os.utime(parent_path, ns=(times.st_atime_ns, times.st_mtime_ns), follow_symlinks=False)
+
+    def _copy_entry(self, node: Node, parent: Node, name: bytes, data: str) -> None:
+        assert node.lower is not None
+        relative = join(self.path(parent), name)
+        a = self._tree.attributes(node.lower)
+        if stat.S_ISDIR(a.mode):
+            os.mkdir(self.store.path(relative), 0o700)
+        elif stat.S_ISLNK(a.mode):
+            os.symlink(self._tree.link(node.lower), self.store.path(relative))
+        elif stat.S_ISREG(a.mode):
+            self._copy_file(node.lower, relative, data)
+            node.metacopy = data == META
+        else:
+            self.store.make_node(relative, stat.S_IFMT(a.mode), a.rdev)
+        self._finish_copy(node, relative, a)
+
+    def _finish_copy(self, node: Node, relative: bytes, a: Attributes) -> None:
+        assert node.lower is not None
+        path = self.store.path(relative)
+        if not stat.S_ISLNK(a.mode):
+            for key, value in self._tree.xattrs(node.lower).items():
+                os.setxattr(path, key, value, follow_symlinks=False)
+        self.store.set_shown(relative, Shown(a.mode, a.uid, a.gid, a.rdev))
+        os.utime(path, ns=(a.mtime_ns, a.mtime_ns), follow_symlinks=False)
+        info = os.lstat(path)
+        node.in_upper = True
+        self._by_upper[(info.st_dev, info.st_ino)] = node
+
+    def _copy_file(self, lower: int, relative: bytes, data: str) -> None:
+        directory = relative.rpartition(b"/")[0]
+        fd, temporary = self.store.new_file_fd(directory)
+        try:
+            if data == FULL:
+                self._copy_bytes(lower, fd)
+            elif data == META:
+                os.ftruncate(fd, self._tree.attributes(lower).size)  # sparse: the size shows right
+                os.setxattr(fd, METACOPY_XATTR, relative)
+            self.store.give_name(fd, temporary, relative)
+        finally:
+            os.close(fd)
+
+    def _fill_data(self, node: Node, data: str) -> None:
+        """Gives a metadata-only copy its bytes (none for EMPTY), then drops its mark: a crash
+        before that leaves the mark, and the lower bytes keep showing, which are the same."""
+        assert node.lower is not None
+        path = self._upper_path(node)
+        times = os.lstat(path)
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+        try:
+            if data == FULL:
+                self._copy_bytes(node.lower, fd)
+            os.removexattr(fd, METACOPY_XATTR)
+        finally:
+            os.close(fd)
+        os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+        node.metacopy = False
+
+    def _copy_bytes(self, lower: int, fd: int) -> None:
+        entry = self._tree.entry(lower)
+        position = 0
+        while position < entry.size:
+            size = min(COPY_CHUNK, entry.size - position)
+            span = self._content.span(entry, position, size)
+            if span is not None:
+                copied = _copy_range(*span, fd, position)
+            else:
+                data = self._content.read(entry, position, size)
+                if not data:
+                    raise fail(errno.EIO)
+                copied = os.pwrite(fd, data, position)
+            position += copied
+
+    def _copy_up_group(self, node: Node, data: str) -> None:
+        """Copies up a lower file with several names once, and links each visible name to it."""
+        assert node.lower is not None
+        names = [(parent, name) for parent, name in self._visible_names(node.lower)]
+        first_parent, first_name = node.names[0]
+        self._copy_up_one(node, first_parent, first_name, data)
+        source = self.store.path(self.path(node))
+        for parent, name in names:
+            if (parent, name) == (first_parent, first_name):
+                continue
+            self.copy_up(parent)
+            os.link(source, self.store.path(join(self.path(parent), name)))
+            self._know_name(node, parent, name)
+
+    def _visible_names(self, lower: int) -> Iterator[tuple[Node, bytes]]:
+        """The (directory node, name) pairs that show lower inode `lower` now."""
+        if self._hardlink_names is None:
+            self._hardlink_names = {}
+            for text, inode in self._tree.items():
+                if inode.nlink > 1 and not inode.is_dir:
+                    self._hardlink_names.setdefault(inode.ino, []).append(os.fsencode(text))
+        for path in self._hardlink_names.get(lower, []):
+            found = self._resolve(path)
+            if found is not None and found[2] is self._nodes.get(lower) and not found[2].in_upper:
+                yield found[0], found[1]
+
+    def _resolve(self, path: bytes) -> tuple[Node, bytes, Node] | None:
+        directory = self._nodes[ROOT]
+        parts = [part for part in path.split(b"/") if part]
+        try:
+            for part in parts[:-1]:
+                directory = self.lookup(directory, part)
+            return directory, parts[-1], self.lookup(directory, parts[-1])
+        except OSError:
+            return None
+
+    # ------------------------------------------------------------ making names
+
+    def _check_new_name(self, parent: Node, name: bytes) -> None:
+        if name.startswith(WHITEOUT):
+            raise fail(errno.EINVAL)  # the OCI spec reserves the prefix
+        if len(name) > NAME_MAX:
+            raise fail(errno.ENAMETOOLONG)
+        try:
+            self.lookup(parent, name)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return
+            raise
+        raise fail(errno.EEXIST)
+
+    def _prepare_name(self, parent: Node, name: bytes) -> tuple[bytes, bool]:
+        """Copies the parent up; returns the new entry's upper path and whether a lower entry
+        was removed there (a whiteout to drop, and a directory made there must be opaque)."""
+        self.copy_up(parent)
+        directory = self.path(parent)
+        hidden = self.store.has_whiteout(directory, name)
+        return join(directory, name), hidden
+
+    def _lower_dir_at(self, parent: Node, name: bytes) -> bool:
+        lower = self._lower_child(parent, name)
+        return lower is not None and self._tree.is_dir(lower)
+
+    def _finish_new(self, parent: Node, name: bytes, relative: bytes, owner: tuple[int, int], mode: int,
+                    rdev: int = 0) -> Node:  # fmt: skip
+        uid, gid = self._new_owner(parent, owner)
+        self.store.set_shown(relative, Shown(mode, uid, gid, rdev))
+        self.store.drop_whiteout(self.path(parent), name)
+        info = os.lstat(self.store.path(relative))
+        node = self._new_node(None, True, stat.S_IFMT(mode))
+        self._by_upper[(info.st_dev, info.st_ino)] = node
+        self._know_name(node, parent, name)
+        return node
+
+    def _new_owner(self, parent: Node, owner: tuple[int, int]) -> tuple[int, int]:
+        parent_attributes = self.attributes(parent)
+        if parent_attributes.mode & stat.S_ISGID:
+            return owner[0], parent_attributes.gid
+        return owner
+
+    def _sgid_dir(self, parent: Node, mode: int) -> int:
+        return mode | stat.S_ISGID if self.attributes(parent).mode & stat.S_ISGID else mode
+
+    def create(self, parent: Node, name: bytes, mode: int, owner: tuple[int, int], flags: int) -> tuple[Node, int]:
+        """Makes a regular file; returns its node and a descriptor opened with `flags`."""
+        self._check_new_name(parent, name)
+        relative, _ = self._prepare_name(parent, name)
+        fd = os.open(self.store.path(relative), os.O_CREAT | os.O_EXCL | os.O_RDWR | (flags & os.O_CLOEXEC), 0o600)
+        try:
+            node = self._finish_new(parent, name, relative, owner, stat.S_IFREG | stat.S_IMODE(mode))
+        except BaseException:
+            os.close(fd)
+            raise
+        return node, fd
+
+    def mkdir(self, parent: Node, name: bytes, mode: int, owner: tuple[int, int]) -> Node:
+        self._check_new_name(parent, name)
+        relative, _ = self._prepare_name(parent, name)
+        os.mkdir(self.store.path(relative), 0o700)
+        if self._lower_dir_at(parent, name):
+            self.store.make_opaque(relative)
+        return self._finish_new(parent, name, relative, owner, self._sgid_dir(parent, stat.S_IFDIR | (mode & 0o7777)))
+
+    def mknod(self, parent: Node, name: bytes, mode: int, rdev: int, owner: tuple[int, int]) -> Node:
+        self._check_new_name(parent, name)
+        relative, _ = self._prepare_name(parent, name)
+        kind = stat.S_IFMT(mode) or stat.S_IFREG
+        if kind == stat.S_IFREG:
+            os.close(os.open(self.store.path(relative), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        else:
+            self.store.make_node(relative, kind, rdev)
+        return self._finish_new(parent, name, relative, owner, kind | (mode & 0o7777), rdev)
+
+    def symlink(self, parent: Node, name: bytes, target: bytes, owner: tuple[int, int]) -> Node:
+        self._check_new_name(parent, name)
+        relative, _ = self._prepare_name(parent, name)
+        os.symlink(target, self.store.path(relative))
+        return self._finish_new(parent, name, relative, owner, stat.S_IFLNK | 0o777)
+
+    def link(self, node: Node, parent: Node, name: bytes) -> Node:
+        if stat.S_ISDIR(node.kind):
+            raise fail(errno.EPERM)
+        self._check_new_name(parent, name)
+        self.copy_up(node)
+        relative, _ = self._prepare_name(parent, name)
+        os.link(self._upper_path(node), self.store.path(relative))
+        self.store.drop_whiteout(self.path(parent), name)
+        self._know_name(node, parent, name)
+        return node
+
+    def _upper_path(self, node: Node) -> bytes:
+        if not node.names and node.ino != ROOT:
+            raise fail(errno.ENOENT)
+        return self.store.path(self.path(node))
+
+    # ------------------------------------------------------------ removing names
+
+    def unlink(self, parent: Node, name: bytes) -> None:
+        node = self.lookup(parent, name)
+        if stat.S_ISDIR(node.kind):
+            raise fail(errno.EISDIR)
+        self._remove(parent, name, node)
+
+    def rmdir(self, parent: Node, name: bytes) -> None:
+        node = self.lookup(parent, name)
+        if not stat.S_ISDIR(node.kind):
+            raise fail(errno.ENOTDIR)
+        if not self._is_empty(node):
+            raise fail(errno.ENOTEMPTY)
+        self._remove(parent, name, node)
+
+    def _remove(self, parent: Node, name: bytes, node: Node) -> None:
+        """Removes `name`: a whiteout first where a lower entry would show (so a crash
+        between the two steps still shows the name, not an older lower one), then the upper
+        entry."""
+        directory = self.path(parent)
+        if self._lower_child(parent, name) is not None:
+            self.copy_up(parent)
+            self.store.add_whiteout(directory, name)
+        relative = join(directory, name)
+        if self.store.exists(relative):
+            if stat.S_ISDIR(node.kind):
+                self.store.clear_markers(relative)
+                os.rmdir(self.store.path(relative))
+            else:
+                self._keep_orphan(node, relative)
+                os.unlink(self.store.path(relative))
+        self._forget_name(node, parent, name)
+
+    def _keep_orphan(self, node: Node, relative: bytes) -> None:
+        """A file unlinked while open keeps its metadata reachable through a descriptor."""
+        if node.open_count and len(node.names) == 1 and node.orphan_fd is None:
+            node.orphan_fd = os.open(self.store.path(relative), os.O_PATH | os.O_NOFOLLOW)
+
+    # ------------------------------------------------------------ rename
+
+    def rename(self, parent: Node, name: bytes, new_parent: Node, new_name: bytes, flags: int) -> None:
+        """rename(2) with renameat2's RENAME_NOREPLACE (1) and RENAME_EXCHANGE (2)."""
+        if new_name.startswith(WHITEOUT):
+            raise fail(errno.EINVAL)
+        if len(new_name) > NAME_MAX:
+            raise fail(errno.ENAMETOOLONG)
+        node = self.lookup(parent, name)
+        target = self._maybe_lookup(new_parent, new_name)
+        if flags & 2:
+            self._exchange(parent, name, node, new_parent, new_name, target)
+            return
+        if target is not None and flags & 1:
+            raise fail(errno.EEXIST)
+        if target is node:
+            return
+        if target is not None:
+            self._check_replace(node, target)
+        if stat.S_ISDIR(node.kind) and self._has_lower(node):
+            raise fail(errno.EXDEV)
+        self._move(parent, name, node, new_parent, new_name, target)
+
+    def _maybe_lookup(self, parent: Node, name: bytes) -> Node | None:
+        try:
+            return self.lookup(parent, name)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return None
+            raise
+
+    def _has_lower(self, node: Node) -> bool:
+        """A directory whose lower part shows (merged) or that overlays one (not pure upper)."""
+        return node.lower is not None
+
+    def _check_replace(self, node: Node, target: Node) -> None:
+        if stat.S_ISDIR(node.kind) and not stat.S_ISDIR(target.kind):
+            raise fail(errno.ENOTDIR)
+        if not stat.S_ISDIR(node.kind) and stat.S_ISDIR(target.kind):
+            raise fail(errno.EISDIR)
+        if stat.S_ISDIR(target.kind) and not self._is_empty(target):
+            raise fail(errno.ENOTEMPTY)
+
+    def _move(self, parent: Node, name: bytes, node: Node, new_parent: Node, new_name: bytes,
+              target: Node | None) -> None:  # fmt: skip
+        self.copy_up(node)
+        self.copy_up(new_parent)
+        source, destination = join(self.path(parent), name), join(self.path(new_parent), new_name)
+        if target is not None and stat.S_ISDIR(target.kind) and self.store.exists(destination):
+            self.store.clear_markers(destination)
+        if stat.S_ISDIR(node.kind) and self._lower_dir_at(new_parent, new_name):
+            self.store.make_opaque(source)  # the lower directory at the new name must stay hidden
+        if self._lower_child(parent, name) is not None:
+            self.store.add_whiteout(self.path(parent), name)
+        if target is not None and not target.in_upper:
+            pass  # a lower-only target: the rename below puts the upper entry over it
+        elif target is not None:
+            self._keep_orphan(target, destination)
+        os.rename(self.store.path(source), self.store.path(destination))
+        self.store.drop_whiteout(self.path(new_parent), new_name)
+        if target is not None:
+            self._forget_name(target, new_parent, new_name)
+        self._rename_name(node, parent, name, new_parent, new_name)
+
+    @staticmethod
+    def _rename_name(node: Node, parent: Node, name: bytes, new_parent: Node, new_name: bytes) -> None:
+        index = node.names.index((parent, name)) if (parent, name) in node.names else None
+        if index is None:
+            node.names.insert(0, (new_parent, new_name))
+        else:
+            node.names[index] = (new_parent, new_name)
+
+    def _exchange(self, parent: Node, name: bytes, node: Node, new_parent: Node, new_name: bytes,
+                  target: Node | None) -> None:  # fmt: skip
+        if target is None:
+            raise fail(errno.ENOENT)
+        if target is node:
+            return
+        for one in (node, target):
+            if stat.S_ISDIR(one.kind) and self._has_lower(one):
+                raise fail(errno.EXDEV)
+        self.copy_up(node)
+        self.copy_up(target)
+        source, destination = join(self.path(parent), name), join(self.path(new_parent), new_name)
+        _exchange_paths(self.store.path(source), self.store.path(destination))
+        self._rename_name(node, parent, name, new_parent, new_name)
+        self._rename_name(target, new_parent, new_name, parent, name)
+
+    # ------------------------------------------------------------ metadata
+
+    def set_attributes(self, node: Node, mode: int | None = None, uid: int | None = None, gid: int | None = None,
+                       size: int | None = None, times: tuple[int | None, int | None] | None = None,
+                       fd: int | None = None) -> None:  # fmt: skip
+        """chmod, chown, truncate and utimensat (None: unchanged; in `times`, None: now and
+        KEEP_TIME: unchanged)."""
+        if size is not None:
+            if stat.S_ISDIR(node.kind):
+                raise fail(errno.EISDIR)
+            self.copy_up(node, EMPTY if size == 0 else FULL)
+            if fd is not None:
+                os.ftruncate(fd, size)
+            else:
+                os.truncate(self._upper_path(node), size)
+        if mode is not None or uid is not None or gid is not None:
+            self._set_shown(node, mode, uid, gid)
+        if times is not None:
+            self._set_times(node, times)
+
+    def _set_shown(self, node: Node, mode: int | None, uid: int | None, gid: int | None) -> None:
+        self.copy_up(node)
+        a = self.attributes(node)
+        new_mode = stat.S_IFMT(a.mode) | (stat.S_IMODE(mode) if mode is not None else stat.S_IMODE(a.mode))
+        wanted = Shown(new_mode, a.uid if uid is None else uid, a.gid if gid is None else gid, a.rdev)
+        self.store.set_shown(self.path(node), wanted)
+
+    def _set_times(self, node: Node, times: tuple[int | None, int | None]) -> None:
+        """Sets atime and mtime: each in nanoseconds, None for now, or KEEP_TIME."""
+        self.copy_up(node)
+        path = self._upper_path(node)
+        info = os.lstat(path)
+        now = time.time_ns()
+        atime, mtime = (now if t is None else t for t in times)
+        os.utime(path, ns=(info.st_atime_ns if atime == KEEP_TIME else atime,
+                           info.st_mtime_ns if mtime == KEEP_TIME else mtime), follow_symlinks=False)  # fmt: skip
+
+    def xattrs(self, node: Node) -> dict[str, bytes]:
+        if not node.in_upper:
+            assert node.lower is not None
+            return dict(self._tree.xattrs(node.lower))
+        path = self._upper_path(node)
+        if stat.S_ISLNK(node.kind):
+            return {}
+        return {name: os.getxattr(path, name, follow_symlinks=False)
+                for name in os.listxattr(path, follow_symlinks=False) if name not in RESERVED_XATTRS}  # fmt: skip
+
+    def set_xattr(self, node: Node, name: str, value: bytes, flags: int) -> None:
+        if name in RESERVED_XATTRS:
+            raise fail(errno.EPERM)
+        exists = name in self.xattrs(node)
+        if flags & os.XATTR_CREATE and exists:
+            raise fail(errno.EEXIST)
+        if flags & os.XATTR_REPLACE and not exists:
+            raise fail(errno.ENODATA)
+        self.copy_up(node)
+        os.setxattr(self._upper_path(node), name, value, flags, follow_symlinks=False)
+
+    def remove_xattr(self, node: Node, name: str) -> None:
+        if name in RESERVED_XATTRS or name not in self.xattrs(node):
+            raise fail(errno.ENODATA)
+        self.copy_up(node)
+        os.removexattr(self._upper_path(node), name, follow_symlinks=False)
+
+    # ------------------------------------------------------------ data
+
+    def open_upper(self, node: Node, flags: int) -> int:
+        """Returns a descriptor of the node's upper file, copying it up first when the open
+        writes (O_TRUNC copies no bytes)."""
+        if node.orphan_fd is not None and not node.names:
+            return os.open(f"/proc/self/fd/{node.orphan_fd}", os.O_RDWR)
+        self.copy_up(node, EMPTY if flags & os.O_TRUNC else FULL)
+        fd = os.open(self._upper_path(node), os.O_RDWR | os.O_NOFOLLOW)
+        if flags & os.O_TRUNC:
+            os.ftruncate(fd, 0)
+        return fd
+
+    def read_lower(self, node: Node, offset: int, size: int) -> tuple[int, int, int] | bytes:
+        """The lower bytes of a node not copied up: (fd, position, size) where they lie in a
+        local file, else the bytes."""
+        assert node.lower is not None
+        entry = self._tree.entry(node.lower)
+        span = self._content.span(entry, offset, size)
+        return span if span is not None else self._content.read(entry, offset, size)
+
+    def opened(self, node: Node) -> None:
+        node.open_count += 1
+
+    def closed(self, node: Node) -> None:
+        node.open_count -= 1
+        if node.open_count <= 0 and node.orphan_fd is not None and not node.names:
+            os.close(node.orphan_fd)
+            node.orphan_fd = None
+
+
+def _copy_range(source: int, at: int, length: int, fd: int, position: int) -> int:
+    """Copies bytes between files in the kernel where it can (copy_file_range: a reflink on
+    file systems that share extents), else through a buffer (across file systems)."""
+    try:
+        copied = os.copy_file_range(source, fd, length, at, position)
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+        copied = os.pwrite(fd, os.pread(source, length, at), position)
+    if copied <= 0:
+        raise fail(errno.EIO)  # the cached tar is shorter than its index says
+    return copied
+
+
+def _exchange_paths(first: bytes, second: bytes) -> None:
+    at_fdcwd, rename_exchange = -100, 2
+    if libc().renameat2(at_fdcwd, first, at_fdcwd, second, rename_exchange) != 0:
+        number = ctypes.get_errno()
+        raise OSError(number, os.strerror(number))
+
+
+__all__ = ["OPAQUE", "Node", "WritableTree", "fail"]

@@ -25,7 +25,6 @@ import contextlib
 import hashlib
 import io
 import os
-import pwd
 import random
 import shutil
 import stat
@@ -41,8 +40,9 @@ from benchmarks.overlay_images import SUITE, VARIANT, arch, build_debian, debian
 from tests.conftest import COMMAND, MOUNT_TIMEOUT, require, unmount
 from tests.tree_walk import describe_tree
 from tests.writable_mounts import WritableMount, writable_mount
+from unionfs.storage.tar_index import XATTR_PAX_PREFIX
 
-MOUNT_KIND = os.environ.get("CRFS_WRITABLE_MOUNT", "overlayfs")
+MOUNT_KIND = os.environ.get("CRFS_WRITABLE_MOUNT", "crfs-merge")
 # The cache of benchmarks/bench_overlay.py: the debootstrap tar is made once for both.
 BUILD_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "crfs-merge-bench"
 TOOLCHAIN = ("python3-venv", "git")  # with their dependencies, about fifty packages
@@ -61,7 +61,7 @@ def debian_image(tmp_path_factory: pytest.TempPathFactory) -> str:
     for tool in ("chroot", "dpkg-deb", "apt-get", "mount"):
         require(shutil.which(tool) is not None, f"{tool} is missing")
     base_cached = (BUILD_CACHE / f"{base_name()}.tar").exists()
-    require(base_cached or shutil.which("debootstrap") is not None, "debootstrap is missing (apt-get install debootstrap)")
+    require(base_cached or shutil.which("debootstrap") is not None, "debootstrap is missing (apt install debootstrap)")
     layout = tmp_path_factory.mktemp("debian-image")
     build_debian(layout / "layout", layout / "work", BUILD_CACHE, "latest", seed=1)
     shutil.rmtree(layout / "work", ignore_errors=True)
@@ -82,7 +82,7 @@ def toolchain_debs(debian_image: str, tmp_path_factory: pytest.TempPathFactory) 
                    check=True)  # fmt: skip
     # One directory per image state, so a newer debootstrap never mixes two versions of a package.
     digest = hashlib.sha256()
-    for path in sorted((state / "var/lib/apt/lists").glob("*Release")) + [state / "var/lib/dpkg/status"]:
+    for path in [*sorted((state / "var/lib/apt/lists").glob("*Release")), state / "var/lib/dpkg/status"]:
         digest.update(path.read_bytes())
     archives = BUILD_CACHE / f"{base_name()}-debs-{digest.hexdigest()[:16]}"
     (archives / "partial").mkdir(parents=True, exist_ok=True)
@@ -201,6 +201,16 @@ if [ "$1" = configure ]; then
     echo "postinst $1 $2" >> /var/log/{PROBE}.log
 fi
 """
+POSTRM = f"""#!/bin/sh
+set -e
+if [ "$1" = remove ]; then
+    dpkg-divert --package {PROBE} --remove --rename --divert /{DIVERTED}.distrib /{DIVERTED}
+fi
+if [ "$1" = purge ]; then
+    rm -rf /var/lib/{PROBE}
+fi
+echo "postrm $1 $2" >> /var/log/{PROBE}.log
+"""
 
 
 def probe_files(version: str) -> dict[str, bytes]:
@@ -239,7 +249,7 @@ def build_probe_deb(work: Path, version: str) -> Path:
     (control / "conffiles").write_text(f"/{PROBE_CONF}\n")
     (control / "md5sums").write_text("".join(f"{hashlib.md5(data).hexdigest()}  {rel}\n"
                                              for rel, data in sorted(files.items()) if rel != PROBE_CONF))  # fmt: skip
-    for name, script in (("preinst", PREINST), ("postinst", POSTINST)):
+    for name, script in (("preinst", PREINST), ("postinst", POSTINST), ("postrm", POSTRM)):
         (control / name).write_text(script)
         os.chmod(control / name, 0o755)
     deb = work / f"{PROBE}_{version}_all.deb"
@@ -247,11 +257,13 @@ def build_probe_deb(work: Path, version: str) -> Path:
     return deb
 
 
-def test_dpkg_installs_and_upgrades_a_package_built_here(writable: WritableMount, staging: Path) -> None:
+def test_dpkg_installs_and_upgrades_a_package_built_here(
+    writable: WritableMount, staging: Path, tmp_path: Path
+) -> None:
     root = writable.mountpoint
     lower_hostid = (root / DIVERTED).read_bytes()
     for version in ("1.0", "1.1"):
-        shutil.copy(build_probe_deb(staging.parent / "probe-build", version), staging)
+        shutil.copy(build_probe_deb(tmp_path, version), staging)
     staging_probe = f"/{STAGING}/{PROBE}"
     in_chroot(root, f"dpkg -i {staging_probe}_1.0_all.deb", staging)
     assert in_chroot(root, f"dpkg --verify {PROBE}") == ""
@@ -271,7 +283,8 @@ def test_dpkg_installs_and_upgrades_a_package_built_here(writable: WritableMount
     assert os.readlink(root / "usr/lib/crfs-probe/current") == "data-1.bin"
     # The diversion the preinst made of a lower file: coreutils's hostid moved aside, and runs.
     assert in_chroot(root, "dpkg-divert --list /usr/bin/hostid").strip() == (
-        f"diversion of /{DIVERTED} to /{DIVERTED}.distrib by {PROBE}")
+        f"diversion of /{DIVERTED} to /{DIVERTED}.distrib by {PROBE}"
+    )
     assert (root / f"{DIVERTED}.distrib").read_bytes() == lower_hostid
     ours, theirs = in_chroot(root, "hostid; hostid.distrib").split()
     assert ours == f"{PROBE}-hostid" and len(theirs) == 8 and int(theirs, 16) >= 0
@@ -283,7 +296,35 @@ def test_dpkg_installs_and_upgrades_a_package_built_here(writable: WritableMount
     home = os.stat(root / f"var/lib/{PROBE}")
     assert (home.st_uid, home.st_gid, stat.S_IMODE(home.st_mode)) == (int(user[2]), int(user[3]), 0o750)
     assert (root / f"var/log/{PROBE}.log").read_text().splitlines() == [
-        "preinst install ", "postinst configure ", "preinst upgrade 1.0", "postinst configure 1.0"]
+        "preinst install ",
+        "postinst configure ",
+        "preinst upgrade 1.0",
+        "postrm upgrade 1.1",
+        "postinst configure 1.0",
+    ]
+
+
+def test_dpkg_purge_undoes_the_diversion_and_the_package_installs_again(writable: WritableMount, staging: Path) -> None:
+    root = writable.mountpoint
+    diverted = (root / f"{DIVERTED}.distrib").read_bytes()
+    uid = (root / f"var/lib/{PROBE}").stat().st_uid
+    in_chroot(root, f"dpkg --purge {PROBE}")
+    assert in_chroot(root, f"dpkg-query -W -f '${{db:Status-Abbrev}}' {PROBE}", check=False) in ("pn ", "")
+    assert (root / DIVERTED).read_bytes() == diverted and not (root / f"{DIVERTED}.distrib").exists()
+    assert in_chroot(root, "dpkg-divert --list '*hostid*'") == ""
+    for gone in ("etc/crfs-probe", "usr/lib/crfs-probe", f"var/lib/{PROBE}", f"usr/share/doc/{PROBE}"):
+        assert not (root / gone).exists(), gone
+    assert (root / f"var/log/{PROBE}.log").read_text().splitlines()[-2:] == ["postrm remove ", "postrm purge "]
+    # Installed again: the user the first install made is found, not made twice.
+    in_chroot(root, f"dpkg -i /{STAGING}/{PROBE}_1.1_all.deb", staging)
+    assert in_chroot(root, f"dpkg --verify {PROBE}") == ""
+    assert (root / f"var/lib/{PROBE}").stat().st_uid == uid
+    assert in_chroot(root, f"grep -c '^{PROBE_USER}:' /etc/passwd /etc/group /etc/shadow").split() == [
+        "/etc/passwd:1",
+        "/etc/group:1",
+        "/etc/shadow:1",
+    ]
+    (root / PROBE_CONF).write_text("# changed again\n")  # what the final dpkg --verify must still see
 
 
 # ---------------------------------------------------------------- rm -rf of lower trees
@@ -458,8 +499,9 @@ PAYLOAD_DIRS, PAYLOAD_FILES_PER_DIR = 40, 75
 
 def build_payload(path: Path, lower_licenses: list[str]) -> list[tarfile.TarInfo]:
     """A tar of PAYLOAD_DIRS x PAYLOAD_FILES_PER_DIR files under srv/payload (sizes up to 64
-    KiB, several modes, owners and mtimes, with symlinks, hardlinks and a fifo per directory),
-    and new contents for the lower files `lower_licenses`; returns its members."""
+    KiB, several modes, owners and mtimes, one in ten with a user xattr, with symlinks, hardlinks
+    and a fifo per directory), and new contents for the lower files `lower_licenses`; returns its
+    members."""
     rng = random.Random("payload")
     members: list[tuple[tarfile.TarInfo, bytes]] = []
 
@@ -478,12 +520,14 @@ def build_payload(path: Path, lower_licenses: list[str]) -> list[tarfile.TarInfo
             size = int(64 * 1024 * rng.random() ** 4)
             add(f"{directory}/f{n:03d}", tarfile.REGTYPE, (0o644, 0o600, 0o755, 0o4755)[n % 4], rng.randbytes(size),
                 owner=(0, 1000, 65534)[n % 3])  # fmt: skip
+            if n % 10 == 0:
+                members[-1][0].pax_headers = {f"{XATTR_PAX_PREFIX}user.crfs.serial": f"{d}-{n}"}
         add(f"{directory}/link", tarfile.SYMTYPE, 0o777, link="f000")
         add(f"{directory}/hard", tarfile.LNKTYPE, 0o644, link=f"{directory}/f001")
         add(f"{directory}/fifo", tarfile.FIFOTYPE, 0o640)
     for rel in lower_licenses:
         add(rel, tarfile.REGTYPE, 0o644, f"replaced {rel}\n".encode())
-    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
         for info, data in members:
             tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
     return [info for info, _ in members]
@@ -494,7 +538,7 @@ def test_tar_extracts_thousands_of_files_over_lower_ones(writable: WritableMount
     licenses = sorted(f"usr/share/common-licenses/{n}" for n in os.listdir(root / "usr/share/common-licenses"))
     members = build_payload(staging / "payload.tar", [p for p in licenses if (root / p).is_file()])
     assert len(members) > 3000
-    in_chroot(root, f"tar -xpf /{STAGING}/payload.tar -C /", staging)
+    in_chroot(root, f"tar --xattrs --xattrs-include='user.*' -xpf /{STAGING}/payload.tar -C /", staging)
     with tarfile.open(staging / "payload.tar") as tar:
         data = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isreg()}  # type: ignore[union-attr]
     for member in members:
@@ -516,8 +560,12 @@ def extracted_as(root: Path, member: tarfile.TarInfo, data: bytes | None) -> lis
         wrong.append(f"mode {oct(info.st_mode)}")
     if (info.st_uid, info.st_gid) != (member.uid, member.gid):
         wrong.append(f"owner {info.st_uid}:{info.st_gid}")
-    if not member.isdir() and int(info.st_mtime) != member.mtime:
+    if int(info.st_mtime) != member.mtime:
         wrong.append(f"mtime {info.st_mtime}")
+    xattrs = {f"{XATTR_PAX_PREFIX}{name}": os.getxattr(path, name, follow_symlinks=False).decode()
+              for name in os.listxattr(path, follow_symlinks=False) if name.startswith("user.")}  # fmt: skip
+    if xattrs != member.pax_headers:
+        wrong.append(f"xattrs {xattrs}")
     if member.issym() and os.readlink(path) != member.linkname:
         wrong.append(f"target {os.readlink(path)}")
     if member.isreg() and path.read_bytes() != data:
@@ -527,8 +575,10 @@ def extracted_as(root: Path, member: tarfile.TarInfo, data: bytes | None) -> lis
 
 # ---------------------------------------------------------------- persistence and commit
 
+State = tuple[dict[str, tuple[object, ...]], str]
 
-def whole_state(root: Path) -> tuple[dict[str, tuple[object, ...]], str]:
+
+def whole_state(root: Path) -> State:
     """The tree entry by entry (type, mode, owner, size, mtime, bytes or link target, xattrs,
     hardlink groups) and what `dpkg --verify` says of every package."""
     return describe_tree(root), in_chroot(root, "dpkg --verify", check=False)
@@ -541,20 +591,22 @@ def tree_differences(got: dict[str, tuple[object, ...]], want: dict[str, tuple[o
     return [f"{p}: {got.get(p)} != {want.get(p)}" for p in paths[:15]] + ([f"... {len(paths)} in all"] if paths else [])
 
 
-def test_changes_persist_across_a_remount(writable: WritableMount, toolchain: list[str]) -> None:
-    root = writable.mountpoint
-    before = whole_state(root)
-    assert len(before[0]) > 14_000 and "/usr/share/locale" in before[1]  # all the programs above left
+@pytest.fixture(scope="module")
+def final_state(writable: WritableMount, toolchain: list[str]) -> State:
+    """The writable mount's state once the programs above are done; the two tests that use it
+    change nothing on the mount, so each walk of a remount or a commit compares with this one."""
+    state = whole_state(writable.mountpoint)
+    assert len(state[0]) > 14_000 and "/usr/share/locale" in state[1]  # what the programs above left
+    return state
+
+
+def test_changes_persist_across_a_remount(writable: WritableMount, final_state: State) -> None:
     writable.unmount()
-    assert not os.path.ismount(root)
+    assert not os.path.ismount(writable.mountpoint)
     writable.mount()
-    after = whole_state(root)
-    assert tree_differences(after[0], before[0]) == [] and after[1] == before[1]
-    # The programs find their state whole.
-    in_chroot(root, "cd /srv/repo && git fsck --full --strict --no-progress && git status --porcelain")
-    integrity = "import sqlite3; print(sqlite3.connect('/var/lib/crfs-sqlite/probe.db').execute('PRAGMA integrity_check').fetchone()[0])"
-    assert in_chroot(root, f'python3 -c "{integrity}"').strip() == "ok"
-    assert in_chroot(root, "/opt/venv/bin/crfs-probe").split()[:2] == ["crfs-probe", "1000"]
+    tree, verify = whole_state(writable.mountpoint)
+    assert tree_differences(tree, final_state[0]) == []
+    assert verify == final_state[1]
 
 
 @contextlib.contextmanager
@@ -571,15 +623,28 @@ def read_only_mount(image: str, work: Path) -> Iterator[Path]:
 
 
 def test_commit_gives_an_image_that_mounts_as_the_writable_tree(
-    writable: WritableMount, toolchain: list[str], tmp_path: Path
+    writable: WritableMount, final_state: State, tmp_path: Path
 ) -> None:
-    tree, verify = whole_state(writable.mountpoint)
-    upper = writable.oci_diff(tmp_path)
+    upper = writable.oci_diff(tmp_path)  # unmounted: DIR is read as it stands
     dest = f"oci:{tmp_path / 'committed-layout'}:programs"
     run = subprocess.run([*COMMAND, "commit", "--cache-dir", str(tmp_path / "cache"), "--upper", str(upper),
                           "-m", "real programs", writable.image, dest],
                          capture_output=True, text=True, timeout=PROGRAM_TIMEOUT)  # fmt: skip
     assert run.returncode == 0, f"commit: {run.stderr}"
     with read_only_mount(dest, tmp_path) as committed:
-        assert tree_differences(describe_tree(committed), tree) == []
-        assert in_chroot(committed, "dpkg --verify", check=False) == verify
+        assert tree_differences(describe_tree(committed), final_state[0]) == []
+        assert in_chroot(committed, "dpkg --verify", check=False) == final_state[1]
+
+
+def test_the_programs_find_their_state_after_remount_and_commit(writable: WritableMount) -> None:
+    if not os.path.ismount(writable.mountpoint):
+        writable.mount()
+    root = writable.mountpoint
+    assert in_chroot(root, "cd /srv/repo && git fsck --full --strict --no-progress && git status --porcelain") == ""
+    db = "sqlite3.connect('/var/lib/crfs-sqlite/probe.db')"
+    query = f"import sqlite3; q = lambda s: {db}.execute(s).fetchone()[0]; print(q('PRAGMA integrity_check'))"
+    sqlite = in_chroot(root, f"python3 -c \"{query}; print(q('SELECT count(*) FROM t'))\"")
+    assert sqlite.split() == ["ok", str(SQLITE_ROWS)]
+    assert in_chroot(root, "/opt/venv/bin/crfs-probe").split()[:2] == ["crfs-probe", "1000"]
+    assert in_chroot(root, f"dpkg --verify {PROBE}").split() == ["??5??????", "c", f"/{PROBE_CONF}"]
+    in_chroot(root, "apt-get check -q")  # dpkg's and apt's view of what is installed agree

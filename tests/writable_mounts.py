@@ -51,7 +51,7 @@ class CrfsMergeWritable:
         run = subprocess.run([*COMMAND, "--cache-dir", str(self.cache), "--upper", str(self.upper), self.image,
                               str(self.mountpoint)], capture_output=True, text=True, timeout=MOUNT_TIMEOUT)  # fmt: skip
         assert run.returncode == 0, f"crfs-merge --upper failed: {run.stderr}"
-        assert os.path.ismount(self.mountpoint)
+        assert file_system_type(self.mountpoint) == "fuse.crfs-merge"
 
     def unmount(self) -> None:
         unmount_crfs_merge(self.mountpoint)
@@ -81,6 +81,7 @@ class KernelOverlay:
         options = f"lowerdir={self.lower},upperdir={self.upper},workdir={self.workdir}"
         options += ",redirect_dir=off,index=off,metacopy=off"
         subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, str(self.mountpoint)], check=True)
+        assert file_system_type(self.mountpoint) == "overlay"
 
     def unmount(self) -> None:
         if os.path.ismount(self.mountpoint):
@@ -93,6 +94,16 @@ class KernelOverlay:
         subprocess.run(["cp", "-a", "--", str(self.upper), str(diff)], check=True)
         overlay_upper_to_oci_diff(self.upper, diff)
         return diff
+
+
+def file_system_type(mountpoint: Path) -> str | None:
+    """The type /proc/self/mountinfo gives the mount at `mountpoint` (the last one mounted there)."""
+    found = None
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == str(mountpoint):
+            found = fields[fields.index("-") + 1]
+    return found
 
 
 def writable_mount(kind: str, image: str, work: Path) -> WritableMount:

@@ -89,6 +89,8 @@ def toolchain_debs(debian_image: str, tmp_path_factory: pytest.TempPathFactory) 
     options = {"Dir::Etc::sourcelist": state / "etc/apt/sources.list",
                "Dir::Etc::sourceparts": state / "etc/apt/sources.list.d",
                "Dir::Etc::preferencesparts": state / "etc/apt/preferences.d",
+               "Dir::Etc::trusted": state / "etc/apt/trusted.gpg",  # the image's keys, whatever the host has
+               "Dir::Etc::trustedparts": state / "etc/apt/trusted.gpg.d",
                "Dir::State::Lists": state / "var/lib/apt/lists", "Dir::State::status": state / "var/lib/dpkg/status",
                "Dir::Cache::archives": archives, "Dir::Cache::pkgcache": "", "Dir::Cache::srcpkgcache": ""}  # fmt: skip
     argv = ["apt-get", "install", "--download-only", "-y", "-q", "--no-install-recommends"]

@@ -130,6 +130,8 @@ def overlay_upper_to_oci_diff(upper: Path, copy: Path) -> None:
                 (target / f"{WHITEOUT_PREFIX}{name}").touch()
             elif not stat.S_ISLNK(info.st_mode):
                 _strip_overlay_xattrs(target / name)
+        source = os.lstat(directory)  # the markers made above changed the copy's times
+        os.utime(target, ns=(source.st_atime_ns, source.st_mtime_ns))
 
 
 def _has_xattr(path: str, name: str) -> bool:

@@ -23,7 +23,7 @@ import pytest
 
 from registry.layout_writer import write_layout
 from tests.conftest import COMMAND, require
-from tests.tarvocab import d, f, opq, tar_of, wh
+from tests.tarvocab import d, dev, f, opq, tar_of, wh
 
 USER = "crfs-rootless"
 REPO = Path(__file__).resolve().parent.parent
@@ -153,3 +153,131 @@ def test_allow_other_lets_another_user_in_under_the_image_permissions(
         assert "Permission denied" in _as_user("cat", str(mnt / "private"), check=False).stderr
     finally:
         subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
+
+
+# ---------------------------------------------------------------- writable, in a user namespace
+
+
+def _in_user_namespace(script: str) -> subprocess.CompletedProcess[str]:
+    """Runs `script` as the user inside `unshare --map-root-user --mount`: the user is root
+    there (one id mapped), may mount FUSE and chroot, and the mount is gone with the namespace."""
+    return _as_user("unshare", "--map-root-user", "--mount", "sh", "-euc", script, check=False)
+
+
+def test_copy_up_keeps_owners_and_devices_the_user_cannot_set_in_override_stat(
+    rootless_command: Path, world_readable_dir: Path, tmp_path: Path, fuse_works: None
+) -> None:
+    """In the namespace only the user's id is mapped. The kernel lets no one there write to a
+    file whose owner is not mapped, but a change below a directory owned by uid 100 copies that
+    directory up, and a chmod copies up a device node: neither can be made so on disk, so the
+    upper directory keeps them in user.containers.override_stat, and a commit restores them."""
+    require(shutil.which("unshare") is not None, "unshare is missing")
+    image = world_readable_dir / "image"
+    write_layout(image, [tar_of(d("srv/", mode=0o750, uid=100, gid=0), d("srv/sub/"),
+                                f("srv/sub/file", b"data\n"),
+                                d("dev/"), dev("dev/null", "c", 1, 3), f("plain", b"p"))])  # fmt: skip
+    subprocess.run(["chmod", "-R", "a+rX", str(image)], check=True)
+    user = pwd.getpwnam(USER)
+    base = world_readable_dir / "home"
+    base.mkdir()
+    os.chown(base, user.pw_uid, user.pw_gid)
+    upper, mnt = base / "upper", base / "mnt"
+    run = _in_user_namespace(f"""
+        export XDG_STATE_HOME={base}/state
+        mkdir -p {mnt}
+        {rootless_command} --cache-dir {base}/cache --upper {upper} oci:{image} {mnt}
+        echo more >> {mnt}/srv/sub/file
+        echo made > {mnt}/srv/sub/made
+        chmod 644 {mnt}/dev/null
+        echo new > {mnt}/made
+        stat -c '%u %a %F' {mnt}/made {mnt}/dev/null
+        fusermount3 -u {mnt}
+    """)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split("\n")[:2] == ["0 644 regular file", "0 644 character special file"]
+    assert os.stat(upper / "made").st_uid == user.pw_uid, "what the user made is the user's own, on disk"
+    assert os.getxattr(upper / "srv", "user.containers.override_stat") == b"100:0:750"
+    assert os.getxattr(upper / "dev/null", "user.containers.override_stat").startswith(b"0:0:644:char-1-3")
+    # The commit runs in a namespace like the mount's, where the user's files are root's.
+    dest = base / "committed"
+    committed = _in_user_namespace(f"{rootless_command} commit --cache-dir {base}/cache --upper {upper} "
+                                   f"oci:{image} oci:{dest}:v2")  # fmt: skip
+    assert committed.returncode == 0, committed.stderr
+    mnt_root = tmp_path / "ro"
+    mnt_root.mkdir()
+    subprocess.run([*COMMAND, "--cache-dir", str(tmp_path / "cache"), f"oci:{dest}:v2", str(mnt_root)], check=True)
+    try:
+        owned, null = os.stat(mnt_root / "srv"), os.stat(mnt_root / "dev/null")
+        assert (owned.st_uid, owned.st_gid, stat.S_IMODE(owned.st_mode)) == (100, 0, 0o750)
+        assert (mnt_root / "srv/sub/file").read_bytes() == b"data\nmore\n"
+        assert os.stat(mnt_root / "srv/sub/made").st_uid == 0, "the namespace's root made it: root in the image"
+        assert stat.S_ISCHR(null.st_mode) and null.st_rdev == os.makedev(1, 3) and stat.S_IMODE(null.st_mode) == 0o644
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt_root)], check=True)
+
+
+def _hello_deb(work: Path) -> Path:
+    """A package with a maintainer script, built with dpkg-deb."""
+    require(shutil.which("dpkg-deb") is not None, "dpkg-deb is missing")
+    root = work / "hello-pkg"
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "usr/share/hello-crfs").mkdir(parents=True)
+    control = "Package: hello-crfs\nVersion: 1.0\nArchitecture: all\nMaintainer: t <t@example.org>\nDescription: t\n"
+    (root / "DEBIAN/control").write_text(control)
+    (root / "DEBIAN/postinst").write_text("#!/bin/sh\nset -e\necho configured > /var/lib/hello-crfs\n")
+    (root / "DEBIAN/postinst").chmod(0o755)
+    (root / "usr/share/hello-crfs/greeting").write_text("hello\n")
+    deb = work / "hello-crfs.deb"
+    subprocess.run(["dpkg-deb", "--root-owner-group", "--build", str(root), str(deb)], check=True,
+                   capture_output=True)  # fmt: skip
+    deb.chmod(0o644)
+    return deb
+
+
+def test_dpkg_installs_a_package_in_a_rootless_writable_mount(
+    rootless_command: Path, world_readable_dir: Path, tmp_path: Path
+) -> None:
+    """README's recipe: the user mounts a Debian image writable inside `unshare --map-root-user
+    --mount`, chroots into it and installs a package; then commits, in the same kind of
+    namespace, and the committed image has the package installed."""
+    from benchmarks.bench_overlay import DEFAULT_BUILD_CACHE
+    from benchmarks.overlay_images import debian_base
+
+    require(shutil.which("debootstrap") is not None or (DEFAULT_BUILD_CACHE / "debian-bookworm-minbase-amd64.tar")
+            .exists(), "debootstrap is missing (apt-get install debootstrap)")  # fmt: skip
+    base_tar, _ = debian_base(DEFAULT_BUILD_CACHE, tmp_path)
+    image = world_readable_dir / "debian"
+    write_layout(image, [base_tar.read_bytes()])
+    deb = _hello_deb(world_readable_dir)
+    subprocess.run(["chmod", "-R", "a+rX", str(world_readable_dir)], check=True)
+    user = pwd.getpwnam(USER)
+    home = world_readable_dir / "home"
+    home.mkdir()
+    os.chown(home, user.pw_uid, user.pw_gid)
+    upper, mnt, dest = home / "changes", home / "rootfs", home / "committed"
+    run = _in_user_namespace(f"""
+        export XDG_STATE_HOME={home}/state
+        mkdir -p {mnt}
+        {rootless_command} --cache-dir {home}/cache --upper {upper} oci:{image} {mnt}
+        cp {deb} {mnt}/tmp/
+        chroot {mnt} /usr/bin/dpkg -i /tmp/hello-crfs.deb
+        chroot {mnt} /usr/bin/dpkg -s hello-crfs
+        chroot {mnt} /bin/cat /var/lib/hello-crfs
+        rm {mnt}/tmp/hello-crfs.deb
+        fusermount3 -u {mnt}
+        {rootless_command} commit --cache-dir {home}/cache --upper {upper} oci:{image} oci:{dest}:v2
+    """)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "Status: install ok installed" in run.stdout and "configured" in run.stdout
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    subprocess.run([*COMMAND, "--cache-dir", str(tmp_path / "cache"), f"oci:{dest}:v2", str(readonly)], check=True)
+    try:
+        status = subprocess.run(["chroot", str(readonly), "/usr/bin/dpkg", "-s", "hello-crfs"], capture_output=True,
+                                text=True, check=True).stdout  # fmt: skip
+        assert "Status: install ok installed" in status
+        greeting = readonly / "usr/share/hello-crfs/greeting"
+        assert greeting.read_text() == "hello\n" and greeting.stat().st_uid == 0
+        assert not (readonly / "tmp/hello-crfs.deb").exists()
+    finally:
+        subprocess.run(["fusermount3", "-u", str(readonly)], check=True)

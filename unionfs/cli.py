@@ -386,6 +386,7 @@ def _serve_writable(args: argparse.Namespace, image: MountedImage, image_text: s
     from unionfs.upper.store import UpperStore
 
     lock_fd, new = claim_upper(args.upper, image.image_id, image_text)
+    os.umask(0)  # every mode is set as the program asked; the kernel applied its umask already
     try:
         tree = WritableTree(image.tree, image.content, UpperStore(os.fsencode(args.upper)), show_root=new)
         server.detach(args)

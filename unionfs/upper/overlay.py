@@ -39,7 +39,17 @@ from dataclasses import dataclass, field
 from unionfs.content import ContentReader
 from unionfs.entry import Attributes
 from unionfs.tree import ROOT, MergedTree
-from unionfs.upper.store import METACOPY_XATTR, OPAQUE, RESERVED_XATTRS, WHITEOUT, Shown, UpperStore, join, libc
+from unionfs.upper.store import (
+    METACOPY_XATTR,
+    OPAQUE,
+    RESERVED_XATTRS,
+    WHITEOUT,
+    Shown,
+    UpperStore,
+    disk_permissions,
+    join,
+    libc,
+)
 
 COPY_CHUNK = 1 << 20
 META, FULL, EMPTY = "meta", "full", "empty"  # what copy_up copies of a regular file's bytes
@@ -64,6 +74,7 @@ class Node:
     in_upper: bool
     kind: int  # S_IFMT bits
     metacopy: bool = False  # an upper file whose bytes are still the lower ones (copy_up)
+    override: bool | None = None  # whether its upper file has an override_stat (None: not known)
     orphan_fd: int | None = None  # an upper file unlinked while open: where its metadata is
     open_count: int = 0
     aliases_known: bool = field(default=False, repr=False)
@@ -99,6 +110,10 @@ class WritableTree:
         return found
 
     def path(self, node: Node) -> bytes:
+        """The node's path in DIR (b"" for the root); ENOENT for a file unlinked while open,
+        which has no path (its metadata goes through its descriptor: see _target)."""
+        if not node.names and node.ino != ROOT:
+            raise fail(errno.ENOENT)
         parts: list[bytes] = []
         while node.names:
             parent, name = node.names[0]
@@ -126,10 +141,8 @@ class WritableTree:
             info = self.store.lstat(relative)
             if info is not None:
                 return self._upper_node(parent, name, relative, info)
-            if self.store.has_whiteout(directory, name):
-                raise fail(errno.ENOENT)
         lower = self._lower_child(parent, name)
-        if lower is None:
+        if lower is None or (parent.in_upper and self.store.has_whiteout(directory, name)):
             raise fail(errno.ENOENT)
         return self._lower_node(parent, name, lower)
 
@@ -203,7 +216,10 @@ class WritableTree:
             return self._upper_attributes(node, b"", info, Shown(info.st_mode, info.st_uid, info.st_gid))
         relative = self.path(node)
         info = os.lstat(self.store.path(relative))
-        return self._upper_attributes(node, relative, info, self.store.shown(relative, info))
+        shown = self.store.shown(relative, info, may_have_override=node.override is not False)
+        if node.override is None:
+            node.override = (shown.mode, shown.uid, shown.gid) != (info.st_mode, info.st_uid, info.st_gid)
+        return self._upper_attributes(node, relative, info, shown)
 
     def _upper_attributes(self, node: Node, relative: bytes, info: os.stat_result, shown: Shown) -> Attributes:
         size = info.st_size
@@ -300,7 +316,7 @@ class WritableTree:
         if not stat.S_ISLNK(a.mode):
             for key, value in self._tree.xattrs(node.lower).items():
                 os.setxattr(path, key, value, follow_symlinks=False)
-        self.store.set_shown(relative, Shown(a.mode, a.uid, a.gid, a.rdev))
+        node.override = self.store.set_shown(relative, Shown(a.mode, a.uid, a.gid, a.rdev), may_have_override=False)
         os.utime(path, ns=(a.mtime_ns, a.mtime_ns), follow_symlinks=False)
         info = os.lstat(path)
         node.in_upper = True
@@ -406,7 +422,8 @@ class WritableTree:
         was removed there (a whiteout to drop, and a directory made there must be opaque)."""
         self.copy_up(parent)
         directory = self.path(parent)
-        hidden = self.store.has_whiteout(directory, name)
+        # Whiteouts are made only over lower entries, so where none shows there is none.
+        hidden = self._lower_child(parent, name) is not None and self.store.has_whiteout(directory, name)
         return join(directory, name), hidden
 
     def _lower_dir_at(self, parent: Node, name: bytes) -> bool:
@@ -414,17 +431,21 @@ class WritableTree:
         return lower is not None and self._tree.is_dir(lower)
 
     def _finish_new(self, parent: Node, name: bytes, relative: bytes, owner: tuple[int, int], mode: int,
-                    rdev: int = 0) -> Node:  # fmt: skip
-        uid, gid = self._new_owner(parent, owner)
-        self.store.set_shown(relative, Shown(mode, uid, gid, rdev))
-        self.store.drop_whiteout(self.path(parent), name)
+                    hidden: bool, rdev: int = 0) -> Node:  # fmt: skip
+        """Gives a new upper entry its owner and mode, drops the whiteout it replaces (after:
+        a crash between shows the new entry, never the old lower one), returns its node."""
+        override = self.store.set_shown(relative, Shown(mode, *owner, rdev), may_have_override=False)
+        if hidden:
+            self.store.drop_whiteout(self.path(parent), name)
         info = os.lstat(self.store.path(relative))
         node = self._new_node(None, True, stat.S_IFMT(mode))
+        node.override = override
         self._by_upper[(info.st_dev, info.st_ino)] = node
         self._know_name(node, parent, name)
         return node
 
     def _new_owner(self, parent: Node, owner: tuple[int, int]) -> tuple[int, int]:
+        """The owner of a new entry: the caller's, with the group of a setgid directory."""
         parent_attributes = self.attributes(parent)
         if parent_attributes.mode & stat.S_ISGID:
             return owner[0], parent_attributes.gid
@@ -436,10 +457,12 @@ class WritableTree:
     def create(self, parent: Node, name: bytes, mode: int, owner: tuple[int, int], flags: int) -> tuple[Node, int]:
         """Makes a regular file; returns its node and a descriptor opened with `flags`."""
         self._check_new_name(parent, name)
-        relative, _ = self._prepare_name(parent, name)
-        fd = os.open(self.store.path(relative), os.O_CREAT | os.O_EXCL | os.O_RDWR | (flags & os.O_CLOEXEC), 0o600)
+        relative, hidden = self._prepare_name(parent, name)
+        mode = stat.S_IFREG | stat.S_IMODE(mode)
+        fd = os.open(self.store.path(relative), os.O_CREAT | os.O_EXCL | os.O_RDWR | (flags & os.O_CLOEXEC),
+                     disk_permissions(mode))  # fmt: skip
         try:
-            node = self._finish_new(parent, name, relative, owner, stat.S_IFREG | stat.S_IMODE(mode))
+            node = self._finish_new(parent, name, relative, self._new_owner(parent, owner), mode, hidden)
         except BaseException:
             os.close(fd)
             raise
@@ -447,27 +470,29 @@ class WritableTree:
 
     def mkdir(self, parent: Node, name: bytes, mode: int, owner: tuple[int, int]) -> Node:
         self._check_new_name(parent, name)
-        relative, _ = self._prepare_name(parent, name)
-        os.mkdir(self.store.path(relative), 0o700)
+        relative, hidden = self._prepare_name(parent, name)
+        mode = self._sgid_dir(parent, stat.S_IFDIR | (mode & 0o7777))
+        os.mkdir(self.store.path(relative), disk_permissions(mode))
         if self._lower_dir_at(parent, name):
             self.store.make_opaque(relative)
-        return self._finish_new(parent, name, relative, owner, self._sgid_dir(parent, stat.S_IFDIR | (mode & 0o7777)))
+        return self._finish_new(parent, name, relative, self._new_owner(parent, owner), mode, hidden)
 
     def mknod(self, parent: Node, name: bytes, mode: int, rdev: int, owner: tuple[int, int]) -> Node:
         self._check_new_name(parent, name)
-        relative, _ = self._prepare_name(parent, name)
+        relative, hidden = self._prepare_name(parent, name)
         kind = stat.S_IFMT(mode) or stat.S_IFREG
         if kind == stat.S_IFREG:
             os.close(os.open(self.store.path(relative), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         else:
             self.store.make_node(relative, kind, rdev)
-        return self._finish_new(parent, name, relative, owner, kind | (mode & 0o7777), rdev)
+        return self._finish_new(parent, name, relative, self._new_owner(parent, owner), kind | (mode & 0o7777), hidden,
+                                rdev)  # fmt: skip
 
     def symlink(self, parent: Node, name: bytes, target: bytes, owner: tuple[int, int]) -> Node:
         self._check_new_name(parent, name)
-        relative, _ = self._prepare_name(parent, name)
+        relative, hidden = self._prepare_name(parent, name)
         os.symlink(target, self.store.path(relative))
-        return self._finish_new(parent, name, relative, owner, stat.S_IFLNK | 0o777)
+        return self._finish_new(parent, name, relative, self._new_owner(parent, owner), stat.S_IFLNK | 0o777, hidden)
 
     def link(self, node: Node, parent: Node, name: bytes) -> Node:
         if stat.S_ISDIR(node.kind):
@@ -520,9 +545,18 @@ class WritableTree:
         self._forget_name(node, parent, name)
 
     def _keep_orphan(self, node: Node, relative: bytes) -> None:
-        """A file unlinked while open keeps its metadata reachable through a descriptor."""
-        if node.open_count and len(node.names) == 1 and node.orphan_fd is None:
-            node.orphan_fd = os.open(self.store.path(relative), os.O_PATH | os.O_NOFOLLOW)
+        """A file unlinked while open keeps its metadata reachable through a descriptor
+        (fstat, fchmod, fchown, futimens, fsetxattr: what a program may still do to it)."""
+        if node.open_count and len(node.names) == 1 and node.orphan_fd is None and stat.S_ISREG(node.kind):
+            node.orphan_fd = os.open(self.store.path(relative), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+    def _target(self, node: Node) -> tuple[bytes | int, bool]:
+        """Where the node's upper xattrs are: its path (never followed, so a symlink in DIR
+        cannot lead outside it), or for a file unlinked while open, its descriptor; and the
+        follow_symlinks that goes with it (a descriptor takes only True)."""
+        if not node.names and node.ino != ROOT and node.orphan_fd is not None:
+            return node.orphan_fd, True
+        return self._upper_path(node), False
 
     # ------------------------------------------------------------ rename
 
@@ -619,6 +653,9 @@ class WritableTree:
                        fd: int | None = None) -> None:  # fmt: skip
         """chmod, chown, truncate and utimensat (None: unchanged; in `times`, None: now and
         KEEP_TIME: unchanged)."""
+        if not node.names and node.ino != ROOT:
+            self._set_orphan_attributes(node, mode, uid, gid, size, times, fd)
+            return
         if size is not None:
             if stat.S_ISDIR(node.kind):
                 raise fail(errno.EISDIR)
@@ -632,12 +669,34 @@ class WritableTree:
         if times is not None:
             self._set_times(node, times)
 
+    def _set_orphan_attributes(self, node: Node, mode: int | None, uid: int | None, gid: int | None,
+                               size: int | None, times: tuple[int | None, int | None] | None,
+                               fd: int | None) -> None:  # fmt: skip
+        """The same changes to a file unlinked while open, through its descriptor (it is
+        gone from DIR, so no override_stat is kept for it)."""
+        target = fd if fd is not None else node.orphan_fd
+        if target is None and mode is None and uid is None and gid is None and size is None:
+            return  # the times of an image file unlinked while open (the kernel's atime): nowhere to keep them
+        if target is None:
+            raise fail(errno.ENOENT)
+        if size is not None:
+            os.ftruncate(target, size)
+        if uid is not None or gid is not None:
+            os.fchown(target, -1 if uid is None else uid, -1 if gid is None else gid)
+        if mode is not None:
+            os.fchmod(target, stat.S_IMODE(mode))
+        if times is not None:
+            info, now = os.fstat(target), time.time_ns()
+            atime, mtime = (now if t is None else t for t in times)
+            os.utime(target, ns=(info.st_atime_ns if atime == KEEP_TIME else atime,
+                                 info.st_mtime_ns if mtime == KEEP_TIME else mtime))  # fmt: skip
+
     def _set_shown(self, node: Node, mode: int | None, uid: int | None, gid: int | None) -> None:
         self.copy_up(node)
         a = self.attributes(node)
         new_mode = stat.S_IFMT(a.mode) | (stat.S_IMODE(mode) if mode is not None else stat.S_IMODE(a.mode))
         wanted = Shown(new_mode, a.uid if uid is None else uid, a.gid if gid is None else gid, a.rdev)
-        self.store.set_shown(self.path(node), wanted)
+        node.override = self.store.set_shown(self.path(node), wanted, may_have_override=node.override is not False)
 
     def _set_times(self, node: Node, times: tuple[int | None, int | None]) -> None:
         """Sets atime and mtime: each in nanoseconds, None for now, or KEEP_TIME."""
@@ -653,11 +712,27 @@ class WritableTree:
         if not node.in_upper:
             assert node.lower is not None
             return dict(self._tree.xattrs(node.lower))
-        path = self._upper_path(node)
         if stat.S_ISLNK(node.kind):
             return {}
-        return {name: os.getxattr(path, name, follow_symlinks=False)
-                for name in os.listxattr(path, follow_symlinks=False) if name not in RESERVED_XATTRS}  # fmt: skip
+        target, follow = self._target(node)
+        return {name: os.getxattr(target, name, follow_symlinks=follow)
+                for name in os.listxattr(target, follow_symlinks=follow) if name not in RESERVED_XATTRS}  # fmt: skip
+
+    def xattr(self, node: Node, name: str) -> bytes | None:
+        """One xattr's value, or None: asked on every write(2) for security.capability, so
+        it reads just that one."""
+        if not node.in_upper:
+            assert node.lower is not None
+            return self._tree.xattrs(node.lower).get(name)
+        if name in RESERVED_XATTRS or stat.S_ISLNK(node.kind):
+            return None
+        try:
+            target, follow = self._target(node)
+            return os.getxattr(target, name, follow_symlinks=follow)
+        except OSError as exc:
+            if exc.errno in (errno.ENODATA, errno.ENOTSUP):
+                return None
+            raise
 
     def set_xattr(self, node: Node, name: str, value: bytes, flags: int) -> None:
         if name in RESERVED_XATTRS:
@@ -668,13 +743,15 @@ class WritableTree:
         if flags & os.XATTR_REPLACE and not exists:
             raise fail(errno.ENODATA)
         self.copy_up(node)
-        os.setxattr(self._upper_path(node), name, value, flags, follow_symlinks=False)
+        target, follow = self._target(node)
+        os.setxattr(target, name, value, flags, follow_symlinks=follow)
 
     def remove_xattr(self, node: Node, name: str) -> None:
         if name in RESERVED_XATTRS or name not in self.xattrs(node):
             raise fail(errno.ENODATA)
         self.copy_up(node)
-        os.removexattr(self._upper_path(node), name, follow_symlinks=False)
+        target, follow = self._target(node)
+        os.removexattr(target, name, follow_symlinks=follow)
 
     # ------------------------------------------------------------ data
 

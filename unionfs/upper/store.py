@@ -121,9 +121,9 @@ class UpperStore:
 
     # ------------------------------------------------------------ what a file shows
 
-    def shown(self, relative: bytes, info: os.stat_result) -> Shown:
+    def shown(self, relative: bytes, info: os.stat_result, may_have_override: bool = True) -> Shown:
         """Returns what the upper file shows: its override_stat where it has one, else the disk."""
-        override = self.override(relative, info)
+        override = self.override(relative, info) if may_have_override else None
         if override is None:
             return Shown(info.st_mode, info.st_uid, info.st_gid, info.st_rdev)
         kind = _KIND_BITS[override.kind] if override.kind else stat.S_IFMT(info.st_mode)
@@ -142,32 +142,39 @@ class UpperStore:
         except (UnicodeDecodeError, ValueError):
             return None  # a damaged override: the disk's own metadata is the safe answer
 
-    def set_shown(self, relative: bytes, wanted: Shown) -> None:
+    def set_shown(self, relative: bytes, wanted: Shown, may_have_override: bool = True) -> bool:
         """Makes the file show `wanted`: on disk where the server may set it, the rest in
-        override_stat (and the override dropped when the disk says it all)."""
+        override_stat (and an override dropped when the disk says it all; a new file has none,
+        `may_have_override` False). Returns whether the file keeps an override. Touches the
+        disk only where it differs: a create as its own owner costs one lstat."""
         path = self.path(relative)
-        kind = stat.S_IFMT(wanted.mode)
-        if kind == stat.S_IFLNK:
-            with _ignoring(errno.EPERM, errno.EINVAL):
-                os.chown(path, wanted.uid, wanted.gid, follow_symlinks=False)
-            return
-        disk_mode = stat.S_IMODE(wanted.mode) | (0 if _is_root() else _OWNER_ACCESS.get(kind, 0o600))
-        owner_set = True
-        try:
-            os.chown(path, wanted.uid, wanted.gid, follow_symlinks=False)
-        except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.EINVAL):
-                raise
-            owner_set = False
-        os.chmod(path, disk_mode, follow_symlinks=False)
         info = os.lstat(path)
-        if owner_set and _disk_says_all(info, wanted):
-            # EPERM: FIFOs and device nodes take no user xattrs, so they have none to remove
-            with _ignoring(errno.ENODATA, errno.ENOTSUP, errno.EPERM):
-                os.removexattr(path, OVERRIDE_STAT_XATTR, follow_symlinks=False)
-            return
+        kind = stat.S_IFMT(wanted.mode)
+        owner_set = (info.st_uid, info.st_gid) == (wanted.uid, wanted.gid)
+        chowned = False
+        if not owner_set:
+            try:
+                os.chown(path, wanted.uid, wanted.gid, follow_symlinks=False)
+                owner_set = chowned = True
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.EINVAL):
+                    raise
+        if kind == stat.S_IFLNK:
+            return False  # no mode to set, and no xattr to keep the rest in
+        disk_mode = disk_permissions(wanted.mode)
+        if chowned or stat.S_IMODE(info.st_mode) != disk_mode:  # a chown drops setuid bits: set them again
+            os.chmod(path, disk_mode, follow_symlinks=False)
+        disk_kind_matches = stat.S_IFMT(info.st_mode) == kind and (
+            kind not in (stat.S_IFCHR, stat.S_IFBLK) or info.st_rdev == wanted.rdev)
+        if owner_set and disk_mode == stat.S_IMODE(wanted.mode) and disk_kind_matches:
+            if may_have_override:
+                # EPERM: FIFOs and device nodes take no user xattrs, so they have none to remove
+                with _ignoring(errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+                    os.removexattr(path, OVERRIDE_STAT_XATTR, follow_symlinks=False)
+            return False
         os.setxattr(path, OVERRIDE_STAT_XATTR, override_text(wanted, stat.S_IFMT(info.st_mode)),
                     follow_symlinks=False)  # fmt: skip
+        return True
 
     def metacopy_source(self, relative: bytes) -> bytes | None:
         """The image path whose bytes a metadata-only copy shows; None for an ordinary file."""
@@ -220,9 +227,10 @@ class UpperStore:
             os.close(fd)
 
 
-def _disk_says_all(info: os.stat_result, wanted: Shown) -> bool:
-    same_device = not (stat.S_ISCHR(wanted.mode) or stat.S_ISBLK(wanted.mode)) or info.st_rdev == wanted.rdev
-    return info.st_mode == wanted.mode and same_device
+def disk_permissions(mode: int) -> int:
+    """The permission bits a file shown with `mode` gets on disk: the same, except that a
+    server without root keeps the access it needs to its own files."""
+    return stat.S_IMODE(mode) | (0 if _is_root() else _OWNER_ACCESS.get(stat.S_IFMT(mode), 0o600))
 
 
 def override_text(wanted: Shown, disk_kind: int) -> bytes:

@@ -38,7 +38,6 @@ _OPEN_OUT = struct.Struct("<QII")  # fh, open_flags, padding
 _WRITE_OUT = struct.Struct("<II")  # size, padding
 FOPEN_KEEP_CACHE = 1 << 1
 FUSE_CAP_ATOMIC_O_TRUNC = 1 << 3
-FUSE_CAP_WRITEBACK_CACHE = 1 << 16
 MAX_WRITE = 1 << 20  # the most libfuse's buffer takes (256 pages): fewer, larger WRITEs
 # FUSE_SET_ATTR_* of fuse_lowlevel.h
 SET_MODE, SET_UID, SET_GID, SET_SIZE, SET_ATIME, SET_MTIME = 1, 2, 4, 8, 16, 32
@@ -104,12 +103,11 @@ class WritableFilesystem:
 
     def init(self, userdata: int, conn: Any) -> None:
         info = conn.contents
-        # Writeback caching: the kernel gathers small writes into pages and sends them in
-        # large requests, which a server in Python must have (4 KiB writes ran 22x slower
-        # than kernel overlayfs without it); it is safe because no one else writes the upper
-        # files while mounted (the mount holds DIR's lock).
-        wanted = lowlevel.FUSE_CAP_SPLICE_WRITE | FUSE_CAP_ATOMIC_O_TRUNC | FUSE_CAP_WRITEBACK_CACHE
-        info.want |= info.capable & wanted
+        # No writeback cache: with it the kernel keeps regular files' mtimes itself and sends
+        # them back only at times (a file made and written just before an unmount kept the
+        # server's time; a truncate to the same size kept the old one), where overlayfs shows
+        # the upper file's. Small writes pay for it: each write(2) is a WRITE of its own.
+        info.want |= info.capable & (lowlevel.FUSE_CAP_SPLICE_WRITE | FUSE_CAP_ATOMIC_O_TRUNC)
         info.max_write = MAX_WRITE
         self._on_ready()
 

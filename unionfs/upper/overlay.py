@@ -27,6 +27,7 @@ through descriptors outside the lock.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -290,10 +291,8 @@ class WritableTree:
     def _copy_up_one(self, node: Node, parent: Node, name: bytes, data: str) -> None:
         """Copies one entry up, leaving its parent's times as they were: a copy-up is no
         change a program made (kernel overlayfs does the same)."""
-        parent_path = self.store.path(self.path(parent))
-        times = os.lstat(parent_path)
-        self._copy_entry(node, parent, name, data)
-        os.utime(parent_path, ns=(times.st_atime_ns, times.st_mtime_ns), follow_symlinks=False)
+        with self._times_kept(parent):
+            self._copy_entry(node, parent, name, data)
 
     def _copy_entry(self, node: Node, parent: Node, name: bytes, data: str) -> None:
         assert node.lower is not None
@@ -377,8 +376,18 @@ class WritableTree:
             if (parent, name) == (first_parent, first_name):
                 continue
             self.copy_up(parent)
-            os.link(source, self.store.path(join(self.path(parent), name)))
+            with self._times_kept(parent):
+                os.link(source, self.store.path(join(self.path(parent), name)))
             self._know_name(node, parent, name)
+
+    @contextlib.contextmanager
+    def _times_kept(self, directory: Node) -> Iterator[None]:
+        """Restores a directory's times after a change that is part of a copy-up, which is no
+        change a program made (kernel overlayfs does the same)."""
+        path = self.store.path(self.path(directory))
+        times = os.lstat(path)
+        yield
+        os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns), follow_symlinks=False)
 
     def _visible_names(self, lower: int) -> Iterator[tuple[Node, bytes]]:
         """The (directory node, name) pairs that show lower inode `lower` now."""
@@ -575,10 +584,14 @@ class WritableTree:
             raise fail(errno.EEXIST)
         if target is node:
             return
+        # The order of overlayfs: the types (the VFS), then a lower directory (EXDEV), then
+        # whether the directory replaced is empty.
         if target is not None:
-            self._check_replace(node, target)
+            _check_types(node, target)
         if stat.S_ISDIR(node.kind) and self._has_lower(node):
             raise fail(errno.EXDEV)
+        if target is not None and stat.S_ISDIR(target.kind) and not self._is_empty(target):
+            raise fail(errno.ENOTEMPTY)
         self._move(parent, name, node, new_parent, new_name, target)
 
     def _maybe_lookup(self, parent: Node, name: bytes) -> Node | None:
@@ -592,14 +605,6 @@ class WritableTree:
     def _has_lower(self, node: Node) -> bool:
         """A directory whose lower part shows (merged) or that overlays one (not pure upper)."""
         return node.lower is not None
-
-    def _check_replace(self, node: Node, target: Node) -> None:
-        if stat.S_ISDIR(node.kind) and not stat.S_ISDIR(target.kind):
-            raise fail(errno.ENOTDIR)
-        if not stat.S_ISDIR(node.kind) and stat.S_ISDIR(target.kind):
-            raise fail(errno.EISDIR)
-        if stat.S_ISDIR(target.kind) and not self._is_empty(target):
-            raise fail(errno.ENOTEMPTY)
 
     def _move(self, parent: Node, name: bytes, node: Node, new_parent: Node, new_name: bytes,
               target: Node | None) -> None:  # fmt: skip
@@ -782,6 +787,14 @@ class WritableTree:
         if node.open_count <= 0 and node.orphan_fd is not None and not node.names:
             os.close(node.orphan_fd)
             node.orphan_fd = None
+
+
+def _check_types(node: Node, target: Node) -> None:
+    """rename(2)'s rule on what may replace what."""
+    if stat.S_ISDIR(node.kind) and not stat.S_ISDIR(target.kind):
+        raise fail(errno.ENOTDIR)
+    if not stat.S_ISDIR(node.kind) and stat.S_ISDIR(target.kind):
+        raise fail(errno.EISDIR)
 
 
 def _copy_range(source: int, at: int, length: int, fd: int, position: int) -> int:

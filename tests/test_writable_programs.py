@@ -347,6 +347,27 @@ def test_rm_rf_of_lower_trees_and_a_directory_made_again(writable: WritableMount
     assert os.listdir(root / "usr/share/locale") == ["only-this"]
 
 
+def test_coreutils_move_a_lower_directory_chown_it_and_edit_in_place(writable: WritableMount) -> None:
+    """mv of a lower directory (rename is EXDEV there, so mv copies and deletes), chown -R,
+    chmod -R and touch of a lower tree (metadata-only copy-ups), and sed -i of a lower file."""
+    root = writable.mountpoint
+    zoneinfo = root / "usr/share/zoneinfo"
+    europe = {p.name: p.read_bytes() for p in (zoneinfo / "Europe").iterdir() if p.is_file() and not p.is_symlink()}
+    login_defs = (root / "etc/login.defs").read_text()
+    assert len(europe) > 30 and "\nUMASK\t\t022\n" in login_defs
+    in_chroot(root, "mv /usr/share/zoneinfo/Europe /srv/Europe && mv /srv/Europe /srv/Europa")
+    assert not (zoneinfo / "Europe").exists() and not (root / "srv/Europe").exists()
+    assert {name: (root / "srv/Europa" / name).read_bytes() for name in europe} == europe
+    in_chroot(root, "chown -R 1000:1000 /usr/share/zoneinfo/Asia && chmod -R g+w /usr/share/zoneinfo/Asia && "
+                    "touch -d @1000000000 /usr/share/zoneinfo/Asia/Tokyo")  # fmt: skip
+    for path in [zoneinfo / "Asia", *(p for p in (zoneinfo / "Asia").iterdir() if not p.is_symlink())]:
+        info = path.lstat()
+        assert (info.st_uid, info.st_gid, info.st_mode & 0o020) == (1000, 1000, 0o020), path
+    assert (zoneinfo / "Asia/Tokyo").stat().st_mtime == 1_000_000_000
+    in_chroot(root, "sed -i 's/^UMASK.*/UMASK\t\t027/' /etc/login.defs")
+    assert (root / "etc/login.defs").read_text() == login_defs.replace("\nUMASK\t\t022\n", "\nUMASK\t\t027\n")
+
+
 # ---------------------------------------------------------------- python3 -m venv, pip install of a wheel
 
 WHEEL = "crfs_probe-1.0-py3-none-any.whl"
@@ -413,13 +434,18 @@ git fsck --full --strict --no-progress
 git count-objects -v | grep -E '^(count|in-pack|packs):'
 git rev-list --count HEAD
 git status --porcelain
+git clone -q /srv/repo /srv/clone
+git -C /srv/clone fsck --strict --no-progress
+git -C /srv/clone rev-list --count HEAD
+stat -c %h /srv/clone/.git/objects/pack/*.pack
 """
 
 
 def test_git_init_commits_merge_gc_and_fsck(writable: WritableMount, toolchain: list[str]) -> None:
     root = writable.mountpoint
     out = in_chroot(root, GIT_SCRIPT).split("\n")
-    assert out == ["count: 0", "in-pack: 108", "packs: 1", "23", ""], out
+    # A local clone hardlinks the pack (two names, one inode, both made through the mount).
+    assert out == ["count: 0", "in-pack: 108", "packs: 1", "23", "23", "2", ""], out
     assert sorted(os.listdir(root / "srv/repo")) == [".git", "dir1", "dir2", "dir3", "log", "moved"]
     assert not (root / "srv/repo/dir1/file1").exists() and (root / "srv/repo/dir1/file5").exists()
     assert (root / "srv/repo/moved/file20").read_text() == "".join(f"{n}\n" for n in range(20, 501))

@@ -187,6 +187,7 @@ PROBE = "crfs-probe"
 PROBE_USER = "crfsprobe"
 DIVERTED = "usr/bin/hostid"  # coreutils's, in the image's lowest layer
 PROBE_CONF = "etc/crfs-probe/probe.conf"
+OVERRIDDEN = "usr/lib/crfs-probe/data-1.bin"  # dpkg-statoverride makes it setuid, of the system user
 PREINST = f"""#!/bin/sh
 set -e
 if [ "$1" = install ] || [ "$1" = upgrade ]; then
@@ -200,6 +201,8 @@ if [ "$1" = configure ]; then
     getent passwd {PROBE_USER} >/dev/null || useradd --system --user-group --no-create-home \\
         --home-dir /var/lib/{PROBE} --shell /usr/sbin/nologin {PROBE_USER}
     install -d -o {PROBE_USER} -g {PROBE_USER} -m 0750 /var/lib/{PROBE}
+    dpkg-statoverride --list /{OVERRIDDEN} >/dev/null ||
+        dpkg-statoverride --update --add {PROBE_USER} {PROBE_USER} 4750 /{OVERRIDDEN}
     echo "postinst $1 $2" >> /var/log/{PROBE}.log
 fi
 """
@@ -210,6 +213,7 @@ if [ "$1" = remove ]; then
 fi
 if [ "$1" = purge ]; then
     rm -rf /var/lib/{PROBE}
+    dpkg-statoverride --remove /{OVERRIDDEN}
 fi
 echo "postrm $1 $2" >> /var/log/{PROBE}.log
 """
@@ -297,6 +301,13 @@ def test_dpkg_installs_and_upgrades_a_package_built_here(
     assert in_chroot(root, f"getent shadow {PROBE_USER}").startswith(f"{PROBE_USER}:")
     home = os.stat(root / f"var/lib/{PROBE}")
     assert (home.st_uid, home.st_gid, stat.S_IMODE(home.st_mode)) == (int(user[2]), int(user[3]), 0o750)
+    # The statoverride the postinst of 1.0 registered, applied by dpkg to 1.1's file as it unpacked it.
+    overridden = os.stat(root / OVERRIDDEN)
+    assert (overridden.st_uid, overridden.st_gid, stat.S_IMODE(overridden.st_mode)) == (
+        home.st_uid,
+        home.st_gid,
+        0o4750,
+    )
     assert (root / f"var/log/{PROBE}.log").read_text().splitlines() == [
         "preinst install ",
         "postinst configure ",
@@ -321,6 +332,8 @@ def test_dpkg_purge_undoes_the_diversion_and_the_package_installs_again(writable
     in_chroot(root, f"dpkg -i /{STAGING}/{PROBE}_1.1_all.deb", staging)
     assert in_chroot(root, f"dpkg --verify {PROBE}") == ""
     assert (root / f"var/lib/{PROBE}").stat().st_uid == uid
+    overridden = os.stat(root / OVERRIDDEN)
+    assert (overridden.st_uid, stat.S_IMODE(overridden.st_mode)) == (uid, 0o4750)
     assert in_chroot(root, f"grep -c '^{PROBE_USER}:' /etc/passwd /etc/group /etc/shadow").split() == [
         "/etc/passwd:1",
         "/etc/group:1",

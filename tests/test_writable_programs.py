@@ -14,7 +14,8 @@ package-manager workload itself (about fifty packages, perl's thousands of files
 and every later program is the image's own.
 
 The tests of this module share one writable mount and run in order: each program works in
-its own paths, and the last two tests (remount, commit) check everything the others left.
+its own paths; then a remount and a commit must keep everything the others left, and the
+programs must find their state whole after both.
 CRFS_WRITABLE_MOUNT=overlayfs runs the same programs on kernel overlayfs instead.
 """
 
@@ -110,7 +111,10 @@ def staging(tmp_path_factory: pytest.TempPathFactory, toolchain_debs: Path) -> P
     root = tmp_path_factory.mktemp("staging")
     (root / "debs").mkdir()
     for deb in toolchain_debs.glob("*.deb"):
-        os.link(deb, root / "debs" / deb.name) if same_device(deb, root) else shutil.copy(deb, root / "debs")
+        if same_device(deb, root):
+            os.link(deb, root / "debs" / deb.name)
+        else:
+            shutil.copy(deb, root / "debs")
     return root
 
 
@@ -489,14 +493,16 @@ def writer():
     db.close()
 
 def reader():
-    db, seen, reads = connect(), 0, 0
+    db = connect()
+    first = seen = db.execute("SELECT count(*) FROM t").fetchone()[0]
+    print("ready", flush=True)
     while seen < {SQLITE_ROWS}:
         count = db.execute("SELECT count(*) FROM t").fetchone()[0]
         assert count % {SQLITE_BATCH} == 0 and count >= seen, (count, seen)
-        seen, reads = count, reads + 1
+        seen = count
     total = db.execute("SELECT sum(n) FROM t").fetchone()[0]
     assert total == sum(range({SQLITE_ROWS})), total
-    print("reads", reads > 1)
+    print("reader from", first, "to", seen)
 
 if sys.argv[1:] == ["writer"]:
     writer()
@@ -506,9 +512,14 @@ else:
     db = connect()
     assert db.execute("PRAGMA journal_mode = WAL").fetchone()[0] == "wal"
     db.execute("CREATE TABLE t (n INTEGER PRIMARY KEY, payload BLOB)")
-    children = [subprocess.Popen([sys.executable, __file__, role])
-                for role in ["reader"] * {SQLITE_READERS} + ["writer"]]
-    assert [child.wait() for child in children] == [0] * len(children)
+    # The writer starts once every reader has read the empty table: they all run at once.
+    readers = [subprocess.Popen([sys.executable, __file__, "reader"], stdout=subprocess.PIPE, text=True)
+               for _ in range({SQLITE_READERS})]
+    assert [reader.stdout.readline() for reader in readers] == ["ready\\n"] * len(readers)
+    writer = subprocess.Popen([sys.executable, __file__, "writer"])
+    assert [child.wait() for child in [*readers, writer]] == [0] * (len(readers) + 1)
+    for reader in readers:
+        print(reader.stdout.read().strip())
     print("checkpoint", db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone())
     print("integrity", db.execute("PRAGMA integrity_check").fetchone()[0])
     print("rows", db.execute("SELECT count(*) FROM t").fetchone()[0])
@@ -522,8 +533,8 @@ def test_sqlite_wal_with_concurrent_readers_and_a_writer(
     root = writable.mountpoint
     (staging / "sqlite_probe.py").write_text(SQLITE_SCRIPT)
     out = in_chroot(root, f"mkdir -p /var/lib/crfs-sqlite && python3 /{STAGING}/sqlite_probe.py", staging)
-    assert out.split("\n") == [*["reads True"] * SQLITE_READERS, "checkpoint (0, 0, 0)", "integrity ok",
-                               f"rows {SQLITE_ROWS}", ""]  # fmt: skip
+    assert out.split("\n") == [*[f"reader from 0 to {SQLITE_ROWS}"] * SQLITE_READERS, "checkpoint (0, 0, 0)",
+                               "integrity ok", f"rows {SQLITE_ROWS}", ""]  # fmt: skip
     # The last connection closed: the WAL was checkpointed into the database and removed.
     assert sorted(os.listdir(root / "var/lib/crfs-sqlite")) == ["probe.db"]
     again = in_chroot(root, "python3 -c \"import sqlite3; db = sqlite3.connect('/var/lib/crfs-sqlite/probe.db'); "

@@ -707,10 +707,29 @@ def test_commit_gives_an_image_that_mounts_as_the_writable_tree(
         assert in_chroot(committed, "dpkg --verify", check=False) == final_state[1]
 
 
-def test_the_programs_find_their_state_after_remount_and_commit(writable: WritableMount) -> None:
+def mounted(writable: WritableMount) -> Path:
+    """The mountpoint, mounted again if a test before unmounted it (the commit reads DIR unmounted)."""
     if not os.path.ismount(writable.mountpoint):
         writable.mount()
-    root = writable.mountpoint
+    return writable.mountpoint
+
+
+@pytest.mark.xfail(
+    MOUNT_KIND == "crfs-merge",
+    strict=True,
+    reason="crfs-merge: inode numbers change across a remount: a copied-up file gets a new one in place of "
+    "its lower file's, and files made in DIR are numbered in the order the new mount looks them up, so "
+    "every file in git's index looks modified (git diff-files) until git re-reads them all",
+)
+def test_git_finds_its_index_current_after_remount_and_commit(writable: WritableMount) -> None:
+    """git keeps each file's stat data (inode, times, size, owner) in its index; if a remount
+    shows other data, `git diff-files` (which, unlike `git status`, does not refresh the index
+    first) lists the file as changed. Kernel overlayfs keeps inode numbers across a remount."""
+    assert in_chroot(mounted(writable), "cd /srv/repo && git diff-files --name-only") == ""
+
+
+def test_the_programs_find_their_state_after_remount_and_commit(writable: WritableMount) -> None:
+    root = mounted(writable)
     assert in_chroot(root, "cd /srv/repo && git fsck --full --strict --no-progress && git status --porcelain") == ""
     db = "sqlite3.connect('/var/lib/crfs-sqlite/probe.db')"
     query = f"import sqlite3; q = lambda s: {db}.execute(s).fetchone()[0]; print(q('PRAGMA integrity_check'))"

@@ -128,7 +128,7 @@ def overlay_upper_to_oci_diff(upper: Path, copy: Path) -> None:
             if stat.S_ISCHR(info.st_mode) and info.st_rdev == 0:
                 os.unlink(target / name)
                 (target / f"{WHITEOUT_PREFIX}{name}").touch()
-            elif not stat.S_ISLNK(info.st_mode):
+            else:
                 _strip_overlay_xattrs(target / name)
         source = os.lstat(directory)  # the markers made above changed the copy's times
         os.utime(target, ns=(source.st_atime_ns, source.st_mtime_ns))

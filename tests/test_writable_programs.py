@@ -714,13 +714,6 @@ def mounted(writable: WritableMount) -> Path:
     return writable.mountpoint
 
 
-@pytest.mark.xfail(
-    MOUNT_KIND == "crfs-merge",
-    strict=True,
-    reason="crfs-merge: inode numbers change across a remount: a copied-up file gets a new one in place of "
-    "its lower file's, and files made in DIR are numbered in the order the new mount looks them up, so "
-    "every file in git's index looks modified (git diff-files) until git re-reads them all",
-)
 def test_git_finds_its_index_current_after_remount_and_commit(writable: WritableMount) -> None:
     """git keeps each file's stat data (inode, times, size, owner) in its index; if a remount
     shows other data, `git diff-files` (which, unlike `git status`, does not refresh the index

@@ -222,11 +222,16 @@ def test_a_commit_mounts_as_the_writable_mount_showed(image: str, upper: Path, m
     os.setxattr(mnt / "etc/passwd", "user.note", b"kept")
     shown = describe_tree(mnt, skip_dir_mtime=True)
     unmount(mnt)
+    assert _committed_tree(image, upper, mount, tmp_path) == shown
+
+
+def _committed_tree(image: str, upper: Path, mount: Mounter, tmp_path: Path) -> dict[str, tuple[object, ...]]:
+    """The tree of IMAGE plus the layer `crfs-merge commit` makes of `upper`, mounted read-only."""
     dest = f"oci:{tmp_path / 'committed'}:v2"
     run = subprocess.run([*COMMAND, "commit", "--cache-dir", str(tmp_path / "cache"), "--upper", str(upper), image,
                           dest], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert run.returncode == 0, run.stderr
-    assert describe_tree(mount(dest), skip_dir_mtime=True) == shown
+    return describe_tree(mount(dest), skip_dir_mtime=True)
 
 
 def test_sigkill_during_copy_ups_never_shows_half_a_file(image: str, upper: Path, mount: Mounter) -> None:
@@ -340,11 +345,7 @@ def test_chown_r_copies_metadata_only_and_the_bytes_come_later(image: str, upper
     assert os.stat(mnt / "usr/lib/big").st_uid == 1000
     shown = describe_tree(mnt, skip_dir_mtime=True)
     unmount(mnt)
-    dest = f"oci:{tmp_path / 'committed'}:v2"
-    run = subprocess.run([*COMMAND, "commit", "--cache-dir", str(tmp_path / "cache"), "--upper", str(upper), image,
-                          dest], capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert run.returncode == 0, run.stderr
-    assert describe_tree(mount(dest), skip_dir_mtime=True) == shown
+    assert _committed_tree(image, upper, mount, tmp_path) == shown
 
 
 def test_commit_refuses_an_upper_directory_in_use(image: str, upper: Path, mount: Mounter, tmp_path: Path) -> None:

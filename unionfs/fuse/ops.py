@@ -81,27 +81,43 @@ class RepeatedFaults:
 _faults = RepeatedFaults(window=5.0)
 
 
-def _replies_on_error(method: F) -> F:
+def replies_on_error(errno_of_os_errors: bool = False) -> Callable[[F], F]:
     """Every request must get exactly one reply, or the process that made it hangs: an
     exception before the reply becomes one. A missing inode or name is ENOENT; a fault reading
-    bytes is EIO with one log line (not one per repeat of the same fault); anything else is a
-    bug, logged with its traceback."""
+    the image's bytes is EIO with one log line (not one per repeat of the same fault); anything
+    else is a bug, logged with its traceback. An OSError is EIO with its line too, unless
+    `errno_of_os_errors` (the writable mount: its upper directory's errno is the answer)."""
 
-    @functools.wraps(method)
-    def wrapper(self: Any, req: int, *args: Any) -> None:
-        try:
-            method(self, req, *args)
-        except KeyError:
-            lowlevel.reply_err(req, errno.ENOENT)
-        except (OSError, ImageError) as exc:
-            level = logging.ERROR if _faults.is_news((method.__name__, args[:1])) else logging.DEBUG
-            log.log(level, "%s%s: %s", method.__name__, args[:1], exc)
-            lowlevel.reply_err(req, errno.EIO)
-        except BaseException:
-            log.exception("%s%s", method.__name__, args[:1])
-            lowlevel.reply_err(req, errno.EIO)
+    def decorate(method: F) -> F:
+        @functools.wraps(method)
+        def wrapper(self: Any, req: int, *args: Any) -> None:
+            try:
+                method(self, req, *args)
+            except KeyError:
+                lowlevel.reply_err(req, errno.ENOENT)
+            except OSError as exc:
+                if errno_of_os_errors and exc.errno and exc.errno > 0:
+                    lowlevel.reply_err(req, exc.errno)
+                else:
+                    _fault(req, method.__name__, args, exc)
+            except ImageError as exc:
+                _fault(req, method.__name__, args, exc)
+            except BaseException:
+                log.exception("%s%s", method.__name__, args[:1])
+                lowlevel.reply_err(req, errno.EIO)
 
-    return wrapper  # type: ignore[return-value]
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def _fault(req: int, operation: str, args: tuple[Any, ...], exc: Exception) -> None:
+    level = logging.ERROR if _faults.is_news((operation, args[:1])) else logging.DEBUG
+    log.log(level, "%s%s: %s", operation, args[:1], exc)
+    lowlevel.reply_err(req, errno.EIO)
+
+
+_replies_on_error = replies_on_error()
 
 
 class MergedFilesystem:

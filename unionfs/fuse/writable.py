@@ -26,9 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from registry.errors import ImageError
 from unionfs.fuse import lowlevel
-from unionfs.fuse.ops import BLOCK_SIZE, CACHE_SECONDS, NAME_MAX, _faults
+from unionfs.fuse.ops import BLOCK_SIZE, CACHE_SECONDS, NAME_MAX, replies_on_error
 from unionfs.upper.overlay import KEEP_TIME, Node, WritableTree, fail
 
 log = logging.getLogger("crfs-merge")
@@ -47,29 +46,15 @@ _WRITE_ACCESS = os.O_WRONLY | os.O_RDWR
 
 
 def _answers_errno(method: F) -> F:
-    """Every request gets exactly one reply: an OSError's errno, ENOENT for an inode the mount
-    does not know, EIO for a fault reading the image (logged once) or for a bug (logged with
-    its traceback)."""
+    """The operation's OSError errno as the reply (see replies_on_error), and afterwards, the
+    kernel told of what the operation changed behind its back."""
+    replying = replies_on_error(errno_of_os_errors=True)(method)
 
     @functools.wraps(method)
     def wrapper(self: Any, req: int, *args: Any) -> None:
-        try:
-            method(self, req, *args)
-            if self._tree.changed_behind_the_kernel:
-                self._tell_the_kernel()
-        except KeyError:
-            lowlevel.reply_err(req, errno.ENOENT)
-        except OSError as exc:
-            if exc.errno is None or exc.errno <= 0:
-                log.error("%s%s: %s", method.__name__, args[:1], exc)
-            lowlevel.reply_err(req, exc.errno if exc.errno and exc.errno > 0 else errno.EIO)
-        except ImageError as exc:
-            level = logging.ERROR if _faults.is_news((method.__name__, args[:1])) else logging.DEBUG
-            log.log(level, "%s%s: %s", method.__name__, args[:1], exc)
-            lowlevel.reply_err(req, errno.EIO)
-        except BaseException:
-            log.exception("%s%s", method.__name__, args[:1])
-            lowlevel.reply_err(req, errno.EIO)
+        replying(self, req, *args)
+        if self._tree.changed_behind_the_kernel:
+            self._tell_the_kernel()
 
     return wrapper  # type: ignore[return-value]
 

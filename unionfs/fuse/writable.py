@@ -112,6 +112,8 @@ class WritableFilesystem:
     # ------------------------------------------------------------ replies
 
     def _reply_entry(self, req: int, node: Node) -> None:
+        """Answers with a node the kernel then holds until it FORGETs it (under the lock)."""
+        node.lookups += 1
         record = lowlevel.entry_record(self._tree.attributes(node), CACHE_SECONDS)
         lowlevel.reply_buf(req, record, len(record))
 
@@ -144,9 +146,15 @@ class WritableFilesystem:
             self._reply_entry(req, node)
 
     def forget(self, req: int, ino: int, count: int) -> None:
+        with self._lock:
+            self._tree.forget(ino, count)
         lowlevel.reply_none(req)
 
     def forget_multi(self, req: int, count: int, forgets: int) -> None:
+        pairs = ctypes.cast(forgets, ctypes.POINTER(ctypes.c_uint64 * (2 * count))).contents  # fuse_forget_data
+        with self._lock:
+            for index in range(count):
+                self._tree.forget(pairs[2 * index], pairs[2 * index + 1])
         lowlevel.reply_none(req)
 
     @_answers_errno
@@ -270,6 +278,7 @@ class WritableFilesystem:
         with self._lock:
             node, fd = self._tree.create(self._tree.node(parent), name, mode, owner, fi.contents.flags)
             self._tree.opened(node)
+            node.lookups += 1
             attributes = self._tree.attributes(node)
         number = self._new_handle(_Handle(node, fd))
         record = lowlevel.entry_record(attributes, CACHE_SECONDS) + _OPEN_OUT.pack(number, FOPEN_KEEP_CACHE, 0)

@@ -79,6 +79,8 @@ class Node:
     override: bool | None = None  # whether its upper file has an override_stat (None: not known)
     upper_key: tuple[int, int] | None = None  # (st_dev, st_ino) of its upper entry
     names_removed: int = 0  # names of an image file whited out this mount (as overlayfs counts)
+    last_seen: Attributes | None = None  # a removed directory's attributes, link count 0
+    lookups: int = 0  # the kernel's references: it may ask about the node until it FORGETs them
     orphan_fd: int | None = None  # an upper file unlinked while open: where its metadata is
     open_count: int = 0
     aliases_known: bool = field(default=False, repr=False)
@@ -220,10 +222,17 @@ class WritableTree:
             ino, self._next_ino = self._next_ino, self._next_ino + 1
         return ino
 
+    def forget(self, ino: int, count: int) -> None:
+        """The kernel dropped `count` of its references to inode `ino`."""
+        node = self._nodes.get(ino)
+        if node is not None:
+            node.lookups -= count
+            self._drop_if_gone(node)
+
     def _drop_if_gone(self, node: Node) -> None:
         """Forgets an upper node whose last name went and that no one has open, so that a new
         file that gets its upper inode number is a new node."""
-        if node.names or node.open_count or node.orphan_fd is not None or node.upper_key is None:
+        if node.names or node.open_count or node.lookups > 0 or node.orphan_fd is not None or node.upper_key is None:
             return
         if self._by_upper.get(node.upper_key) is node:
             del self._by_upper[node.upper_key]
@@ -249,7 +258,9 @@ class WritableTree:
             return a._replace(ino=node.ino, nlink=a.nlink - node.names_removed)
         if not node.names and node.ino != ROOT:
             if node.orphan_fd is None:
-                raise fail(errno.ESTALE)
+                if node.last_seen is None:
+                    raise fail(errno.ESTALE)
+                return node.last_seen  # a directory removed while open: what fstat still shows
             info = os.fstat(node.orphan_fd)
             return self._upper_attributes(node, b"", info, Shown(info.st_mode, info.st_uid, info.st_gid))
         relative = self.path(node)
@@ -584,6 +595,8 @@ class WritableTree:
             self.copy_up(parent)
             self.store.add_whiteout(directory, name)
         relative = join(directory, name)
+        if stat.S_ISDIR(node.kind):
+            node.last_seen = self.attributes(node)._replace(nlink=0)
         if self.store.exists(relative):
             if stat.S_ISDIR(node.kind):
                 self.store.clear_markers(relative)

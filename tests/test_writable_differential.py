@@ -1,0 +1,704 @@
+"""The writable mount against kernel overlayfs, operation by operation (issue 10).
+
+A small image of several layers (files, nested directories, symlinks, a hardlink pair, odd
+modes and owners, xattrs, a fifo and a device; a whiteout, an opaque directory and a
+replaced file in later layers) is mounted writable, and its merged tree, exported, is the
+lower directory of a kernel overlayfs mount: the oracle. A hypothesis state machine applies
+each operation to both (create, write at offsets, truncate, mkdir, rmdir, unlink, rename with
+and without RENAME_NOREPLACE/RENAME_EXCHANGE, link, symlink, mknod, chmod, chown, utimensat,
+set/remove xattrs), on names of the image and new names, and after every step asks that
+both returned the same errno and that both trees are equal entry by entry.
+
+The reference is fixed by its mount options, whatever the module's defaults:
+- redirect_dir=off: a directory that has entries in the lower layer cannot be renamed
+  (EXDEV, so `mv` copies and deletes). The writable mount promises the same (see BRIEF:
+  "Lower directories cannot be renamed: EXDEV").
+- index=on: a lower file with two names keeps one inode for both after a copy-up, as the
+  issue asks ("a lower file keeps one inode for all its names after copy-up"); with
+  index=off kernel overlayfs itself breaks the pair, and the oracle would be the one wrong.
+- metacopy=off, xino=off: plain full copy-ups; inode numbers are not compared anyway.
+- nodev/nosuid as the mount under test has them, so opening a device answers alike.
+
+What is compared, and what is not, and why:
+- Per entry: type and mode, owner, size and bytes of files, symlink targets, device
+  numbers, user.* xattrs and security.capability, link counts of non-directories and which
+  names share an inode (not the inode numbers themselves).
+- Times only where a program or the image set them: a time equal to the image's or one
+  given to utimensat must be equal on both; a time the clock set is not compared.
+- Not the link count of directories: kernel overlayfs reports 1 for a merged directory
+  (a shortcut its source says "pacifies find"), so it says nothing about correctness.
+- Lookups as well as readdir: names that a whiteout hides, and `.wh.` names, are stat'ed
+  on both sides, so a name that readdir hides but lookup finds is seen.
+
+CRFS_DIFF_EXAMPLES raises the number of random sequences for a long local run;
+CRFS_DIFF_TARGET=fuse-overlayfs runs the same machine against fuse-overlayfs instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import hashlib
+import os
+import shutil
+import stat
+import struct
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+
+from registry.layout_writer import write_layout
+from tests.conftest import COMMAND, require, unmount
+from tests.tarvocab import MTIME, d, dev, f, fifo, hl, opq, sym, tar_of, wh
+
+TARGET = os.environ.get("CRFS_DIFF_TARGET", "crfs-merge")
+EXAMPLES = int(os.environ.get("CRFS_DIFF_EXAMPLES", "20"))
+STEPS = 25
+
+# --- the image ------------------------------------------------------------------------------
+
+# A file capability (VFS_CAP_REVISION_2, permitted CAP_NET_RAW), as `setcap cap_net_raw+p` writes.
+CAP_NET_RAW = struct.pack("<IIIII", 0x02000000, 1 << 13, 0, 0, 0).decode("latin-1")
+BIG = bytes(range(256)) * 800  # 204,800 bytes: writes land in the middle, at the end, past it
+
+BASE = [
+    d("etc/"), f("etc/hosts", b"127.0.0.1 localhost\n"), f("etc/motd", b"welcome\n"),
+    f("etc/shadow", b"root:*:19000::::::\n", mode=0o640, gid=42),
+    sym("etc/hosts.link", "hosts"), sym("etc/dangling", "missing"), sym("etc/localtime", "/usr/share/zoneinfo/UTC"),
+    d("usr/"), d("usr/bin/"), f("usr/bin/tool", b"#!/bin/sh\necho tool\n", mode=0o755),
+    f("usr/bin/su", b"\x7fELF su", mode=0o4755), f("usr/bin/wall", b"\x7fELF wall", mode=0o2755, gid=5),
+    f("usr/bin/ping", b"\x7fELF ping", mode=0o755, xattrs={"security.capability": CAP_NET_RAW}),
+    d("usr/share/"), d("usr/share/doc/", xattrs={"user.dir": "doc"}), d("usr/share/doc/pkg/"),
+    f("usr/share/doc/pkg/README", b"read me\n"), d("usr/share/doc/pkg/examples/"),
+    f("usr/share/doc/pkg/examples/one", b"1\n"), d("usr/share/empty/"),
+    d("home/"), d("home/user/", mode=0o700, uid=1000, gid=1000),
+    f("home/user/.profile", b"PATH=/bin\n", mode=0o600, uid=1000, gid=1000),
+    d("srv/", mode=0o2775, gid=50), f("srv/site", b"<html>", gid=50),
+    d("tmp/", mode=0o1777),
+    d("data/"), f("data/big", BIG), f("data/a", b"pair"), hl("data/b", "data/a"),
+    f("data/x", b"x", xattrs={"user.note": "lower", "user.other": "2"}), f("data/empty"),
+    fifo("data/fifo"), dev("data/null", "c", 1, 3),
+    d("var/"), d("var/cache/"), f("var/cache/old", b"old"), d("var/cache/sub/"), f("var/cache/sub/deep", b"deep"),
+    d("var/log/"), f("var/log/messages", b"log\n"), d("var/lib/"), d("var/lib/gone/"), f("var/lib/gone/file", b"gone"),
+]  # fmt: skip
+LATER = [
+    wh("etc/motd"), f("etc/hosts", b"127.0.0.1 localhost changed\n", mode=0o600),
+    d("var/cache/"), opq("var/cache/"), f("var/cache/new", b"new"), wh("var/lib/gone"),
+    d("usr/share/doc/pkg/", mode=0o750), f("data/late", b"late", mode=0o640, uid=1234, gid=5678),
+]  # fmt: skip
+LAST = [
+    wh("usr/share/empty"),
+    d("opt/"),
+    d("opt/app/"),
+    f("opt/app/run", b"run", mode=0o700),
+    sym("opt/app/current", "run"),
+]
+
+# Names the image had that a later layer hides, and names the spec reserves: looked up on both.
+HIDDEN_NAMES = ["etc/motd", "etc/.wh.motd", "var/cache/old", "var/cache/.wh..wh..opq", "var/lib/gone",
+                "var/lib/.wh.gone", "usr/share/empty", "usr/share/.wh.empty"]  # fmt: skip
+
+# --- what operations draw from --------------------------------------------------------------
+
+NEW_NAMES = ["new", "n2", "sub", ".hidden", "hosts", "cache", "a"]
+SYMLINK_TARGETS = ["hosts", "missing", "sub", ".", "..", "a/b", "../etc/hosts", "/etc/passwd"]
+MODES = [0o644, 0o600, 0o755, 0o000, 0o4755, 0o2755, 0o1777, 0o7777, 0o640]
+OWNERS = [-1, 0, 1000, 1234, 65534]
+OFFSETS = [0, 1, 4095, 4096, 70_000, len(BIG) - 1, len(BIG), 300_000]
+SIZES = [0, 1, 3, 4096, 100_000, len(BIG), 400_000]
+UTIMES_NS = [1_600_000_000_123_456_789, 946_684_800_000_000_000, 0]
+EXPLICIT_TIMES_NS = {MTIME * 1_000_000_000, *UTIMES_NS}
+XATTR_NAMES = ["user.note", "user.new", "user.other"]
+XATTR_VALUES = [b"", b"v", b"x" * 300]
+COMPARED_XATTRS = ("user.", "security.capability")
+data_bytes = st.one_of(st.binary(max_size=64), st.sampled_from([b"z" * 5000, bytes(70_000)]))
+
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+AT_FDCWD = -100
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+
+
+def renameat2(source: str, target: str, flags: int) -> None:
+    """rename(2) with flags, which Python's os module does not offer."""
+    if _libc.renameat2(AT_FDCWD, os.fsencode(source), AT_FDCWD, os.fsencode(target), flags) != 0:
+        number = ctypes.get_errno()
+        raise OSError(number, os.strerror(number), source)
+
+
+# --- the operations, each on one root -------------------------------------------------------
+
+OPEN_FLAGS = {"plain": 0, "excl": os.O_EXCL, "trunc": os.O_TRUNC, "append": os.O_APPEND}
+
+
+def op_create(root: str, path: str, how: str, mode: int, data: bytes) -> None:
+    # O_NONBLOCK: opening a fifo for writing then answers ENXIO instead of waiting for a reader.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | OPEN_FLAGS[how]
+    fd = os.open(os.path.join(root, path), flags, mode)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def op_write_at(root: str, path: str, offset: int, data: bytes) -> None:
+    fd = os.open(os.path.join(root, path), os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
+def op_truncate(root: str, path: str, size: int) -> None:
+    os.truncate(os.path.join(root, path), size)
+
+
+def op_mkdir(root: str, path: str, mode: int) -> None:
+    os.mkdir(os.path.join(root, path), mode)
+
+
+def op_rmdir(root: str, path: str) -> None:
+    os.rmdir(os.path.join(root, path))
+
+
+def op_unlink(root: str, path: str) -> None:
+    os.unlink(os.path.join(root, path))
+
+
+def op_rename(root: str, source: str, target: str, flags: int) -> None:
+    renameat2(os.path.join(root, source), os.path.join(root, target), flags)
+
+
+def op_link(root: str, source: str, target: str) -> None:
+    os.link(os.path.join(root, source), os.path.join(root, target), follow_symlinks=False)
+
+
+def op_symlink(root: str, path: str, target: str) -> None:
+    os.symlink(target, os.path.join(root, path))
+
+
+def op_mkfifo(root: str, path: str, mode: int) -> None:
+    os.mkfifo(os.path.join(root, path), mode)
+
+
+def op_mknod_null(root: str, path: str, mode: int) -> None:
+    os.mknod(os.path.join(root, path), stat.S_IFCHR | mode, os.makedev(1, 3))
+
+
+def op_chmod(root: str, path: str, mode: int) -> None:
+    os.chmod(os.path.join(root, path), mode)
+
+
+def op_chown(root: str, path: str, uid: int, gid: int) -> None:
+    os.chown(os.path.join(root, path), uid, gid, follow_symlinks=False)
+
+
+def op_utime(root: str, path: str, atime_ns: int, mtime_ns: int) -> None:
+    os.utime(os.path.join(root, path), ns=(atime_ns, mtime_ns), follow_symlinks=False)
+
+
+def op_setxattr(root: str, path: str, name: str, value: bytes, flags: int) -> None:
+    os.setxattr(os.path.join(root, path), name, value, flags, follow_symlinks=False)
+
+
+def op_removexattr(root: str, path: str, name: str) -> None:
+    os.removexattr(os.path.join(root, path), name, follow_symlinks=False)
+
+
+# Operations that follow a symlink in their last component: run only where both sides
+# resolve inside their own root, so that a symlink such as etc/localtime -> /usr/... never
+# makes the test write to the host.
+FOLLOWS_LAST_SYMLINK = {op_create, op_write_at, op_truncate, op_chmod}
+
+
+def errno_of(call: Callable[[], None]) -> int:
+    try:
+        call()
+    except OSError as error:
+        return error.errno or -1
+    return 0
+
+
+def stays_inside(root: str, path: str, follow: bool) -> bool:
+    """Whether `path` (relative) resolves under `root`: its parent, and itself if followed."""
+    full = os.path.join(root, path)
+    resolved = os.path.realpath(full if follow else os.path.dirname(full))
+    return resolved == root or resolved.startswith(root + os.sep)
+
+
+# --- describing a tree ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    """What is compared of one entry (see the module's docstring)."""
+
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    content: str
+    xattrs: tuple[tuple[str, bytes | str], ...]
+    nlink: int
+    mtime_ns: int
+    names_of_inode: tuple[str, ...] = ()
+
+
+def _compared_xattrs(path: str) -> tuple[tuple[str, bytes | str], ...]:
+    names = [n for n in os.listxattr(path, follow_symlinks=False) if n.startswith(COMPARED_XATTRS)]
+    return tuple(sorted((n, _xattr_value(path, n)) for n in names))
+
+
+def _xattr_value(path: str, name: str) -> bytes | str:
+    """The value, or the errno reading it gave: a name listed but unreadable is a difference too."""
+    try:
+        return os.getxattr(path, name, follow_symlinks=False)
+    except OSError as error:
+        return _errno_name(error.errno or 0)
+
+
+def _content(path: str, info: os.stat_result) -> str:
+    if stat.S_ISREG(info.st_mode):
+        with open(path, "rb") as handle:
+            return hashlib.sha256(handle.read()).hexdigest()[:16]
+    if stat.S_ISLNK(info.st_mode):
+        return "-> " + os.readlink(path)
+    if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode):
+        return f"dev {os.major(info.st_rdev)},{os.minor(info.st_rdev)}"
+    return ""
+
+
+def _row(path: str, info: os.stat_result) -> Row:
+    is_dir = stat.S_ISDIR(info.st_mode)
+    size = 0 if is_dir or stat.S_ISFIFO(info.st_mode) or stat.S_ISCHR(info.st_mode) else info.st_size
+    return Row(info.st_mode, info.st_uid, info.st_gid, size, _content(path, info), _compared_xattrs(path),
+               0 if is_dir else info.st_nlink, info.st_mtime_ns)  # fmt: skip
+
+
+def describe(root: str) -> dict[str, Row]:
+    """{relative path: Row} of every entry under `root`, with the names sharing each inode."""
+    rows: dict[str, Row] = {}
+    inode_of: dict[str, int] = {}
+    for directory, dirs, files in os.walk(root):
+        for name in dirs + files:
+            full = os.path.join(directory, name)
+            info = os.lstat(full)
+            rel = os.path.relpath(full, root)
+            rows[rel] = _row(full, info)
+            if not stat.S_ISDIR(info.st_mode):
+                inode_of[rel] = info.st_ino
+    names: dict[int, list[str]] = {}
+    for rel, ino in inode_of.items():
+        names.setdefault(ino, []).append(rel)
+    for rel, ino in inode_of.items():
+        if len(names[ino]) > 1:
+            rows[rel] = replace(rows[rel], names_of_inode=tuple(sorted(names[ino])))
+    return rows
+
+
+def comparable(row: Row, other: Row) -> tuple[Row, Row]:
+    """The two rows with times blanked unless one of them is a time a program or the image set."""
+    if row.mtime_ns in EXPLICIT_TIMES_NS or other.mtime_ns in EXPLICIT_TIMES_NS:
+        return row, other
+    return replace(row, mtime_ns=0), replace(other, mtime_ns=0)
+
+
+def tree_differences(reference: dict[str, Row], tested: dict[str, Row]) -> list[str]:
+    """One line per path whose entry differs, or that only one tree has."""
+    lines = []
+    for path in sorted(set(reference) | set(tested)):
+        if path not in tested:
+            lines.append(f"{path}: only in kernel overlayfs: {reference[path]}")
+        elif path not in reference:
+            lines.append(f"{path}: only in {TARGET}: {tested[path]}")
+        else:
+            ours, theirs = comparable(reference[path], tested[path])
+            if ours != theirs:
+                lines.append(f"{path}: kernel overlayfs {ours}\n    {TARGET} {theirs}")
+    return lines
+
+
+# --- where the mount under test answers otherwise -------------------------------------------
+
+
+@dataclass(frozen=True)
+class Step:
+    """One operation with its arguments, and the reference's tree before it."""
+
+    op: Callable[..., None]
+    paths: tuple[str, ...]
+    args: tuple[object, ...]
+    tree: dict[str, Row]
+
+    def kind(self, index: int = 0) -> int | None:
+        """The file type of the step's index'th path before the step; None if it does not exist."""
+        row = self.tree.get(os.path.normpath(self.paths[index]))
+        return None if row is None else stat.S_IFMT(row.mode)
+
+    def __str__(self) -> str:
+        return f"{self.op.__name__}({', '.join(_short(a) for a in (*self.paths, *self.args))})"
+
+
+@dataclass(frozen=True)
+class Departure:
+    """Steps where the mount under test answers `errno` on purpose; kernel overlayfs is not asked."""
+
+    name: str
+    why: str
+    matches: Callable[[Step], bool]
+    errno: int
+
+
+def _makes_a_reserved_name(step: Step) -> bool:
+    last = os.path.basename(step.paths[-1])
+    makes = step.op in (op_create, op_mkdir, op_mkfifo, op_mknod_null, op_symlink, op_link, op_rename)
+    return makes and last.startswith(".wh.") and step.kind(-1) is None
+
+
+DEPARTURES: dict[str, list[Departure]] = {
+    "crfs-merge": [
+        Departure(
+            name=".wh. names are refused",
+            why="the OCI layer spec reserves the prefix for whiteouts, and DIR is a layer: a file .wh.x "
+            "made in it would delete x from the committed image",
+            matches=_makes_a_reserved_name,
+            errno=errno.EINVAL,
+        ),
+    ],
+}
+
+
+@dataclass(frozen=True)
+class KnownMismatch:
+    """A difference this test found and reported, not fixed yet: its steps are left out of the
+    random sequences so they go on, and `shown_by` names the plain test that keeps it visible
+    (xfail, strict: it fails the day the mismatch is fixed, to remove this entry with it)."""
+
+    name: str
+    matches: Callable[[Step], bool]
+    shown_by: str
+
+
+def _is_non_empty_directory(step: Step, index: int) -> bool:
+    path = os.path.normpath(step.paths[index])
+    return step.kind(index) == stat.S_IFDIR and any(p.startswith(path + "/") for p in step.tree)
+
+
+KNOWN_MISMATCHES: dict[str, list[KnownMismatch]] = {
+    "crfs-merge": [
+        KnownMismatch(
+            "a directory renamed over a non-empty one: ENOTEMPTY where overlayfs says EXDEV first",
+            lambda s: s.op is op_rename and s.kind(0) == stat.S_IFDIR and _is_non_empty_directory(s, 1),
+            "test_a_lower_directory_renamed_over_a_non_empty_one_is_exdev",
+        ),
+        KnownMismatch(
+            "a truncate to a file's own size keeps its mtime",
+            lambda s: (
+                s.op is op_truncate
+                and s.kind() == stat.S_IFREG
+                and s.tree[os.path.normpath(s.paths[0])].size == s.args[0]
+            ),
+            "test_a_truncate_to_the_same_size_sets_mtime",
+        ),
+    ],
+}
+
+
+# --- the two mounts ---------------------------------------------------------------------------
+
+REFERENCE_OPTIONS = "redirect_dir=off,index=on,metacopy=off,xino=off"
+
+
+@dataclass
+class World:
+    """What every sequence shares: the image, its merged tree, the cache, and a scratch dir."""
+
+    image: str
+    lower: Path
+    cache: Path
+    scratch: Path
+    sequences: int = 0
+
+    def new_base(self) -> Path:
+        self.sequences += 1
+        base = self.scratch / f"seq{self.sequences}"
+        base.mkdir()
+        return base
+
+
+def mount_under_test(world: World, base: Path) -> Path:
+    """Mounts the writable mount being tested over a new upper directory; returns the mountpoint."""
+    mountpoint = base / "tested"
+    mountpoint.mkdir()
+    if TARGET == "fuse-overlayfs":
+        (base / "fo-upper").mkdir()
+        (base / "fo-work").mkdir()
+        options = f"lowerdir={world.lower},upperdir={base / 'fo-upper'},workdir={base / 'fo-work'}"
+        command = ["fuse-overlayfs", "-o", options, str(mountpoint)]
+    else:
+        command = [*COMMAND, "--cache-dir", str(world.cache), "--upper", str(base / "upper"), world.image,
+                   str(mountpoint)]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, f"{TARGET} did not mount: {run.stderr}"
+    return mountpoint
+
+
+def mount_flags(mountpoint: Path) -> list[str]:
+    """The nodev/nosuid flags the kernel applies to the mount at `mountpoint`."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == str(mountpoint):
+            return [flag for flag in fields[5].split(",") if flag in ("nodev", "nosuid")]
+    raise AssertionError(f"{mountpoint} is not mounted")
+
+
+def mount_reference(world: World, base: Path, flags: list[str]) -> Path:
+    """Mounts kernel overlayfs over the image's merged tree, with fixed options; returns it."""
+    mountpoint, upper, work = base / "reference", base / "ref-upper", base / "ref-work"
+    for directory in (mountpoint, upper, work):
+        directory.mkdir()
+    options = ",".join([f"lowerdir={world.lower},upperdir={upper},workdir={work}", REFERENCE_OPTIONS, *flags])
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, str(mountpoint)],
+                   check=True, capture_output=True, timeout=30)  # fmt: skip
+    return mountpoint
+
+
+def unmount_reference(mountpoint: Path) -> None:
+    if os.path.ismount(mountpoint) and subprocess.run(["umount", str(mountpoint)], capture_output=True).returncode:
+        subprocess.run(["umount", "--lazy", str(mountpoint)], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, fuse_works: None) -> World:
+    require(os.geteuid() == 0, "mounting kernel overlayfs, the reference, needs root")
+    require("overlay" in Path("/proc/filesystems").read_text() or _load_overlay(), "kernel overlayfs is missing")
+    if TARGET == "fuse-overlayfs":
+        require(
+            shutil.which("fuse-overlayfs") is not None, "fuse-overlayfs is missing (apt-get install fuse-overlayfs)"
+        )
+    root = tmp_path_factory.mktemp("differential")
+    write_layout(root / "image", [tar_of(*BASE), tar_of(*LATER), tar_of(*LAST)])
+    world = World(f"oci:{root / 'image'}:latest", root / "lower", root / "cache", root / "scratch")
+    world.scratch.mkdir()
+    subprocess.run([*COMMAND, "--cache-dir", str(world.cache), "--export", str(world.lower), world.image],
+                   check=True, capture_output=True, timeout=60)  # fmt: skip
+    return world
+
+
+def _load_overlay() -> bool:
+    return subprocess.run(["modprobe", "overlay"], capture_output=True).returncode == 0
+
+
+# --- the state machine ------------------------------------------------------------------------
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:30]}...({len(value) if isinstance(value, bytes) else '?'})"
+
+
+def _errno_name(number: int) -> str:
+    return errno.errorcode.get(number, str(number)) if number else "success"
+
+
+class Differential(RuleBasedStateMachine):
+    """Each sequence: fresh mounts over fresh upper directories, the same steps on both."""
+
+    def __init__(self, world: World) -> None:
+        super().__init__()
+        self.base = world.new_base()
+        self.tested_root = self.reference_root = ""
+        try:
+            tested = mount_under_test(world, self.base)
+            self.tested_root = str(tested)
+            self.reference_root = str(mount_reference(world, self.base, mount_flags(tested)))
+        except BaseException:
+            self.teardown()
+            raise
+        self.reference_tree = describe(self.reference_root)
+        self.step_paths: list[str] = []
+
+    def teardown(self) -> None:
+        if self.reference_root:
+            unmount_reference(Path(self.reference_root))
+        if self.tested_root:
+            unmount(Path(self.tested_root))
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    # -- drawing paths: names of the tree as it is now, and new names in its directories
+
+    def existing(self, data: st.DataObject) -> str:
+        return data.draw(st.sampled_from(sorted(self.reference_tree)), label="path")
+
+    def anywhere(self, data: st.DataObject) -> str:
+        kind = data.draw(st.sampled_from(["existing", "new", "below a non-directory"]), label="kind")
+        if kind == "existing":
+            return self.existing(data)
+        if kind == "new":
+            parent = data.draw(st.sampled_from(["", *self._directories()]), label="parent")
+            return os.path.join(parent, data.draw(st.sampled_from(NEW_NAMES), label="name"))
+        return os.path.join(data.draw(st.sampled_from(self._non_directories()), label="parent"), "x")
+
+    def _directories(self) -> list[str]:
+        return sorted(p for p, row in self.reference_tree.items() if stat.S_ISDIR(row.mode))
+
+    def _non_directories(self) -> list[str]:
+        return sorted(p for p, row in self.reference_tree.items() if not stat.S_ISDIR(row.mode))
+
+    # -- one step on both sides
+
+    def apply(
+        self, op: Callable[..., None], paths: tuple[str, ...], *args: object, leave_out_known: bool = True
+    ) -> None:
+        follow = op in FOLLOWS_LAST_SYMLINK
+        roots = (self.reference_root, self.tested_root)
+        if not all(stays_inside(root, path, follow) for root in roots for path in paths):
+            return  # through a symlink out of the tree: not done on either side
+        step = Step(op, paths, args, self.reference_tree)
+        if leave_out_known and any(known.matches(step) for known in KNOWN_MISMATCHES.get(TARGET, [])):
+            return  # reported, and shown by its own xfail test: left out so the sequence goes on
+        self.step_paths = list(paths)
+        departure = next((d for d in DEPARTURES.get(TARGET, []) if d.matches(step)), None)
+        expected = departure.errno if departure else errno_of(lambda: op(self.reference_root, *paths, *args))
+        got = errno_of(lambda: op(self.tested_root, *paths, *args))
+        source = f"departure {departure.name!r}" if departure else "kernel overlayfs"
+        assert got == expected, f"{step}: {source} {_errno_name(expected)}, {TARGET} {_errno_name(got)}"
+
+    @rule(data=st.data(), how=st.sampled_from(list(OPEN_FLAGS)), mode=st.sampled_from(MODES), content=data_bytes)
+    def create(self, data: st.DataObject, how: str, mode: int, content: bytes) -> None:
+        self.apply(op_create, (self.anywhere(data),), how, mode, content)
+
+    @rule(data=st.data(), offset=st.sampled_from(OFFSETS), content=data_bytes)
+    def write_at(self, data: st.DataObject, offset: int, content: bytes) -> None:
+        self.apply(op_write_at, (self.existing(data),), offset, content)
+
+    @rule(data=st.data(), size=st.sampled_from(SIZES))
+    def truncate(self, data: st.DataObject, size: int) -> None:
+        self.apply(op_truncate, (self.existing(data),), size)
+
+    @rule(data=st.data(), mode=st.sampled_from([0o755, 0o700, 0o2775, 0o1777]))
+    def mkdir(self, data: st.DataObject, mode: int) -> None:
+        self.apply(op_mkdir, (self.anywhere(data),), mode)
+
+    @rule(data=st.data())
+    def rmdir(self, data: st.DataObject) -> None:
+        self.apply(op_rmdir, (self.existing(data),))
+
+    @rule(data=st.data())
+    def unlink(self, data: st.DataObject) -> None:
+        self.apply(op_unlink, (self.existing(data),))
+
+    @rule(data=st.data(), flags=st.sampled_from([0, 0, RENAME_NOREPLACE, RENAME_EXCHANGE]))
+    def rename(self, data: st.DataObject, flags: int) -> None:
+        self.apply(op_rename, (self.existing(data), self.anywhere(data)), flags)
+
+    @rule(data=st.data())
+    def link(self, data: st.DataObject) -> None:
+        self.apply(op_link, (self.existing(data), self.anywhere(data)))
+
+    @rule(data=st.data(), pointing_to=st.sampled_from(SYMLINK_TARGETS))
+    def symlink(self, data: st.DataObject, pointing_to: str) -> None:
+        self.apply(op_symlink, (self.anywhere(data),), pointing_to)
+
+    @rule(data=st.data(), op=st.sampled_from([op_mkfifo, op_mknod_null]), mode=st.sampled_from([0o644, 0o600]))
+    def mknod(self, data: st.DataObject, op: Callable[..., None], mode: int) -> None:
+        self.apply(op, (self.anywhere(data),), mode)
+
+    @rule(data=st.data(), mode=st.sampled_from(MODES))
+    def chmod(self, data: st.DataObject, mode: int) -> None:
+        self.apply(op_chmod, (self.existing(data),), mode)
+
+    @rule(data=st.data(), uid=st.sampled_from(OWNERS), gid=st.sampled_from(OWNERS))
+    def chown(self, data: st.DataObject, uid: int, gid: int) -> None:
+        self.apply(op_chown, (self.existing(data),), uid, gid)
+
+    @rule(data=st.data(), atime=st.sampled_from(UTIMES_NS), mtime=st.sampled_from(UTIMES_NS))
+    def utime(self, data: st.DataObject, atime: int, mtime: int) -> None:
+        self.apply(op_utime, (self.existing(data),), atime, mtime)
+
+    @rule(data=st.data(), name=st.sampled_from(XATTR_NAMES), value=st.sampled_from(XATTR_VALUES),
+          flags=st.sampled_from([0, os.XATTR_CREATE, os.XATTR_REPLACE]))  # fmt: skip
+    def setxattr(self, data: st.DataObject, name: str, value: bytes, flags: int) -> None:
+        self.apply(op_setxattr, (self.existing(data),), name, value, flags)
+
+    @rule(data=st.data(), name=st.sampled_from(XATTR_NAMES))
+    def removexattr(self, data: st.DataObject, name: str) -> None:
+        self.apply(op_removexattr, (self.existing(data),), name)
+
+    @rule(data=st.data(), op=st.sampled_from(["create", "mkdir", "mknod", "symlink", "link", "rename"]))
+    def create_a_reserved_name(self, data: st.DataObject, op: str) -> None:
+        parent = data.draw(st.sampled_from(["", *self._directories()]), label="parent")
+        path = os.path.join(parent, data.draw(st.sampled_from([".wh.new", ".wh..wh..opq"]), label="name"))
+        if op in ("link", "rename"):  # of an existing file: the name is the only thing refused
+            source = data.draw(st.sampled_from(self._non_directories()), label="source")
+            self.apply(op_link if op == "link" else op_rename, (source, path), *(() if op == "link" else (0,)))
+        else:
+            make: dict[str, tuple[Callable[..., None], tuple[object, ...]]] = {
+                "create": (op_create, ("excl", 0o644, b"x")), "mkdir": (op_mkdir, (0o755,)),
+                "mknod": (op_mkfifo, (0o644,)), "symlink": (op_symlink, ("hosts",)),
+            }  # fmt: skip
+            self.apply(make[op][0], (path,), *make[op][1])
+
+    # -- after every step
+
+    @invariant()
+    def trees_are_equal(self) -> None:
+        self.reference_tree = describe(self.reference_root)
+        differences = tree_differences(self.reference_tree, describe(self.tested_root))
+        assert not differences, "the trees differ:\n" + "\n".join(differences)
+
+    @invariant()
+    def lookups_agree(self) -> None:
+        for path in [*HIDDEN_NAMES, *self.step_paths]:
+            expected = errno_of(lambda p=path: os.lstat(os.path.join(self.reference_root, p)))  # type: ignore[misc]
+            got = errno_of(lambda p=path: os.lstat(os.path.join(self.tested_root, p)))  # type: ignore[misc]
+            assert got == expected, (
+                f"lstat({path}): kernel overlayfs {_errno_name(expected)}, {TARGET} {_errno_name(got)}"
+            )
+
+
+def test_writable_mount_matches_kernel_overlayfs(world: World) -> None:
+    run_state_machine_as_test(
+        lambda: Differential(world),
+        settings=settings(max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]),
+    )  # fmt: skip
+
+
+@contextlib.contextmanager
+def both_mounts(world: World) -> Iterator[Differential]:
+    """The machine's two fresh mounts, for a plain sequence of steps."""
+    machine = Differential(world)
+    try:
+        yield machine
+    finally:
+        machine.teardown()
+
+
+def run_steps(world: World, *steps: tuple[Callable[..., None], tuple[str, ...], tuple[object, ...]]) -> None:
+    """Applies each step to both mounts and compares errnos and trees after each, as the machine does."""
+    with both_mounts(world) as both:
+        for op, paths, args in steps:
+            both.apply(op, paths, *args, leave_out_known=False)
+            both.trees_are_equal()
+            both.lookups_agree()
+
+
+# --- the mismatches found, each as its shortest sequence (KNOWN_MISMATCHES leaves them out above)
+
+
+@pytest.mark.xfail(strict=True, reason="crfs-merge checks the target's emptiness before the source's lower part")
+def test_a_lower_directory_renamed_over_a_non_empty_one_is_exdev(world: World) -> None:
+    run_steps(world, (op_rename, ("data", "home"), (0,)))
+
+
+@pytest.mark.xfail(strict=True, reason="crfs-merge leaves mtime as it was when a truncate does not change the size")
+def test_a_truncate_to_the_same_size_sets_mtime(world: World) -> None:
+    run_steps(world, (op_truncate, ("data/x",), (1,)))

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from registry.layout_writer import write_layout
-from tests.conftest import COMMAND, Mounter, require
+from tests.conftest import COMMAND, Mounter, require, unmount
 from tests.registry_servers import REGISTRY_BINARY, Fault, FaultProxy, Registry, skopeo_copy
 from tests.tarvocab import d, f, hl, opq, sym, tar_of, wh
 from tests.tree_walk import describe_tree
@@ -359,3 +359,29 @@ def test_a_registry_gone_after_the_mount_reads_as_eio_in_bounded_time(images: di
         (root / "data/blob11").read_bytes()
     assert raised.value.errno == errno.EIO and time.monotonic() - started < 60
     assert sorted(os.listdir(root / "data")) == sorted(p.split("/")[1] for p in BIG)  # metadata still served
+
+
+def test_a_writable_mount_of_a_lazy_image_copies_up_by_range_reads_and_commits(
+    images: dict[str, str], proxy: FaultProxy, mount: Mounter, tmp_path: Path
+) -> None:
+    """--upper over an eStargz image in a registry: a copy-up fetches about the file it copies,
+    the change survives a remount, and the commit mounts as the writable mount showed."""
+    image, upper = f"{proxy.host}/{images['ours']}", tmp_path / "upper"
+    root = mount(image, "--prefetch", "none", "--upper", str(upper))
+    before = proxy.served_bytes
+    with open(root / "data/blob02", "r+b") as handle:
+        handle.write(b"XY")
+    fetched = proxy.served_bytes - before
+    assert MIB <= fetched < 1.3 * MIB, fetched
+    assert (root / "data/blob02").read_bytes() == b"XY" + BIG["data/blob02"][2:]
+    (root / "etc/config").unlink()
+    (root / "cache/new").write_bytes(b"new")
+    unmount(root)
+    root = mount(image, "--prefetch", "none", "--upper", str(upper))
+    shown = describe_tree(root)
+    unmount(root)
+    dest = f"oci:{tmp_path / 'committed'}:v2"
+    run = subprocess.run([*COMMAND, "commit", "--cache-dir", str(tmp_path / "cache"), "--upper", str(upper), image,
+                          dest], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert describe_tree(mount(dest)) == shown

@@ -38,7 +38,6 @@ _OPEN_OUT = struct.Struct("<QII")  # fh, open_flags, padding
 _WRITE_OUT = struct.Struct("<II")  # size, padding
 FOPEN_KEEP_CACHE = 1 << 1
 FUSE_CAP_ATOMIC_O_TRUNC = 1 << 3
-FUSE_CAP_WRITEBACK_CACHE = 1 << 16
 MAX_WRITE = 1 << 20  # the most libfuse's buffer takes (256 pages): fewer, larger WRITEs
 # FUSE_SET_ATTR_* of fuse_lowlevel.h
 SET_MODE, SET_UID, SET_GID, SET_SIZE, SET_ATIME, SET_MTIME = 1, 2, 4, 8, 16, 32
@@ -92,20 +91,23 @@ class WritableFilesystem:
         self._handle_lock = threading.Lock()
 
     def callbacks(self) -> dict[str, Callable[..., None]]:
+        """The operations libfuse calls. FLUSH is left out on purpose: it has nothing to do
+        here (data reach the upper file by WRITE; the kernel writes back and reports write-back
+        errors on close before it would send FLUSH), and libfuse's ENOSYS tells the kernel to
+        stop sending one on every close."""
         names = ["init", "destroy", "lookup", "forget", "forget_multi", "getattr", "setattr", "readlink", "mknod",
-                 "mkdir", "unlink", "rmdir", "symlink", "rename", "link", "open", "read", "write_buf", "flush",
+                 "mkdir", "unlink", "rmdir", "symlink", "rename", "link", "open", "read", "write_buf",
                  "release", "fsync", "opendir", "readdir", "releasedir", "fsyncdir", "statfs", "setxattr",
                  "getxattr", "listxattr", "removexattr", "create", "fallocate"]  # fmt: skip
         return {name: getattr(self, name) for name in names}
 
     def init(self, userdata: int, conn: Any) -> None:
         info = conn.contents
-        # Writeback caching: the kernel gathers small writes into pages and sends them in
-        # large requests, which a server in Python must have (4 KiB writes ran 22x slower
-        # than kernel overlayfs without it); it is safe because no one else writes the upper
-        # files while mounted (the mount holds DIR's lock).
-        wanted = lowlevel.FUSE_CAP_SPLICE_WRITE | FUSE_CAP_ATOMIC_O_TRUNC | FUSE_CAP_WRITEBACK_CACHE
-        info.want |= info.capable & wanted
+        # No writeback cache: with it the kernel keeps regular files' mtimes itself and sends
+        # them back only at times (a file made and written just before an unmount kept the
+        # server's time; a truncate to the same size kept the old one), where overlayfs shows
+        # the upper file's. Small writes pay for it: each write(2) is a WRITE of its own.
+        info.want |= info.capable & (lowlevel.FUSE_CAP_SPLICE_WRITE | FUSE_CAP_ATOMIC_O_TRUNC)
         info.max_write = MAX_WRITE
         self._on_ready()
 
@@ -323,10 +325,6 @@ class WritableFilesystem:
             raise fail(-written)
         record = _WRITE_OUT.pack(written, 0)
         lowlevel.reply_buf(req, record, len(record))
-
-    @_answers_errno
-    def flush(self, req: int, ino: int, fi: Any) -> None:
-        lowlevel.reply_err(req, 0)
 
     @_answers_errno
     def release(self, req: int, ino: int, fi: Any) -> None:

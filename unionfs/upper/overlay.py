@@ -27,6 +27,7 @@ through descriptors outside the lock.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -110,6 +111,10 @@ class WritableTree:
         return found
 
     def path(self, node: Node) -> bytes:
+        """The node's path in DIR (b"" for the root); ENOENT for a file unlinked while open,
+        which has no path (its metadata goes through its descriptor: see _target)."""
+        if not node.names and node.ino != ROOT:
+            raise fail(errno.ENOENT)
         parts: list[bytes] = []
         while node.names:
             parent, name = node.names[0]
@@ -137,10 +142,8 @@ class WritableTree:
             info = self.store.lstat(relative)
             if info is not None:
                 return self._upper_node(parent, name, relative, info)
-            if self.store.has_whiteout(directory, name):
-                raise fail(errno.ENOENT)
         lower = self._lower_child(parent, name)
-        if lower is None:
+        if lower is None or (parent.in_upper and self.store.has_whiteout(directory, name)):
             raise fail(errno.ENOENT)
         return self._lower_node(parent, name, lower)
 
@@ -288,10 +291,8 @@ class WritableTree:
     def _copy_up_one(self, node: Node, parent: Node, name: bytes, data: str) -> None:
         """Copies one entry up, leaving its parent's times as they were: a copy-up is no
         change a program made (kernel overlayfs does the same)."""
-        parent_path = self.store.path(self.path(parent))
-        times = os.lstat(parent_path)
-        self._copy_entry(node, parent, name, data)
-        os.utime(parent_path, ns=(times.st_atime_ns, times.st_mtime_ns), follow_symlinks=False)
+        with self._times_kept(parent):
+            self._copy_entry(node, parent, name, data)
 
     def _copy_entry(self, node: Node, parent: Node, name: bytes, data: str) -> None:
         assert node.lower is not None
@@ -375,8 +376,18 @@ class WritableTree:
             if (parent, name) == (first_parent, first_name):
                 continue
             self.copy_up(parent)
-            os.link(source, self.store.path(join(self.path(parent), name)))
+            with self._times_kept(parent):
+                os.link(source, self.store.path(join(self.path(parent), name)))
             self._know_name(node, parent, name)
+
+    @contextlib.contextmanager
+    def _times_kept(self, directory: Node) -> Iterator[None]:
+        """Restores a directory's times after a change that is part of a copy-up, which is no
+        change a program made (kernel overlayfs does the same)."""
+        path = self.store.path(self.path(directory))
+        times = os.lstat(path)
+        yield
+        os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns), follow_symlinks=False)
 
     def _visible_names(self, lower: int) -> Iterator[tuple[Node, bytes]]:
         """The (directory node, name) pairs that show lower inode `lower` now."""
@@ -420,7 +431,8 @@ class WritableTree:
         was removed there (a whiteout to drop, and a directory made there must be opaque)."""
         self.copy_up(parent)
         directory = self.path(parent)
-        hidden = self.store.has_whiteout(directory, name)
+        # Whiteouts are made only over lower entries, so where none shows there is none.
+        hidden = self._lower_child(parent, name) is not None and self.store.has_whiteout(directory, name)
         return join(directory, name), hidden
 
     def _lower_dir_at(self, parent: Node, name: bytes) -> bool:
@@ -542,9 +554,18 @@ class WritableTree:
         self._forget_name(node, parent, name)
 
     def _keep_orphan(self, node: Node, relative: bytes) -> None:
-        """A file unlinked while open keeps its metadata reachable through a descriptor."""
-        if node.open_count and len(node.names) == 1 and node.orphan_fd is None:
-            node.orphan_fd = os.open(self.store.path(relative), os.O_PATH | os.O_NOFOLLOW)
+        """A file unlinked while open keeps its metadata reachable through a descriptor
+        (fstat, fchmod, fchown, futimens, fsetxattr: what a program may still do to it)."""
+        if node.open_count and len(node.names) == 1 and node.orphan_fd is None and stat.S_ISREG(node.kind):
+            node.orphan_fd = os.open(self.store.path(relative), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+    def _target(self, node: Node) -> tuple[bytes | int, bool]:
+        """Where the node's upper xattrs are: its path (never followed, so a symlink in DIR
+        cannot lead outside it), or for a file unlinked while open, its descriptor; and the
+        follow_symlinks that goes with it (a descriptor takes only True)."""
+        if not node.names and node.ino != ROOT and node.orphan_fd is not None:
+            return node.orphan_fd, True
+        return self._upper_path(node), False
 
     # ------------------------------------------------------------ rename
 
@@ -563,10 +584,14 @@ class WritableTree:
             raise fail(errno.EEXIST)
         if target is node:
             return
+        # The order of overlayfs: the types (the VFS), then a lower directory (EXDEV), then
+        # whether the directory replaced is empty.
         if target is not None:
-            self._check_replace(node, target)
+            _check_types(node, target)
         if stat.S_ISDIR(node.kind) and self._has_lower(node):
             raise fail(errno.EXDEV)
+        if target is not None and stat.S_ISDIR(target.kind) and not self._is_empty(target):
+            raise fail(errno.ENOTEMPTY)
         self._move(parent, name, node, new_parent, new_name, target)
 
     def _maybe_lookup(self, parent: Node, name: bytes) -> Node | None:
@@ -580,14 +605,6 @@ class WritableTree:
     def _has_lower(self, node: Node) -> bool:
         """A directory whose lower part shows (merged) or that overlays one (not pure upper)."""
         return node.lower is not None
-
-    def _check_replace(self, node: Node, target: Node) -> None:
-        if stat.S_ISDIR(node.kind) and not stat.S_ISDIR(target.kind):
-            raise fail(errno.ENOTDIR)
-        if not stat.S_ISDIR(node.kind) and stat.S_ISDIR(target.kind):
-            raise fail(errno.EISDIR)
-        if stat.S_ISDIR(target.kind) and not self._is_empty(target):
-            raise fail(errno.ENOTEMPTY)
 
     def _move(self, parent: Node, name: bytes, node: Node, new_parent: Node, new_name: bytes,
               target: Node | None) -> None:  # fmt: skip
@@ -641,6 +658,9 @@ class WritableTree:
                        fd: int | None = None) -> None:  # fmt: skip
         """chmod, chown, truncate and utimensat (None: unchanged; in `times`, None: now and
         KEEP_TIME: unchanged)."""
+        if not node.names and node.ino != ROOT:
+            self._set_orphan_attributes(node, mode, uid, gid, size, times, fd)
+            return
         if size is not None:
             if stat.S_ISDIR(node.kind):
                 raise fail(errno.EISDIR)
@@ -653,6 +673,28 @@ class WritableTree:
             self._set_shown(node, mode, uid, gid)
         if times is not None:
             self._set_times(node, times)
+
+    def _set_orphan_attributes(self, node: Node, mode: int | None, uid: int | None, gid: int | None,
+                               size: int | None, times: tuple[int | None, int | None] | None,
+                               fd: int | None) -> None:  # fmt: skip
+        """The same changes to a file unlinked while open, through its descriptor (it is
+        gone from DIR, so no override_stat is kept for it)."""
+        target = fd if fd is not None else node.orphan_fd
+        if target is None and mode is None and uid is None and gid is None and size is None:
+            return  # the times of an image file unlinked while open (the kernel's atime): nowhere to keep them
+        if target is None:
+            raise fail(errno.ENOENT)
+        if size is not None:
+            os.ftruncate(target, size)
+        if uid is not None or gid is not None:
+            os.fchown(target, -1 if uid is None else uid, -1 if gid is None else gid)
+        if mode is not None:
+            os.fchmod(target, stat.S_IMODE(mode))
+        if times is not None:
+            info, now = os.fstat(target), time.time_ns()
+            atime, mtime = (now if t is None else t for t in times)
+            os.utime(target, ns=(info.st_atime_ns if atime == KEEP_TIME else atime,
+                                 info.st_mtime_ns if mtime == KEEP_TIME else mtime))  # fmt: skip
 
     def _set_shown(self, node: Node, mode: int | None, uid: int | None, gid: int | None) -> None:
         self.copy_up(node)
@@ -675,11 +717,11 @@ class WritableTree:
         if not node.in_upper:
             assert node.lower is not None
             return dict(self._tree.xattrs(node.lower))
-        path = self._upper_path(node)
         if stat.S_ISLNK(node.kind):
             return {}
-        return {name: os.getxattr(path, name, follow_symlinks=False)
-                for name in os.listxattr(path, follow_symlinks=False) if name not in RESERVED_XATTRS}  # fmt: skip
+        target, follow = self._target(node)
+        return {name: os.getxattr(target, name, follow_symlinks=follow)
+                for name in os.listxattr(target, follow_symlinks=follow) if name not in RESERVED_XATTRS}  # fmt: skip
 
     def xattr(self, node: Node, name: str) -> bytes | None:
         """One xattr's value, or None: asked on every write(2) for security.capability, so
@@ -690,7 +732,8 @@ class WritableTree:
         if name in RESERVED_XATTRS or stat.S_ISLNK(node.kind):
             return None
         try:
-            return os.getxattr(self._upper_path(node), name, follow_symlinks=False)
+            target, follow = self._target(node)
+            return os.getxattr(target, name, follow_symlinks=follow)
         except OSError as exc:
             if exc.errno in (errno.ENODATA, errno.ENOTSUP):
                 return None
@@ -705,13 +748,15 @@ class WritableTree:
         if flags & os.XATTR_REPLACE and not exists:
             raise fail(errno.ENODATA)
         self.copy_up(node)
-        os.setxattr(self._upper_path(node), name, value, flags, follow_symlinks=False)
+        target, follow = self._target(node)
+        os.setxattr(target, name, value, flags, follow_symlinks=follow)
 
     def remove_xattr(self, node: Node, name: str) -> None:
         if name in RESERVED_XATTRS or name not in self.xattrs(node):
             raise fail(errno.ENODATA)
         self.copy_up(node)
-        os.removexattr(self._upper_path(node), name, follow_symlinks=False)
+        target, follow = self._target(node)
+        os.removexattr(target, name, follow_symlinks=follow)
 
     # ------------------------------------------------------------ data
 
@@ -742,6 +787,14 @@ class WritableTree:
         if node.open_count <= 0 and node.orphan_fd is not None and not node.names:
             os.close(node.orphan_fd)
             node.orphan_fd = None
+
+
+def _check_types(node: Node, target: Node) -> None:
+    """rename(2)'s rule on what may replace what."""
+    if stat.S_ISDIR(node.kind) and not stat.S_ISDIR(target.kind):
+        raise fail(errno.ENOTDIR)
+    if not stat.S_ISDIR(node.kind) and stat.S_ISDIR(target.kind):
+        raise fail(errno.EISDIR)
 
 
 def _copy_range(source: int, at: int, length: int, fd: int, position: int) -> int:

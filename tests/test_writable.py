@@ -423,3 +423,19 @@ def test_a_file_unlinked_while_open_stays_usable_through_its_descriptor(image: s
     os.close(lower)
     assert sorted(os.listdir(upper)) == ["etc"], "nothing left of the unlinked file in DIR"
     assert stat.S_IMODE(os.stat(upper).st_mode) == 0o755, "DIR itself untouched"
+
+
+def test_tar_archives_a_tree_right_after_a_change_deep_below(oci_image: ImageWriter, upper: Path,
+                                                             mount: Mounter) -> None:  # fmt: skip
+    """A change two levels down copies up the directories above it, whose size and link count
+    then become DIR's: the kernel, which cached the old ones, is told to forget them, or GNU
+    tar's stats before and after reading a directory differ ("file changed as we read it")."""
+    image = oci_image([d("a"), d("a/b"), d("a/b/c"), d("a/b/d"), f("a/b/c/file", b"x"), f("a/top", b"t")])
+    mnt = mount(image, "--upper", str(upper))
+    before = os.stat(mnt / "a")  # cached by the kernel
+    (mnt / "a/b/c/new").write_bytes(b"new")
+    after = os.stat(mnt / "a")
+    assert (after.st_size, after.st_nlink) == (os.stat(upper / "a").st_size, 1) != (before.st_size, before.st_nlink)
+    (mnt / "a/b/d/new").write_bytes(b"new")
+    run = subprocess.run(["tar", "-cf", "/dev/null", "-C", str(mnt), "a"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr

@@ -278,6 +278,8 @@ class _Bindings:
         declare("fuse_reply_xattr", ctypes.c_int, _req, ctypes.c_size_t)
         declare("fuse_reply_statfs", ctypes.c_int, _req, ctypes.POINTER(fuse.mfusepy.c_statvfs))
         declare("fuse_req_ctx", ctypes.POINTER(_RequestContext), _req)
+        declare("fuse_lowlevel_notify_inval_inode", ctypes.c_int, ctypes.c_void_p, _ino, ctypes.c_int64,
+                ctypes.c_int64)  # fmt: skip
         declare("fuse_buf_size", ctypes.c_size_t, ctypes.POINTER(self.bufvec))
         declare("fuse_buf_copy", ctypes.c_ssize_t, ctypes.POINTER(self.bufvec), ctypes.POINTER(self.bufvec),
                 ctypes.c_int)  # fmt: skip
@@ -412,6 +414,12 @@ class Session:
                 self._lib.fuse_loop_cfg_destroy(config)
         else:
             self._lib.fuse_session_loop_mt_32(self._se, ctypes.byref(_LoopConfigV1(0, threads)))
+
+    def forget_attributes(self, ino: int) -> None:
+        """Tells the kernel to drop what it caches of inode `ino`'s attributes (not its pages),
+        after they changed other than by a request that carried the new ones back."""
+        if self._se:
+            self._lib.fuse_lowlevel_notify_inval_inode(self._se, ino, -1, 0)
 
     def close(self) -> None:
         """Destroys the session (libfuse calls `destroy` then)."""

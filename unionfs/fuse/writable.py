@@ -37,6 +37,7 @@ MOUNT_OPTIONS = ["default_permissions", "fsname=crfs-merge", "subtype=crfs-merge
 _OPEN_OUT = struct.Struct("<QII")  # fh, open_flags, padding
 _WRITE_OUT = struct.Struct("<II")  # size, padding
 FOPEN_KEEP_CACHE = 1 << 1
+FOPEN_CACHE_DIR = 1 << 3
 FUSE_CAP_ATOMIC_O_TRUNC = 1 << 3
 MAX_WRITE = 1 << 20  # the most libfuse's buffer takes (256 pages): fewer, larger WRITEs
 # FUSE_SET_ATTR_* of fuse_lowlevel.h
@@ -54,6 +55,8 @@ def _answers_errno(method: F) -> F:
     def wrapper(self: Any, req: int, *args: Any) -> None:
         try:
             method(self, req, *args)
+            if self._tree.changed_behind_the_kernel:
+                self._tell_the_kernel()
         except KeyError:
             lowlevel.reply_err(req, errno.ENOENT)
         except OSError as exc:
@@ -87,6 +90,7 @@ class WritableFilesystem:
         self._lock = tree.lock
         self._on_ready, self._on_destroy = on_ready, on_destroy
         self._handles: dict[int, _Handle] = {}
+        self.forget_attributes: Callable[[int], None] = lambda ino: None  # set once the session exists
         self._next_handle = 1
         self._handle_lock = threading.Lock()
 
@@ -113,6 +117,12 @@ class WritableFilesystem:
 
     def destroy(self, userdata: int) -> None:
         self._on_destroy()
+
+    def _tell_the_kernel(self) -> None:
+        with self._lock:
+            changed, self._tree.changed_behind_the_kernel = self._tree.changed_behind_the_kernel, []
+        for ino in changed:
+            self.forget_attributes(ino)
 
     # ------------------------------------------------------------ replies
 
@@ -368,18 +378,26 @@ class WritableFilesystem:
     @_answers_errno
     def opendir(self, req: int, ino: int, fi: Any) -> None:
         with self._lock:
-            node = self._tree.node(ino)
-            if not stat.S_ISDIR(node.kind):
+            if not stat.S_ISDIR(self._tree.node(ino).kind):
                 raise fail(errno.ENOTDIR)
-            parent = node.names[0][0].ino if node.names else node.ino
-            listing = [(b".", node.ino, stat.S_IFDIR), (b"..", parent, stat.S_IFDIR), *self._tree.listing(node)]
-        record = _OPEN_OUT.pack(self._new_handle(_Handle(node, None, listing)), 0, 0)
+            node = self._tree.node(ino)
+        # The kernel may keep the listing across opens (FOPEN_CACHE_DIR): every change to a
+        # directory goes through it, and it drops its copy then; a copy-up changes no listing.
+        # The listing itself is made on the first READDIR, so an open served from that cache
+        # costs nothing here.
+        record = _OPEN_OUT.pack(self._new_handle(_Handle(node, None)), FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR, 0)
         lowlevel.reply_buf(req, record, len(record))
 
     @_answers_errno
     def readdir(self, req: int, ino: int, size: int, offset: int, fi: Any) -> None:
-        listing = self._handle(fi).listing or []
-        items = ((name, number, kind, None) for name, number, kind in listing[offset:])
+        handle = self._handle(fi)
+        if handle.listing is None or offset == 0:
+            with self._lock:
+                node = handle.node
+                parent = node.names[0][0].ino if node.names else node.ino
+                handle.listing = [(b".", node.ino, stat.S_IFDIR), (b"..", parent, stat.S_IFDIR),
+                                  *self._tree.listing(node)]  # fmt: skip
+        items = ((name, number, kind, None) for name, number, kind in handle.listing[offset:])
         buffer = lowlevel.listing_buffer(items, offset, size, False, CACHE_SECONDS)
         lowlevel.reply_buf(req, buffer, len(buffer))
 
@@ -439,6 +457,7 @@ def mount(tree: WritableTree, mountpoint: str, options: dict[str, str | bool], o
         session = lowlevel.Session(filesystem.callbacks(), mount_options(options))
     except lowlevel.SessionError as exc:
         raise UsageError(f"{mountpoint}: FUSE mount failed: {exc} (see the libfuse message above)") from None
+    filesystem.forget_attributes = session.forget_attributes
     try:
         session.serve(mountpoint, threads)
     except lowlevel.SessionError as exc:

@@ -92,6 +92,10 @@ class WritableTree:
         self._by_upper: dict[tuple[int, int], Node] = {}
         self._next_ino = tree.inode_count + 1
         self._hardlink_names: dict[int, list[bytes]] | None = None
+        # Inodes whose attributes changed in a way the kernel did not ask for and may have
+        # cached: a directory copied up as the parent of a parent now shows DIR's size and a
+        # merged directory's link count. The FUSE layer tells the kernel to forget them.
+        self.changed_behind_the_kernel: list[int] = []
         info = store.lstat(b"")
         if info is None or not stat.S_ISDIR(info.st_mode):
             raise NotADirectoryError(errno.ENOTDIR, "the upper directory is missing", store.root.decode())
@@ -320,6 +324,8 @@ class WritableTree:
         info = os.lstat(path)
         node.in_upper = True
         self._by_upper[(info.st_dev, info.st_ino)] = node
+        if stat.S_ISDIR(a.mode):
+            self.changed_behind_the_kernel.append(node.ino)
 
     def _copy_file(self, lower: int, relative: bytes, data: str) -> None:
         directory = relative.rpartition(b"/")[0]

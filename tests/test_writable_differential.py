@@ -427,20 +427,8 @@ class KnownMismatch:
 IMAGE_HARDLINK_PAIR = ("data/a", "data/b")
 
 # Three more this test found are fixed (their sequences are the plain tests at the end).
-KNOWN_MISMATCHES: dict[str, list[KnownMismatch]] = {
-    "crfs-merge": [
-        KnownMismatch(
-            "unlinking one name of the image's hardlink pair leaves the other's link count at 2",
-            "test_unlinking_one_name_of_a_lower_hardlink_pair_leaves_one_link",
-            blinds=lambda path, row: replace(row, nlink=0) if path in IMAGE_HARDLINK_PAIR else row,
-        ),
-        KnownMismatch(
-            "a directory removed while open: fstat and readdir through the descriptor are ESTALE",
-            "test_a_directory_removed_while_open_still_answers_fstat_and_readdir",
-            leaves_out=lambda s: s.op is op_open and s.kind() == stat.S_IFDIR,
-        ),
-    ],
-}
+# Empty: every mismatch this test found is fixed; its shortest sequence stays below as a test.
+KNOWN_MISMATCHES: dict[str, list[KnownMismatch]] = {"crfs-merge": []}
 
 
 def known_mismatches() -> list[KnownMismatch]:
@@ -950,13 +938,10 @@ def test_copy_up_keeps_inode_numbers(world: World) -> None:
         both.trees_are_equal()
 
 
-@pytest.mark.xfail(strict=True, reason="crfs-merge whites out the name and leaves the other name in the image, "
-                   "which still counts two links")  # fmt: skip
 def test_unlinking_one_name_of_a_lower_hardlink_pair_leaves_one_link(world: World) -> None:
     run_steps(world, (op_unlink, ("data/a",), ()))
 
 
-@pytest.mark.xfail(strict=True, reason="crfs-merge forgets a removed directory's node while a descriptor holds it")
 def test_a_directory_removed_while_open_still_answers_fstat_and_readdir(world: World) -> None:
     """`rm -rf` of a shell's working directory, then `ls` there: overlayfs shows an empty directory."""
     with both_mounts(world) as both:

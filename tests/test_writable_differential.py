@@ -424,7 +424,6 @@ class KnownMismatch:
     blinds: Callable[[str, Row], Row] = lambda path, row: row
 
 
-IMAGE_HARDLINK_PAIR = ("data/a", "data/b")
 
 # Three more this test found are fixed (their sequences are the plain tests at the end).
 # Empty: every mismatch this test found is fixed; its shortest sequence stays below as a test.

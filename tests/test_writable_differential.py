@@ -397,7 +397,9 @@ def _makes_a_reserved_name(step: Step) -> bool:
     last = os.path.basename(step.paths[-1])
     makes = step.op in (op_create, op_mkdir, op_mkfifo, op_mknod_null, op_symlink, op_link, op_rename)
     source_exists = step.op not in (op_link, op_rename) or step.kind(0) is not None  # else ENOENT first
-    return makes and last.startswith(".wh.") and step.kind(-1) is None and source_exists
+    parent = os.path.dirname(os.path.normpath(step.paths[-1]))
+    parent_is_a_directory = not parent or (parent in step.tree and stat.S_ISDIR(step.tree[parent].mode))
+    return makes and last.startswith(".wh.") and step.kind(-1) is None and source_exists and parent_is_a_directory
 
 
 DEPARTURES: dict[str, list[Departure]] = {
@@ -426,8 +428,23 @@ class KnownMismatch:
     blinds: Callable[[str, Row], Row] = lambda path, row: row
 
 
-# Empty: every mismatch this test found is fixed; its shortest sequence stays below as a test.
-KNOWN_MISMATCHES: dict[str, list[KnownMismatch]] = {"crfs-merge": []}
+def _opens_a_file_with_capabilities_for_writing(step: Step) -> bool:
+    writes = step.op in (op_create, op_write_at, op_fallocate, op_truncate) or (
+        step.op is op_open and bool(step.args[0] & (os.O_WRONLY | os.O_RDWR))
+    )
+    return writes and step.kind() == stat.S_IFREG and any(n == "security.capability" for n, _ in step.row().xattrs)
+
+
+# The five mismatches this test found before are fixed; their shortest sequences stay below as tests.
+KNOWN_MISMATCHES: dict[str, list[KnownMismatch]] = {
+    "crfs-merge": [
+        KnownMismatch(
+            "filling a metadata-only copy loses security.capability",
+            "test_opening_for_writing_after_a_chmod_keeps_file_capabilities",
+            leaves_out=_opens_a_file_with_capabilities_for_writing,
+        ),
+    ],
+}
 
 
 def known_mismatches() -> list[KnownMismatch]:
@@ -811,6 +828,11 @@ class Differential(RuleBasedStateMachine):
         copied up, renamed or unlinked since."""
         for handle in self.handles:
             expected, got = (blind(handle.path, describe_open_file(fd)) for fd in handle.fds)
+            if not handle.writable and expected.nlink == 1 and got.nlink == 0:
+                # Departure: kernel overlayfs reads a lower file through the lower inode itself, which
+                # a whiteout leaves with its one link; the mount under test counts the names the
+                # program can see, as every file system does for a file unlinked while open.
+                got = replace(got, nlink=1)
             assert got == expected, f"{handle}: kernel overlayfs {expected}\n    {TARGET} {got}"
 
 
@@ -861,7 +883,7 @@ def no_known_mismatches() -> Iterator[None]:
         KNOWN_MISMATCHES[TARGET] = saved
 
 
-# --- the mismatches the machine found, each as its shortest sequence (all fixed since) ------------
+# --- the mismatches the machine found, each as its shortest sequence ----------------------------
 
 
 def test_a_lower_directory_renamed_over_a_non_empty_one_is_exdev(world: World) -> None:
@@ -897,6 +919,13 @@ def test_a_directory_removed_while_open_still_answers_fstat_and_readdir(world: W
             for fd in held:
                 os.close(fd)
         both.trees_are_equal()
+
+
+@pytest.mark.xfail(strict=True, reason="crfs-merge writes the image's bytes into the metadata-only copy, which "
+                   "already carries security.capability, and the kernel drops the xattr on that write")  # fmt: skip
+def test_opening_for_writing_after_a_chmod_keeps_file_capabilities(world: World) -> None:
+    # chmod: a metadata-only copy; an open for writing (no write): the copy is filled with the bytes.
+    run_steps(world, (op_chmod, ("usr/bin/ping",), (0o755,)), (op_open, ("usr/bin/ping",), (os.O_RDWR,)))
 
 
 # --- inode numbers across a copy-up -------------------------------------------------------------

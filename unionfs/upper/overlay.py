@@ -270,12 +270,13 @@ class WritableTree:
         return self._upper_attributes(node, relative, info, shown)
 
     def _lower_link_count(self, node: Node, a: Attributes) -> int:
-        """An image file's link count as overlayfs shows it: its names that still show (one
-        whited out in this mount or an earlier one counts no more); an image directory's own."""
+        """An image file's link count as overlayfs shows it: for a hardlink group, its names
+        that still show (one whited out in this mount or an earlier one counts no more); else
+        the image's own."""
         if stat.S_ISDIR(a.mode):
             return a.nlink
         if a.nlink == 1:
-            return 1 if node.names else 0
+            return 1  # also once removed while open: overlayfs shows the image file's own count
         assert node.lower is not None
         return sum(1 for _ in self._visible_names(node.lower))
 

@@ -95,6 +95,12 @@ def world_readable_dir() -> Iterator[Path]:
     path.chmod(0o755)
     yield path
     subprocess.run(["fusermount3", "-uz", str(path / "mnt")], capture_output=True)
+    # A test that failed inside `unshare --mount` leaves its server serving a mount no one
+    # else can see, holding files here: stop the user's processes before removing them.
+    subprocess.run(["pkill", "-u", USER], capture_output=True)
+    deadline = time.monotonic() + USER_GONE_SECONDS
+    while _processes_of(pwd.getpwnam(USER).pw_uid) and time.monotonic() < deadline:
+        time.sleep(0.1)
     shutil.rmtree(path, ignore_errors=True)
 
 

@@ -16,6 +16,7 @@ instead of filling a ctypes `struct stat` field by field.
 from __future__ import annotations
 
 import ctypes
+import errno
 import signal
 import struct
 from collections.abc import Callable, Iterable
@@ -321,6 +322,17 @@ def bindings() -> _Bindings:
         reply_readlink, reply_xattr = bound.lib.fuse_reply_readlink, bound.lib.fuse_reply_xattr
         _bound = bound
     return _bound
+
+
+def reply_sized(req: int, value: bytes, size: int) -> None:
+    """Answers GETXATTR or LISTXATTR by the xattr convention: size 0 asks how long the value
+    is; too small a size is ERANGE."""
+    if size == 0:
+        reply_xattr(req, len(value))
+    elif size < len(value):
+        reply_err(req, errno.ERANGE)
+    else:
+        reply_buf(req, value, len(value))
 
 
 def reply_open_cached(req: int, fi: Any) -> int:

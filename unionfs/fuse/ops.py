@@ -258,22 +258,12 @@ class MergedFilesystem:
         if value is None:
             lowlevel.reply_err(req, errno.ENODATA)
         else:
-            self._reply_sized(req, value, size)
+            lowlevel.reply_sized(req, value, size)
 
     @_replies_on_error
     def listxattr(self, req: int, ino: int, size: int) -> None:
         names = b"".join(os.fsencode(name) + b"\0" for name in self._tree.xattrs(ino))
-        self._reply_sized(req, names, size)
-
-    @staticmethod
-    def _reply_sized(req: int, value: bytes, size: int) -> None:
-        """The xattr convention: size 0 asks how long the value is; too small a size is ERANGE."""
-        if size == 0:
-            lowlevel.reply_xattr(req, len(value))
-        elif size < len(value):
-            lowlevel.reply_err(req, errno.ERANGE)
-        else:
-            lowlevel.reply_buf(req, value, len(value))
+        lowlevel.reply_sized(req, names, size)
 
 
 def worker_threads(image: MountedImage) -> int:

@@ -241,13 +241,13 @@ class WritableFilesystem:
         if value is None:
             lowlevel.reply_err(req, errno.ENODATA)
         else:
-            _reply_sized(req, value, size)
+            lowlevel.reply_sized(req, value, size)
 
     @_answers_errno
     def listxattr(self, req: int, ino: int, size: int) -> None:
         with self._lock:
             names = b"".join(os.fsencode(n) + b"\0" for n in self._tree.xattrs(self._tree.node(ino)))
-        _reply_sized(req, names, size)
+        lowlevel.reply_sized(req, names, size)
 
     @_answers_errno
     def setxattr(self, req: int, ino: int, name: bytes, value: int, size: int, flags: int) -> None:
@@ -418,15 +418,6 @@ def _time(spec: Any, given: int, now: int) -> int | None:
     if not given:
         return KEEP_TIME
     return int(spec.tv_sec) * 1_000_000_000 + int(spec.tv_nsec)
-
-
-def _reply_sized(req: int, value: bytes, size: int) -> None:
-    if size == 0:
-        lowlevel.reply_xattr(req, len(value))
-    elif size < len(value):
-        lowlevel.reply_err(req, errno.ERANGE)
-    else:
-        lowlevel.reply_buf(req, value, len(value))
 
 
 @functools.lru_cache(maxsize=1)

@@ -78,7 +78,6 @@ class Node:
     metacopy: bool = False  # an upper file whose bytes are still the lower ones (copy_up)
     override: bool | None = None  # whether its upper file has an override_stat (None: not known)
     upper_key: tuple[int, int] | None = None  # (st_dev, st_ino) of its upper entry
-    names_removed: int = 0  # names of an image file whited out this mount (as overlayfs counts)
     last_seen: Attributes | None = None  # a removed directory's attributes, link count 0
     lookups: int = 0  # the kernel's references: it may ask about the node until it FORGETs them
     orphan_fd: int | None = None  # an upper file unlinked while open: where its metadata is
@@ -255,7 +254,7 @@ class WritableTree:
         if not node.in_upper:
             assert node.lower is not None
             a = self._tree.attributes(node.lower)
-            return a._replace(ino=node.ino, nlink=a.nlink - node.names_removed)
+            return a._replace(ino=node.ino, nlink=self._lower_link_count(node, a))
         if not node.names and node.ino != ROOT:
             if node.orphan_fd is None:
                 if node.last_seen is None:
@@ -269,6 +268,17 @@ class WritableTree:
         if node.override is None:
             node.override = (shown.mode, shown.uid, shown.gid) != (info.st_mode, info.st_uid, info.st_gid)
         return self._upper_attributes(node, relative, info, shown)
+
+    def _lower_link_count(self, node: Node, a: Attributes) -> int:
+        """An image file's link count as overlayfs shows it: for a hardlink group, its names
+        that still show (one whited out in this mount or an earlier one counts no more); else
+        the image's own."""
+        if stat.S_ISDIR(a.mode):
+            return a.nlink
+        if a.nlink == 1:
+            return 1  # also once removed while open: overlayfs shows the image file's own count
+        assert node.lower is not None
+        return sum(1 for _ in self._visible_names(node.lower))
 
     def _upper_attributes(self, node: Node, relative: bytes, info: os.stat_result, shown: Shown) -> Attributes:
         size = info.st_size
@@ -604,8 +614,6 @@ class WritableTree:
             else:
                 self._keep_orphan(node, relative)
                 os.unlink(self.store.path(relative))
-        elif not stat.S_ISDIR(node.kind):
-            node.names_removed += 1  # an image file's name whited out: its other names show one link less
         self._forget_name(node, parent, name)
         self._drop_if_gone(node)
 
@@ -681,8 +689,6 @@ class WritableTree:
         self.store.drop_whiteout(self.path(new_parent), new_name)
         if target is not None:
             self._forget_name(target, new_parent, new_name)
-            if not target.in_upper and not stat.S_ISDIR(target.kind):
-                target.names_removed += 1
             self._drop_if_gone(target)
         self._rename_name(node, parent, name, new_parent, new_name)
 

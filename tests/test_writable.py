@@ -463,3 +463,19 @@ def test_removing_one_name_of_an_image_hardlink_pair_leaves_one_link(image: str,
     (mnt / "usr/lib/one").unlink()
     assert os.stat(mnt / "usr/lib/two").st_nlink == 1, "as kernel overlayfs counts it"
     assert (mnt / "usr/lib/two").read_bytes() == b"hardlinked\n"
+
+
+def test_an_unmount_then_at_once_a_mount_or_commit_of_the_same_directories_works(image: str, upper: Path,
+                                                                                  mount: Mounter, tmp_path: Path) -> None:  # fmt: skip
+    """fusermount3 -u returns before the old server has exited and let go of its locks; a
+    script that mounts or commits at once must not be refused for that moment."""
+    mnt = mount(image, "--upper", str(upper))
+    for round_number in range(6):
+        (mnt / f"round-{round_number}").write_bytes(b"x")
+        unmount(mnt)
+        mnt = mount(image, "--upper", str(upper))
+    unmount(mnt)
+    run = subprocess.run([*COMMAND, "commit", "--cache-dir", str(tmp_path / "cache"), "--upper", str(upper), image,
+                          f"oci:{tmp_path / 'committed'}:latest"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert sorted(p.name for p in upper.glob("round-*")) == [f"round-{n}" for n in range(6)]

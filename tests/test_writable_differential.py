@@ -940,8 +940,6 @@ def test_an_image_file_removed_while_open_keeps_its_link_count_on_the_descriptor
         both.trees_are_equal()
 
 
-@pytest.mark.xfail(strict=True, reason="crfs-merge writes the image's bytes into the metadata-only copy, which "
-                   "already carries security.capability, and the kernel drops the xattr on that write")  # fmt: skip
 def test_opening_for_writing_after_a_chmod_keeps_file_capabilities(world: World) -> None:
     # chmod: a metadata-only copy; an open for writing (no write): the copy is filled with the bytes.
     run_steps(world, (op_chmod, ("usr/bin/ping",), (0o755,)), (op_open, ("usr/bin/ping",), (os.O_RDWR,)))

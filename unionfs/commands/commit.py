@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import fcntl
 import gzip
 import hashlib
 import json
@@ -35,6 +34,7 @@ from registry.source import FileWindow, Layer
 from unionfs.aio import EventLoopThread
 from unionfs.build import MountedImage, Settings, image_id, local_layers, open_image
 from unionfs.commands.convert import deliver, estargz_descriptor, write_estargz_blob, write_image
+from unionfs.commands.mount_lock import EXIT_GRACE_SECONDS, flock_within
 from unionfs.upper.diff import IMAGE_XATTR, ImageBytes, UpperDirError, write_layer_tar
 
 log = logging.getLogger("crfs-merge")
@@ -60,10 +60,8 @@ def _unused_upper(upper: str) -> Iterator[None]:
     it half-way, and the commit would catch half a change."""
     fd = os.open(upper, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UpperDirError(f"{upper}: a writable mount is using it; unmount it first") from None
+        if not flock_within(fd, EXIT_GRACE_SECONDS):
+            raise UpperDirError(f"{upper}: a writable mount is using it; unmount it first")
         yield
     finally:
         os.close(fd)

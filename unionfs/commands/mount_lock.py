@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import stat
+import time
 from pathlib import Path
 
 from unionfs.commands.server_log import default_log_path
@@ -111,17 +112,33 @@ def lock_mountpoint(mountpoint: str) -> int | None:
         log.warning("%s: cannot lock (%s); not guarded against a second mount at once", path, exc.strerror)
         return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 64, 0).split()
-        os.close(fd)
-        pid = holder[0].decode(errors="replace") if holder else "?"
-        raise MountpointError(f"{mountpoint}: crfs-merge server {pid} is already mounting or serving it") from None
+        if not flock_within(fd, EXIT_GRACE_SECONDS):
+            holder = os.pread(fd, 64, 0).split()
+            pid = holder[0].decode(errors="replace") if holder else "?"
+            raise MountpointError(f"{mountpoint}: crfs-merge server {pid} is already mounting or serving it")
     except BaseException:
         os.close(fd)
         raise
     record_owner(fd, os.getpid())
     return fd
+
+
+EXIT_GRACE_SECONDS = 2.0
+
+
+def flock_within(fd: int, seconds: float) -> bool:
+    """Takes an exclusive flock on `fd`, waiting up to `seconds` for its holder to let go.
+    Right after `fusermount3 -u` the old server still holds its locks for the moment it
+    takes to exit, and a script that mounts again at once must not be refused for that."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
 
 
 def record_owner(fd: int, pid: int) -> None:

@@ -13,10 +13,10 @@ an flock on the directory for the mount's life, and a second is refused.
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 
+from unionfs.commands.mount_lock import EXIT_GRACE_SECONDS, flock_within
 from unionfs.commands.usage import UsageError
 from unionfs.upper.diff import IMAGE_XATTR
 
@@ -41,11 +41,9 @@ def claim_upper(directory: str, image_id: str, image_text: str) -> tuple[int, bo
 
 
 def _lock(fd: int, directory: str) -> None:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    if not flock_within(fd, EXIT_GRACE_SECONDS):
         raise UsageError(f"--upper {directory}: another crfs-merge mount is writing to it; "
-                         "unmount that one first") from None  # fmt: skip
+                         "unmount that one first")  # fmt: skip
 
 
 def _bind(fd: int, directory: str, image_id: str, image_text: str) -> bool:

@@ -55,6 +55,7 @@ from unionfs.upper.store import (
 
 COPY_CHUNK = 1 << 20
 META, FULL, EMPTY = "meta", "full", "empty"  # what copy_up copies of a regular file's bytes
+CAPABILITY_XATTR = "security.capability"
 KEEP_TIME = -1  # in set_attributes' times: leave this one as it is
 NAME_MAX = 255
 
@@ -404,8 +405,11 @@ class WritableTree:
         times = os.lstat(path)
         fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
         try:
+            capabilities = _xattr_or_none(fd, CAPABILITY_XATTR)
             if data == FULL:
                 self._copy_bytes(node.lower, fd)
+            if capabilities is not None:  # the kernel drops file capabilities on any write
+                os.setxattr(fd, CAPABILITY_XATTR, capabilities)
             os.removexattr(fd, METACOPY_XATTR)
         finally:
             os.close(fd)
@@ -875,6 +879,15 @@ def _copy_range(source: int, at: int, length: int, fd: int, position: int) -> in
     if copied <= 0:
         raise fail(errno.EIO)  # the cached tar is shorter than its index says
     return copied
+
+
+def _xattr_or_none(fd: int, name: str) -> bytes | None:
+    try:
+        return os.getxattr(fd, name)
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.ENOTSUP):
+            return None
+        raise
 
 
 def _exchange_paths(first: bytes, second: bytes) -> None:

@@ -31,9 +31,10 @@ class MountedImage:
 
     def __init__(self, tree: MergedTree, content: ContentReader, prefetch: Callable[[], None] = lambda: None,
                  close: Callable[[], None] = lambda: None, waits_on_network: bool = False,
-                 image_id: str = "") -> None:  # fmt: skip
+                 source: Image | None = None) -> None:  # fmt: skip
         self.tree, self.content = tree, content
-        self.image_id = image_id  # sha256:... of the config: what an upper directory is bound to
+        self.source = source  # the resolved image: its config (history) and layers
+        self.image_id = image_id(source) if source is not None else ""  # what an upper directory is bound to
         self._prefetch, self._close = prefetch, close
         self._when_ready: list[Callable[[], None]] = []
         self.waits_on_network = waits_on_network  # some reads block on a registry (lazy layers)
@@ -121,7 +122,7 @@ def build(image: Image, store: LayerStore) -> MountedImage:
         store.save_tree(name, tree)
     else:
         log.info("merged tree loaded from the cache: %d inodes", tree.inode_count)
-    return MountedImage(tree, ContentReader([TarReader(tar) for tar in tars]), image_id=image_id(image))
+    return MountedImage(tree, ContentReader([TarReader(tar) for tar in tars]), source=image)
 
 
 def merged_tree(layers: list[list[Entry]]) -> MergedTree:

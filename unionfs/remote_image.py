@@ -23,7 +23,7 @@ from registry.remote import RegistryClient
 from registry.remote_reference import RemoteReference
 from registry.source import FileWindow, Image, Layer
 from unionfs.aio import EventLoopThread
-from unionfs.build import MountedImage, Settings, build, image_id, layer_tars, log_resolved, merged_tree
+from unionfs.build import MountedImage, Settings, build, layer_tars, log_resolved, merged_tree
 from unionfs.commands.progress import terminal_progress
 from unionfs.content import ContentReader, LayerReader, TarReader
 from unionfs.entry import Chunk, Entry
@@ -129,7 +129,7 @@ def _open_remote(
         image, tocs = loop.run(_resolve_and_fetch(client, settings, store, lazy=True))
         if not tocs:  # every layer is now a local tar: the local path, with its saved trees
             whole = refetching(lambda: build(image, store), refetch)
-            return MountedImage(whole.tree, whole.content, close=close, image_id=whole.image_id)
+            return MountedImage(whole.tree, whole.content, close=close, source=image)
         factory = LazyLayerFactory(loop, client, settings)
         tree, readers, lazy = refetching(lambda: _remote_layers(image, tocs, store, factory), refetch)
     except BaseException:
@@ -137,7 +137,7 @@ def _open_remote(
         raise
     prefetch = partial(_prefetch, lazy)
     return MountedImage(tree, ContentReader(readers), prefetch, close, waits_on_network=bool(lazy),
-                        image_id=image_id(image))
+                        source=image)
 
 
 class LazyLayerFactory:

@@ -1,0 +1,314 @@
+"""An image's merged tree without a mount: what `crfs-merge ls/cat/stat`, fsspec and Python
+programs read, from the same engine that the FUSE mount serves.
+
+Paths are relative to the image root, with or without a leading '/'. They are resolved as the
+kernel resolves them in a mount, except that nothing can lead out of the image: '..' stops at
+the root and a symlink's target, absolute or relative, is followed inside the image
+(whiteout.resolve, containerd's rule). Errors are the OSError a mount would give: ENOENT,
+ENOTDIR, EISDIR, ELOOP, EINVAL for readlink of what is no link.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import stat
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from unionfs.build import MountedImage, Settings
+from unionfs.build import open_image as open_mounted
+from unionfs.tree import ROOT, MergedTree
+from whiteout.resolve import TooManySymlinks, resolve_in_root
+
+READ_BLOCK = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class FileStat:
+    """What lstat (or stat) shows for one path of the merged tree, as the mount shows it."""
+
+    path: str  # clean, relative to the root ('' for the root)
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    rdev: int = 0
+    link_target: str | None = None  # a symlink's target
+
+    @property
+    def kind(self) -> str:
+        """'file', 'directory', 'symlink', 'char', 'block', 'fifo' or 'socket'."""
+        return _KINDS.get(stat.S_IFMT(self.mode), "unknown")
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_file(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+    @property
+    def is_symlink(self) -> bool:
+        return stat.S_ISLNK(self.mode)
+
+    def to_dict(self) -> dict[str, Any]:
+        fields = {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
+        return {**fields, "kind": self.kind, "permissions": stat.filemode(self.mode)}
+
+
+_KINDS = {stat.S_IFREG: "file", stat.S_IFDIR: "directory", stat.S_IFLNK: "symlink", stat.S_IFCHR: "char",
+          stat.S_IFBLK: "block", stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket"}  # fmt: skip
+
+
+class ImageView:
+    """The merged tree of one image, readable without FUSE. Close it (or use `with`) to let
+    go of its files and registry session."""
+
+    def __init__(self, mounted: MountedImage, reference: str) -> None:
+        self._mounted = mounted
+        self._tree: MergedTree = mounted.tree
+        self.reference = reference
+
+    # ------------------------------------------------------------ the image
+
+    @property
+    def id(self) -> str:
+        """sha256:... of the image config, as `docker images` names an image."""
+        return self._mounted.image_id
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The image config (os, architecture, history, config.Env, ...); {} where the source has none."""
+        source = self._mounted.source
+        return json.loads(source.config) if source is not None and source.config else {}
+
+    @property
+    def mounted(self) -> MountedImage:
+        """The engine's view (tree, content reader, resolved source) for commands of this package."""
+        return self._mounted
+
+    def close(self) -> None:
+        self._mounted.close()
+
+    def __enter__(self) -> ImageView:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ metadata
+
+    def stat(self, path: str, follow_symlinks: bool = False) -> FileStat:
+        """lstat of `path` (stat with follow_symlinks)."""
+        clean, ino = self._resolve(path, follow_symlinks)
+        return self._stat(clean, ino)
+
+    def exists(self, path: str) -> bool:
+        try:
+            self._resolve(path, follow_last=False)
+        except OSError:
+            return False
+        return True
+
+    def readlink(self, path: str) -> str:
+        ino = self._resolve(path, follow_last=False)[1]
+        if not stat.S_ISLNK(self._tree.mode(ino)):
+            raise _error(errno.EINVAL, path)
+        return self._tree.link(ino)
+
+    def xattrs(self, path: str) -> Mapping[str, bytes]:
+        """The extended attributes of `path` itself (not followed)."""
+        return self._tree.xattrs(self._resolve(path, follow_last=False)[1])
+
+    def scandir(self, path: str = "") -> list[FileStat]:
+        """The entries of directory `path` (symlinks to directories followed), sorted by name."""
+        clean, ino = self._resolve(path, follow_last=True)
+        if not self._tree.is_dir(ino):
+            raise _error(errno.ENOTDIR, path)
+        prefix = clean + "/" if clean else ""
+        return [self._stat(prefix + os.fsdecode(name), child) for name, child in self._tree.children(ino)]
+
+    def listdir(self, path: str = "") -> list[str]:
+        return [entry.path.rpartition("/")[2] for entry in self.scandir(path)]
+
+    def walk(self, top: str = "") -> Iterator[tuple[str, list[FileStat], list[FileStat]]]:
+        """Like os.walk, top-down and never into symlinks: (directory, its subdirectories,
+        its other entries), directories as clean relative paths ('' is the root)."""
+        stack = [self.stat(top, follow_symlinks=True)]
+        if not stack[0].is_dir:
+            raise _error(errno.ENOTDIR, top)
+        while stack:
+            directory = stack.pop()
+            entries = self.scandir(directory.path) if directory.path else self.scandir("")
+            subdirectories = [e for e in entries if e.is_dir]
+            yield directory.path, subdirectories, [e for e in entries if not e.is_dir]
+            stack.extend(reversed(subdirectories))
+
+    # ------------------------------------------------------------ bytes
+
+    def read(self, path: str, offset: int = 0, size: int = -1) -> bytes:
+        """The bytes of the file at `path` (symlinks followed) from `offset`, `size` of them
+        (-1: to the end)."""
+        clean, ino = self._resolve(path, follow_last=True)
+        self._check_file(ino, path)
+        entry = self._tree.entry(ino, clean)
+        if offset < 0:
+            raise _error(errno.EINVAL, path)
+        end = entry.size if size < 0 else min(entry.size, offset + size)
+        parts = []
+        while offset < end:
+            data = self._mounted.content.read(entry, offset, min(READ_BLOCK, end - offset))
+            if not data:
+                raise _error(errno.EIO, path)
+            parts.append(data)
+            offset += len(data)
+        return b"".join(parts)
+
+    def open(self, path: str) -> io.BufferedReader:
+        """A seekable binary reader of the file at `path` (symlinks followed); only the
+        blocks read are fetched from a lazily read layer."""
+        clean, ino = self._resolve(path, follow_last=True)
+        self._check_file(ino, path)
+        return io.BufferedReader(_FileReader(self, clean), buffer_size=READ_BLOCK)
+
+    def copy_to(self, path: str, sink: io.RawIOBase | io.BufferedIOBase | Any) -> int:
+        """Writes the bytes of the file at `path` to `sink` block by block; returns how many."""
+        with self.open(path) as reader:
+            copied = 0
+            while block := reader.read(READ_BLOCK):
+                sink.write(block)
+                copied += len(block)
+        return copied
+
+    # ------------------------------------------------------------ paths
+
+    def resolve(self, path: str, follow_symlinks: bool = True) -> str:
+        """The clean path that `path` names inside the image, its symlinks followed."""
+        return self._resolve(path, follow_symlinks)[0]
+
+    def _resolve(self, path: str, follow_last: bool) -> tuple[str, int]:
+        """(clean path, inode) of `path`, every parent's symlinks followed inside the image,
+        the last component's too with `follow_last`."""
+        parts = [p for p in path.split("/") if p and p != "."]
+        if not parts:
+            return "", ROOT
+        try:
+            parent, _ = resolve_in_root("/".join(parts[:-1]), self._link_at) if len(parts) > 1 else ("", 0)
+        except TooManySymlinks:
+            raise _error(errno.ELOOP, path) from None
+        name = parts[-1]
+        if name == "..":
+            return self._resolve(parent.rpartition("/")[0], follow_last=False)
+        clean = f"{parent}/{name}" if parent else name
+        ino = self._inode_at(clean, path)
+        if follow_last and stat.S_ISLNK(self._tree.mode(ino)):
+            try:
+                clean = resolve_in_root(clean, self._link_at)[0]
+            except TooManySymlinks:
+                raise _error(errno.ELOOP, path) from None
+            ino = self._inode_at(clean, path) if clean else ROOT
+        return clean, ino
+
+    def _inode_at(self, clean: str, asked: str) -> int:
+        ino: int | None = ROOT
+        for part in clean.split("/") if clean else ():
+            assert ino is not None
+            if not self._tree.is_dir(ino):
+                raise _error(errno.ENOTDIR, asked)
+            ino = self._tree.child(ino, os.fsencode(part))
+            if ino is None:
+                raise _error(errno.ENOENT, asked)
+        assert ino is not None
+        return ino
+
+    def _link_at(self, clean: str) -> str | None:
+        """resolve_in_root's question: the target of the symlink at `clean`, or None."""
+        try:
+            ino = self._inode_at(clean, clean)
+        except OSError:
+            return None
+        return self._tree.link(ino) if stat.S_ISLNK(self._tree.mode(ino)) else None
+
+    def _stat(self, clean: str, ino: int) -> FileStat:
+        a = self._tree.attributes(ino)
+        target = self._tree.link(ino) if stat.S_ISLNK(a.mode) else None
+        return FileStat(clean, ino, a.mode, a.nlink, a.uid, a.gid, a.size, a.mtime_ns, a.rdev, target)
+
+    def _check_file(self, ino: int, path: str) -> None:
+        mode = self._tree.mode(ino)
+        if stat.S_ISDIR(mode):
+            raise _error(errno.EISDIR, path)
+        if not stat.S_ISREG(mode):
+            raise _error(errno.EINVAL, path)  # a device or fifo of an image has no bytes to give
+
+
+class _FileReader(io.RawIOBase):
+    """One file of the image as a raw stream, for io.BufferedReader."""
+
+    def __init__(self, view: ImageView, clean: str) -> None:
+        self._view, self._path = view, clean
+        self._size = view.stat(clean).size
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
+        if base + offset < 0:
+            raise _error(errno.EINVAL, self._path)
+        self._position = base + offset
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._view.read(self._path, self._position, len(buffer))
+        buffer[: len(data)] = data
+        self._position += len(data)
+        return len(data)
+
+
+def _error(number: int, path: str) -> OSError:
+    return OSError(number, os.strerror(number), path)
+
+
+def open_image(image: str, *, cache_dir: str | os.PathLike[str] | None = None, platform: str | None = None,
+               creds: str | None = None, tls_verify: bool = True, timeout: float = 30.0,
+               prefetch: str = "none") -> ImageView:  # fmt: skip
+    """Opens `image` (`oci:PATH[:TAG]`, `docker-archive:FILE`, a skopeo `dir:`, a path, or
+    `[docker://]REGISTRY/REPO[:TAG][@DIGEST]`) as a merged tree, with no mount.
+
+    eStargz layers in a registry are read lazily: their TOCs now, the bytes of a file when it
+    is read. Other layers are fetched whole into the cache (`cache_dir`, default
+    ~/.cache/crfs-merge) and indexed, as a mount does; the next open reuses them."""
+    return ImageView(open_mounted(image, settings(cache_dir, platform, creds, tls_verify, timeout, prefetch)), image)
+
+
+def settings(cache_dir: str | os.PathLike[str] | None = None, platform: str | None = None, creds: str | None = None,
+             tls_verify: bool = True, timeout: float = 30.0, prefetch: str = "none") -> Settings:  # fmt: skip
+    """The engine's Settings from open_image's keywords."""
+    from registry.auth import Credentials
+    from registry.manifest import Platform
+    from registry.options import RemoteOptions
+    from unionfs.storage.layer_store import default_cache_dir
+
+    return Settings(
+        cache_dir=Path(cache_dir).absolute() if cache_dir is not None else default_cache_dir(),
+        platform=Platform.parse(platform) if platform else Platform.host(),
+        remote=RemoteOptions(Credentials.parse(creds) if creds else None, tls_verify, timeout),
+        prefetch=prefetch,
+    )

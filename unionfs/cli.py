@@ -50,6 +50,10 @@ USAGE = """crfs-merge [options] IMAGE DIR
        crfs-merge cache [--cache-dir DIR] [prune (--max-size SIZE | --all)]
        crfs-merge --version"""
 
+# Commands that read an image without a mount: command name -> its module in unionfs/commands/.
+INSPECTING = {"ls": "browse", "cat": "browse", "stat": "browse", "find": "browse", "explain": "explain",
+              "layers": "layers", "diff": "diff"}  # fmt: skip
+
 __all__ = ["UsageError", "main", "parse_options"]
 
 
@@ -60,12 +64,14 @@ def main(argv: list[str] | None = None) -> int:
         from unionfs.commands.cache import command
 
         return command(argv[1:])
+    if argv[:1] and argv[0] in INSPECTING:
+        return _inspect(argv[0], argv[1:])
     subcommand = argv[0] if argv[:1] in (["convert"], ["commit"]) else ""
     parser = {"convert": _convert_parser, "commit": _commit_parser}.get(subcommand, _parser)()
     args = parser.parse_args(argv[1:] if subcommand else argv)
     configure_terminal(args.verbose)
     try:
-        args.creds = _credentials(args)
+        args.creds = credentials(args)
         if subcommand == "convert":
             return _convert(args)
         if subcommand == "commit":
@@ -81,6 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ImageError, OSError) as exc:
         log.error("%s", exc)
         return 1
+
+
+def _inspect(name: str, argv: list[str]) -> int:
+    import importlib
+
+    module = importlib.import_module(f"unionfs.commands.{INSPECTING[name]}")
+    status: int = module.command(name, argv)
+    return status
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -109,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
                         "crfs-merge.log)")  # fmt: skip
     for hidden in ("--ready-fd", "--lock-fd", "--creds-fd"):  # from the command to a spawned server
         parser.add_argument(hidden, type=int, default=None, help=argparse.SUPPRESS)
-    _add_source_options(parser)
+    add_source_options(parser)
     return parser
 
 
@@ -126,7 +140,7 @@ def _convert_parser() -> argparse.ArgumentParser:
                         help=f"largest chunk of a file (default {DEFAULT_CHUNK_SIZE})")  # fmt: skip
     parser.add_argument("--prefetch-files", default="", metavar="PATH[,PATH...]",
                         help="files to put first, before the prefetch landmark, in their layers")  # fmt: skip
-    _add_source_options(parser)
+    add_source_options(parser)
     return parser
 
 
@@ -144,11 +158,11 @@ def _commit_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compression", choices=("gzip", "zstd", "estargz"), default="gzip",
                         help="of the new layer (default gzip)")  # fmt: skip
     parser.add_argument("-m", "--message", default=None, help="the new history entry's comment")
-    _add_source_options(parser)
+    add_source_options(parser)
     return parser
 
 
-def _add_source_options(parser: argparse.ArgumentParser) -> None:
+def add_source_options(parser: argparse.ArgumentParser) -> None:
     """Options on where an image comes from, shared by mount, --export and convert."""
     parser.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
                         help="default: $XDG_CACHE_HOME/crfs-merge")  # fmt: skip
@@ -224,7 +238,7 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _credentials(args: argparse.Namespace) -> str | None:
+def credentials(args: argparse.Namespace) -> str | None:
     """Returns the `USER:PASS` to use, asking for a missing password (on the terminal, or
     from stdin with --password-stdin), or None for none given."""
     creds_fd = getattr(args, "creds_fd", None)
@@ -246,7 +260,7 @@ def _credentials(args: argparse.Namespace) -> str | None:
         raise UsageError(f"--creds {args.creds}: no password given") from None
 
 
-def _settings(args: argparse.Namespace) -> Settings:
+def settings_from(args: argparse.Namespace) -> Settings:
     from registry.auth import Credentials
     from registry.manifest import Platform
     from registry.options import RemoteOptions
@@ -265,14 +279,14 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _open_image(args: argparse.Namespace, image_text: str) -> MountedImage:
     from unionfs.build import open_image
 
-    return open_image(image_text, _settings(args))
+    return open_image(image_text, settings_from(args))
 
 
 def _convert(args: argparse.Namespace) -> int:
     from unionfs.commands.convert import convert
 
     files = [p for p in args.prefetch_files.split(",") if p]
-    digest = convert(args.source, args.dest, _settings(args), args.chunk_size, files)
+    digest = convert(args.source, args.dest, settings_from(args), args.chunk_size, files)
     print(f"{args.dest}: {digest}")
     return 0
 
@@ -282,7 +296,7 @@ def _commit(args: argparse.Namespace) -> int:
     from unionfs.upper.diff import UpperDirError
 
     try:
-        digest = commit(args.upper, args.source, args.dest, _settings(args), args.compression, args.message)
+        digest = commit(args.upper, args.source, args.dest, settings_from(args), args.compression, args.message)
     except UpperDirError as exc:
         log.error("%s", exc)
         return 1

@@ -56,13 +56,12 @@ def lstat_record(root: Path, path: str) -> dict[str, object]:
     full = root / path if path else root
     info = os.lstat(full)
     record: dict[str, object] = {"ino": info.st_ino, "mode": info.st_mode, "nlink": info.st_nlink,
-                                 "uid": info.st_uid, "gid": info.st_gid, "mtime_ns": info.st_mtime_ns,
+                                 "uid": info.st_uid, "gid": info.st_gid, "size": info.st_size,
+                                 "mtime_ns": info.st_mtime_ns,
                                  "rdev": info.st_rdev,
                                  "link_target": os.readlink(full) if stat.S_ISLNK(info.st_mode) else None,
                                  "xattrs": {n: os.getxattr(full, n, follow_symlinks=False).decode("latin-1")
                                             for n in os.listxattr(full, follow_symlinks=False)}}  # fmt: skip
-    if not stat.S_ISDIR(info.st_mode):
-        record["size"] = info.st_size  # a directory's size is the file system's own business
     return record
 
 

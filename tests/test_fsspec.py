@@ -267,6 +267,8 @@ def test_fsspec_open_with_the_image_in_the_url_or_in_the_options(oci_image: Imag
     files = fsspec.open_files(f"crfs://{image}!/**/os-release", "rt", cache_dir=cache)
     assert sorted(of.path for of in files) == ["etc/os-release", "usr/lib/os-release"]
     assert fs.ukey("data.csv") == fs.ukey("/data.csv") != fs.ukey("etc/os-release")
+    with pytest.raises(FileNotFoundError):
+        fs.ukey("missing")
     assert fs.modified("data.csv") == fs.created("data.csv") and fs.modified("data.csv").timestamp() == 1_700_000_000
 
 
@@ -387,7 +389,14 @@ def _fsspec_read(image: str, cache: Path) -> bytes:
         fs.close()
 
 
-@pytest.mark.parametrize("read", [_api_read, _fsspec_read], ids=["api", "fsspec"])
+def _command_read(image: str, cache: Path) -> bytes:
+    run = subprocess.run([*COMMAND, "cat", "--cache-dir", str(cache), image, SMALL_FILE], capture_output=True,
+                         timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    return run.stdout
+
+
+@pytest.mark.parametrize("read", [_command_read, _api_read, _fsspec_read], ids=["crfs-merge cat", "api", "fsspec"])
 def test_reading_one_small_file_fetches_that_file_footers_and_tocs(
     read: Callable[[str, Path], bytes], estargz_registry: dict[str, Any], counting_proxy: FaultProxy, tmp_path: Path
 ) -> None:  # fmt: skip

@@ -117,7 +117,7 @@ class CrfsFileSystem(AbstractFileSystem):
 
     def ukey(self, path: str) -> str:
         # An image never changes under its id: the id and the entry name an entry's bytes.
-        name = self._strip_protocol(path)
+        name = self.info(path)["name"]  # FileNotFoundError for what is not there
         return str(tokenize(self._view.id, self._view.resolve(name, follow_symlinks=False)))
 
     def modified(self, path: str) -> datetime.datetime:

@@ -393,6 +393,7 @@ def _command_read(image: str, cache: Path) -> bytes:
     run = subprocess.run([*COMMAND, "cat", "--cache-dir", str(cache), image, SMALL_FILE], capture_output=True,
                          timeout=120)  # fmt: skip
     assert run.returncode == 0, run.stderr
+    assert run.stderr == b""  # nothing left pending on close (the read-ahead of the next small files)
     return run.stdout
 
 

@@ -192,8 +192,15 @@ class ImageView:
     # ------------------------------------------------------------ paths
 
     def resolve(self, path: str, follow_symlinks: bool = True) -> str:
-        """The clean path that `path` names inside the image, its symlinks followed."""
-        return self._resolve(path, follow_symlinks)[0]
+        """The clean path that `path` names inside the image, its symlinks followed (the last
+        one too with `follow_symlinks`), as realpath does: what it leads to need not exist."""
+        parent, _, name = path.strip("/").rpartition("/")
+        if not follow_symlinks and name not in ("", ".", ".."):
+            return "/".join(p for p in (self.resolve(parent), name) if p)
+        try:
+            return resolve_in_root(path.strip("/"), self._link_at)[0]
+        except TooManySymlinks:
+            raise _error(errno.ELOOP, path) from None
 
     def _resolve(self, path: str, follow_last: bool) -> tuple[str, int]:
         """(clean path, inode) of `path`, every parent's symlinks followed inside the image,

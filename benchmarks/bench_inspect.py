@@ -13,8 +13,6 @@
     (target under 1 s), `stat` and `cat` of one file (the start-up floor), and `python3 -c pass`
     (the interpreter's own start).
 
-Until `crfs-merge ls/cat/stat` (unionfs/commands/browse.py) is in this checkout, the same work
-runs as `python3 -c` over unionfs.api (open_image, walk, stat, read); the report says which.
 Every figure is the median of --repeat runs. Prints a markdown table and a summary; --json PATH
 writes all samples.
 
@@ -66,30 +64,10 @@ BIG_PROBE = "srv/d0000/f00000"
 PHASES = ("lazy_cat", "reference", "cached")
 COMMAND_TIMEOUT = 600
 
-# The work of `crfs-merge ls -R / stat / cat` through unionfs.api, while browse.py is not here.
-API_SCRIPTS = {
-    "cat": "import sys\nfrom unionfs.api import open_image\n"
-    "with open_image(sys.argv[1], cache_dir=sys.argv[2]) as v:\n"
-    "    for p in sys.argv[3:]: v.copy_to(p, sys.stdout.buffer)\n",
-    "stat": "import sys\nfrom unionfs.api import open_image\n"
-    "with open_image(sys.argv[1], cache_dir=sys.argv[2]) as v:\n    print(v.stat(sys.argv[3]).to_dict())\n",
-    "ls": "import sys\nfrom unionfs.api import open_image\n"
-    "with open_image(sys.argv[1], cache_dir=sys.argv[2]) as v:\n"
-    "    w = sys.stdout.write\n"
-    "    for d, dirs, files in v.walk(sys.argv[3] if len(sys.argv) > 3 else ''):\n"
-    "        for e in dirs + files: w(e.path + '\\n')\n",
-}
-
-
-def has_browse() -> bool:
-    return (REPO_ROOT / "unionfs" / "commands" / "browse.py").exists()
-
 
 def inspect_argv(name: str, image: str, cache: Path, *paths: str, recursive: bool = False) -> list[str]:
-    """`crfs-merge NAME` (ls -R with `recursive`), or its unionfs.api equivalent without browse.py."""
-    if has_browse():
-        return [*CRFS, name, "--cache-dir", str(cache), *(["-R"] if recursive else []), image, *paths]
-    return [sys.executable, "-c", API_SCRIPTS[name], image, str(cache), *paths]
+    """`crfs-merge NAME --cache-dir CACHE [-R] IMAGE PATH...`."""
+    return [*CRFS, name, "--cache-dir", str(cache), *(["-R"] if recursive else []), image, *paths]
 
 
 def timed(argv: list[str], cold: bool = False) -> tuple[float, bytes]:
@@ -265,7 +243,7 @@ def table(results: dict[str, Any]) -> str:
     cold, warm = lazy.get("cold", {}), lazy.get("warm", {})
     lines = ["| one file from the registry | seconds | bytes fetched | vs skopeo+umoci+cat (time, bytes) |",
              "| --- | ---: | ---: | ---: |"]  # fmt: skip
-    rows = [(f"{results['via']} cat, fresh cache", cold), (f"{results['via']} cat, cache reused", warm),
+    rows = [("crfs-merge cat, fresh cache", cold), ("crfs-merge cat, cache reused", warm),
             ("skopeo copy + umoci raw unpack + cat", ref), ("crane export \\| tar -xO", crane)]  # fmt: skip
     for label, row in rows:
         if "absent" in row:
@@ -286,15 +264,15 @@ def table(results: dict[str, Any]) -> str:
 def summary(results: dict[str, Any]) -> str:
     image, big, cached = results.get("image", {}), results.get("big_image", {}), results.get("cached", {})
     lines = [
-        f"commands: {results['via']}; crfs-merge code: {results['crfs_code']}; repeat {results['args']['repeat']}; "
-        f"caches dropped: {results['caches_dropped']}",
+        f"crfs-merge code: {results['crfs_code']}; bytecode in {results['bytecode']}; "
+        f"repeat {results['args']['repeat']}; caches dropped: {results['caches_dropped']}",
         f"debian image: {image.get('expected_entries')} entries, gzip blobs {fmt(image.get('gzip_layer_bytes'))} B, "
         f"eStargz blobs {fmt(image.get('esgz_layer_bytes'))} B; file {CAT_PATH}: "
         f"{results.get('lazy_cat', {}).get('file_bytes')} B, same as the unpacked rootfs: "
         f"{results.get('lazy_cat', {}).get('matches_rootfs')}",
         f"cached image: {big.get('entries')} entries in {big.get('layers')} layers, built in "
         f"{fmt(big.get('build_seconds'))} s; first open (index + merge) {fmt(cached.get('first_open_seconds'))} s; "
-        f"ls -R listed {cached.get('listed_lines')} lines",
+        f"ls -R wrote {cached.get('listed_lines')} lines",
     ]  # fmt: skip
     ls_seconds = cached.get("ls_seconds")
     if isinstance(ls_seconds, float):
@@ -318,13 +296,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def keep_bytecode(work: Path) -> str:
+    """Lets the commands keep their compiled modules (under WORK/pycache, not in the checkout), as an
+    installed package has them: with PYTHONDONTWRITEBYTECODE every start compiles ~50 modules again."""
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    os.environ["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
+    packages = [str(REPO_ROOT / name) for name in ("unionfs", "registry", "whiteout")]
+    subprocess.run([sys.executable, "-m", "compileall", "-q", *packages], env=crfs_env(), check=True)
+    return os.environ["PYTHONPYCACHEPREFIX"]
+
+
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     results: dict[str, Any] = {
         "args": {"repeat": args.repeat, "entries": args.entries, "seed": args.seed},
         "workdir": str(work),
         "caches_dropped": drop_caches(),
         "crfs_code": crfs_code(),
-        "via": "crfs-merge" if has_browse() else "python3 -c unionfs.api",
+        "bytecode": keep_bytecode(work),
     }
     registry_phases(args, work, results)
     guarded(results, "cached", lambda: cached_phase(args, work, results))
@@ -333,7 +321,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    scratch = ("debian", "esgz", "big", "registry", "caches", "reference", "debian-rootfs", "mnt")
+    scratch = ("debian", "esgz", "big", "registry", "caches", "reference", "debian-rootfs", "mnt", "pycache")
     return run_benchmark(args, "crfs-bench-inspect-", scratch, run, (table, summary), PHASES)
 
 

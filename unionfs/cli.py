@@ -5,6 +5,7 @@
     crfs-merge convert SRC DST           rewrite an image's layers as eStargz (to a layout or registry)
     crfs-merge commit --upper DIR IMAGE DEST   IMAGE plus a layer made from an upper directory
     crfs-merge cache [prune ...]         show what the cache holds, or prune it (unionfs/commands/cache.py)
+    crfs-merge ls|cat|stat|find|explain|layers|diff IMAGE ...   read an image with no mount (INSPECTING)
 
 Caveats:
 - The mount is served by a background process (unionfs/commands/server.py says how it starts, logs and
@@ -47,6 +48,7 @@ USAGE = """crfs-merge [options] IMAGE DIR
        crfs-merge --export DEST [options] IMAGE
        crfs-merge convert [options] SRC DST
        crfs-merge commit --upper DIR [options] IMAGE DEST
+       crfs-merge ls|cat|stat|find|explain|layers|diff [options] IMAGE ... (no mount; --help each)
        crfs-merge cache [--cache-dir DIR] [prune (--max-size SIZE | --all)]
        crfs-merge --version"""
 

@@ -226,6 +226,7 @@ def lazy_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
     registry = Registry(root / "registry")
     try:
         skopeo_copy(f"oci:{root / 'esgz'}:v1", f"docker://{registry.host}/explain/lazy:v1")
+        skopeo_copy(f"oci:{root / 'source'}:v1", f"docker://{registry.host}/explain/plain:v1")
         yield registry.host, "explain/lazy:v1"
     finally:
         registry.stop()
@@ -253,3 +254,16 @@ def test_a_lazy_image_is_explained_from_its_tocs(lazy_image: tuple[str, str], tm
     assert [r.marker for r in removed.reasons] == ["etc/.wh.motd"]
     assert [(r.added, r.removed) for r in layers.layers] == [(4, 0), (2, 1)]
     assert layers.wasted_bytes == len(b"lower") and layers.layers[0].layer.digest.startswith("sha256:")
+
+
+def test_a_registry_image_fetched_whole_is_explained_alike(lazy_image: tuple[str, str], tmp_path: Path) -> None:
+    host, name = lazy_image
+    with open_image(f"{host}/{name}", cache_dir=tmp_path / "lazy") as lazy:
+        expected = (lazy.explain("etc/motd").events, lazy.layers().layers)
+    with open_image(f"{host}/explain/plain:v1", cache_dir=tmp_path / "plain") as plain:
+        assert not plain.mounted.waits_on_network  # gzip layers, fetched whole and indexed
+        report, layers = plain.explain("etc/motd"), plain.layers()
+    assert [(e.layer.index, e.action, e.reasons) for e in report.events] == [
+        (e.layer.index, e.action, e.reasons) for e in expected[0]]
+    counts = [(r.entries, r.added, r.changed, r.removed, r.file_bytes, r.wasted_bytes) for r in layers.layers]
+    assert counts == [(r.entries, r.added, r.changed, r.removed, r.file_bytes, r.wasted_bytes) for r in expected[1]]

@@ -465,7 +465,9 @@ def _touched(lower: Node[E], entries: list[E]) -> tuple[set[str], set[str]]:
             continue
         landed = _landing(lower, target, whole=marker is Marker.OPAQUE)
         (nodes if marker is Marker.NONE and entry.is_dir else subtrees).add(landed)
-        nodes.update(_ancestors(landed))
+        parent = parent_and_name(landed)[0]
+        if parent and parent not in nodes:  # else its ancestors are in already, with it
+            nodes.update(_ancestors(landed))
     return subtrees, nodes
 
 
@@ -487,4 +489,14 @@ def _outermost(paths: set[str]) -> list[str]:
     """The paths none of whose ancestors is among them: walking their subtrees walks all."""
     if "" in paths:
         return [""]
-    return [p for p in paths if not any(a in paths for a in _ancestors(p))]
+    covered: dict[str, bool] = {}  # directory -> it or one of its ancestors is in `paths`
+
+    def is_covered(directory: str) -> bool:
+        if not directory:
+            return False
+        found = covered.get(directory)
+        if found is None:
+            found = covered[directory] = directory in paths or is_covered(parent_and_name(directory)[0])
+        return found
+
+    return [p for p in paths if not is_covered(parent_and_name(p)[0])]

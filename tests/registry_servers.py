@@ -333,8 +333,10 @@ class FaultProxy:
         """Writes `body`, counting what leaves, at `bytes_per_second` if that is set."""
         step = len(body) if self.bytes_per_second is None else max(1, int(self.bytes_per_second / 20))
         for start in range(0, len(body), step) if body else ():
-            await response.write(body[start : start + step])
+            # Counted before it is written: a client that has the bytes must find them counted
+            # (after the write, the count could lag behind a read that has already returned).
             self.served_bytes += len(body[start : start + step])
+            await response.write(body[start : start + step])
             if self.bytes_per_second is not None:
                 await asyncio.sleep(0.05)
 

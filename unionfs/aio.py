@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
 from collections.abc import Coroutine
 from concurrent.futures import Future
@@ -25,6 +26,7 @@ class EventLoopThread:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.cancel_pending()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
@@ -41,6 +43,21 @@ class EventLoopThread:
                 return future.result()  # it finished just now
             raise TimeoutError(f"no result within {timeout:.1f}s") from None
 
+    def cancel_pending(self, seconds: float = 5.0) -> None:
+        """Cancels whatever still runs on the loop (a lazy layer's read-ahead, when a command
+        closes the image) and waits for it to unwind, so that nothing is destroyed pending."""
+        if self._thread.is_alive() and not self._loop.is_closed():
+            with contextlib.suppress(Exception):
+                self.run(_cancel_others(), seconds)
+
     def submit(self, coroutine: Coroutine[Any, Any, T]) -> Future[T]:
         """Starts the coroutine on the loop; returns a future of its result."""
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+
+
+async def _cancel_others() -> None:
+    current = asyncio.current_task()
+    others = [task for task in asyncio.all_tasks() if task is not current]
+    for task in others:
+        task.cancel()
+    await asyncio.gather(*others, return_exceptions=True)

@@ -122,6 +122,7 @@ def _open_remote(
     loop.run(client.__aenter__())
 
     def close() -> None:
+        loop.cancel_pending()  # the read-ahead of lazy layers, before the session it uses goes
         loop.run(client.__aexit__(None, None, None))
         loop.__exit__(None, None, None)
 

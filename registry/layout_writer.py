@@ -37,10 +37,12 @@ def write_layout(
     compression: Compression = Compression.GZIP,
     tag: str = "latest",
     platform: Platform | None = None,
+    history: Sequence[dict[str, object]] | None = None,
 ) -> str:
     """Writes an image of `layer_tars` (bottom first) as an OCI layout at `root`, for
     `platform` (default: this machine's); returns the manifest digest. An existing layout
-    gains the tag beside its others."""
+    gains the tag beside its others. `history` is the config's history (one entry per
+    layer, plus any marked empty_layer), as a Dockerfile build writes it."""
     platform = platform or Platform.host()
     blobs = blob_dir(root)
     layers = [_put(blobs, compress(t, compression), LAYER_MEDIA_TYPES[compression]) for t in layer_tars]
@@ -50,6 +52,7 @@ def write_layout(
         **({"variant": platform.variant} if platform.variant else {}),
         "rootfs": {"type": "layers", "diff_ids": [_digest(t) for t in layer_tars]},
         "config": {},
+        **({"history": list(history)} if history is not None else {}),
     }
     return write_manifest(root, layers, _json(config), tag, platform)
 

@@ -90,14 +90,16 @@ ImageWriter = Callable[..., str]
 
 @pytest.fixture
 def oci_image(tmp_path: Path) -> ImageWriter:
-    """Returns write(*layers, compression=..., tag=...) -> 'oci:PATH:TAG' of a new layout."""
+    """Returns write(*layers, compression=..., tag=..., history=...) -> 'oci:PATH:TAG' of a new
+    layout; `history` is the config's history list."""
     count = 0
 
-    def write(*layers: list[Member], compression: Compression = Compression.GZIP, tag: str = "latest") -> str:
+    def write(*layers: list[Member], compression: Compression = Compression.GZIP, tag: str = "latest",
+              history: list[dict[str, object]] | None = None) -> str:  # fmt: skip
         nonlocal count
         count += 1
         root = tmp_path / f"image{count}"
-        write_layout(root, [tar_of(*layer) for layer in layers], compression, tag)
+        write_layout(root, [tar_of(*layer) for layer in layers], compression, tag, history=history)
         return f"oci:{root}:{tag}"
 
     return write

@@ -31,9 +31,13 @@ class MountedImage:
 
     def __init__(self, tree: MergedTree, content: ContentReader, prefetch: Callable[[], None] = lambda: None,
                  close: Callable[[], None] = lambda: None, waits_on_network: bool = False,
-                 source: Image | None = None) -> None:  # fmt: skip
+                 source: Image | None = None, layer_entries: Callable[[], list[list[Entry]]] | None = None,
+                 ) -> None:  # fmt: skip
         self.tree, self.content = tree, content
         self.source = source  # the resolved image: its config (history) and layers
+        # Each layer's entries again (the tree keeps only what it shows), read from where the
+        # tree's were: the layer index cache, or a lazy layer's cached (else fetched) TOC.
+        self.layer_entries = layer_entries
         self.image_id = image_id(source) if source is not None else ""  # what an upper directory is bound to
         self._prefetch, self._close = prefetch, close
         self._when_ready: list[Callable[[], None]] = []
@@ -122,7 +126,13 @@ def build(image: Image, store: LayerStore) -> MountedImage:
         store.save_tree(name, tree)
     else:
         log.info("merged tree loaded from the cache: %d inodes", tree.inode_count)
-    return MountedImage(tree, ContentReader([TarReader(tar) for tar in tars]), source=image)
+    return MountedImage(tree, ContentReader([TarReader(tar) for tar in tars]), source=image,
+                        layer_entries=lambda: indexed_entries(image, store))  # fmt: skip
+
+
+def indexed_entries(image: Image, store: LayerStore) -> list[list[Entry]]:
+    """Returns the entries of each layer of a local `image`, from the cache's indexes."""
+    return [store.open(layer, number).entries for number, layer in enumerate(image.layers)]
 
 
 def merged_tree(layers: list[list[Entry]]) -> MergedTree:

@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import TypeVar
 
 from registry.digest import Digest
+from registry.errors import LayerFormatError
 from registry.media_types import Compression
 from registry.pull import fetch_blobs, resolve_remote
 from registry.remote import RegistryClient
 from registry.remote_reference import RemoteReference
 from registry.source import FileWindow, Image, Layer
 from unionfs.aio import EventLoopThread
-from unionfs.build import MountedImage, Settings, build, layer_tars, log_resolved, merged_tree
+from unionfs.build import MountedImage, Settings, build, indexed_entries, layer_tars, log_resolved, merged_tree
 from unionfs.commands.progress import terminal_progress
 from unionfs.content import ContentReader, LayerReader, TarReader
 from unionfs.entry import Chunk, Entry
@@ -130,15 +131,17 @@ def _open_remote(
         image, tocs = loop.run(_resolve_and_fetch(client, settings, store, lazy=True))
         if not tocs:  # every layer is now a local tar: the local path, with its saved trees
             whole = refetching(lambda: build(image, store), refetch)
-            return MountedImage(whole.tree, whole.content, close=close, source=image)
+            entries = partial(refetching, partial(indexed_entries, image, store), refetch)
+            return MountedImage(whole.tree, whole.content, close=close, source=image, layer_entries=entries)
         factory = LazyLayerFactory(loop, client, settings)
         tree, readers, lazy = refetching(lambda: _remote_layers(image, tocs, store, factory), refetch)
     except BaseException:
         loop.run(client.__aexit__(None, None, None))
         raise
     prefetch = partial(_prefetch, lazy)
+    entries = partial(_entries_again, loop, client, image, set(tocs), store, settings.cache_dir / "toc", refetch)
     return MountedImage(tree, ContentReader(readers), prefetch, close, waits_on_network=bool(lazy),
-                        source=image)
+                        source=image, layer_entries=entries)  # fmt: skip
 
 
 class LazyLayerFactory:
@@ -195,6 +198,27 @@ def _remote_layers(
         readers.append(reader)
         lazy.append((reader, _prefetched(files, tocs[number].prefetch_end, lazy_layer.prefetch_mode)))
     return tree, readers, lazy
+
+
+def _entries_again(loop: EventLoopThread, client: RegistryClient, image: Image, lazy: set[int], store: LayerStore,
+                   toc_dir: Path, refetch: Callable[[Layer], None]) -> list[list[Entry]]:  # fmt: skip
+    """Returns each layer's entries as _remote_layers had them (which let them go): a lazy
+    layer's from its TOC (the copy the mount saved in `toc_dir`, else fetched again), the
+    others' from the layer index cache."""
+
+    def attempt() -> list[list[Entry]]:
+        entries = []
+        for number, layer in enumerate(image.layers):
+            if number in lazy:
+                toc = loop.run(fetch_toc(client, layer, number, toc_dir))
+                if toc is None:
+                    raise LayerFormatError(f"layer {layer.digest}: its eStargz TOC is gone from the registry")
+                entries.append(toc.entries)
+            else:
+                entries.append(store.open(layer, number).entries)
+        return entries
+
+    return refetching(attempt, refetch)
 
 
 def _prefetched(files: list[tuple[Chunk, ...]], landmark_end: int | None, mode: str) -> list[Chunk]:

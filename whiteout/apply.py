@@ -84,19 +84,30 @@ class Node(Generic[E]):
         return self.entry.symlink_to if self.entry is not None and self.children is None else None
 
 
+LayerObserver = Callable[[int, Node[E], list[E]], None]
+"""Called with (layer number, the tree the layers below made, the layer's entries) before the
+layer is applied: how whiteout.history learns what each layer changed without merging again.
+The tree is the live one: look, don't change it, and copy what must outlive the call."""
+
+
 class Unresolvable(Exception):
     """A path's parents lead through symlinks to something that is no directory, or loop."""
 
 
-def merge_layers(layers: Iterable[Iterable[E]], warn: Warn = lambda _msg: None) -> Node[E]:
+def merge_layers(layers: Iterable[Iterable[E]], warn: Warn = lambda _msg: None,
+                 observe: LayerObserver[E] | None = None) -> Node[E]:  # fmt: skip
     """Returns the root of the tree that layers, applied bottom to top, produce.
 
     Entry paths must already be clean (see whiteout.paths.clean_path). The entries are
-    shared, never changed; the nodes are new.
+    shared, never changed; the nodes are new. `observe`, if given, sees each layer's lower
+    tree before the layer is applied (the returned root is the tree after the last one).
     """
     root: Node[E] = Node(None, {})
     for number, layer in enumerate(layers):
-        root = _apply_layer(root, list(layer), _prefixed(warn, f"layer {number}: "))
+        entries = list(layer)
+        if observe is not None:
+            observe(number, root, entries)
+        root = _apply_layer(root, entries, _prefixed(warn, f"layer {number}: "))
     return root
 
 

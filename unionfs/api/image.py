@@ -18,12 +18,15 @@ import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from unionfs.build import MountedImage, Settings
 from unionfs.build import open_image as open_mounted
 from unionfs.tree import ROOT, MergedTree
 from whiteout.resolve import TooManySymlinks, resolve_in_root
+
+if TYPE_CHECKING:
+    from unionfs.provenance.report import Explanation, LayersReport
 
 READ_BLOCK = 1 << 20
 
@@ -188,6 +191,23 @@ class ImageView:
                 sink.write(block)
                 copied += len(block)
         return copied
+
+    # ------------------------------------------------------------ provenance
+
+    def explain(self, path: str) -> Explanation:
+        """Why `path` is what it is in the merged tree, or why it is not there: the layer that
+        made it, what each layer did to it (whiteouts, opaque directories, replacements) and
+        its hardlink group. Reads each layer's entry list again (index cache, or TOC)."""
+        from unionfs.provenance.report import explain
+
+        return explain(self, path)
+
+    def layers(self) -> LayersReport:
+        """Per layer: digest, size, history line, paths added/changed/removed, file bytes it
+        stores that the merged tree does not show; and the image's efficiency."""
+        from unionfs.provenance.report import layers
+
+        return layers(self)
 
     # ------------------------------------------------------------ paths
 

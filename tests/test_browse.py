@@ -159,7 +159,8 @@ def test_every_command_works_where_dev_fuse_is_missing(oci_image: ImageWriter, t
     other = oci_image([d("etc/"), f("etc/os-release", b"ID=other\n")])
     cache = str(tmp_path / "cache")
     steps = [["ls", "-lR", image], ["cat", image, "etc/os-release"], ["stat", image, "etc/os-release"],
-             ["find", image, "-type", "f"], ["diff", image, other]]  # fmt: skip
+             ["find", image, "-type", "f"], ["diff", image, other], ["explain", image, "etc/gone"],
+             ["layers", "--ci", "--lowest-efficiency", "0.5", image]]  # fmt: skip
     script = ["set -e", "mount -t tmpfs none /dev",
               *(f"mknod -m 666 /dev/{n} c 1 {m}" for n, m in (("null", 3), ("zero", 5), ("urandom", 9))),
               "test ! -e /dev/fuse", "set +e"]  # fmt: skip
@@ -171,9 +172,12 @@ def test_every_command_works_where_dev_fuse_is_missing(oci_image: ImageWriter, t
                          env={**os.environ, "PYTHONPATH": str(CHECKOUT)})  # fmt: skip
     assert run.returncode == 0, run.stderr
     statuses = (tmp_path / "statuses").read_text().split()
-    assert statuses == ["0", "0", "0", "0", "1"], run.stderr  # diff: 1 is "they differ"
+    # diff: 1 is "they differ"; explain: 1 is "not in the merged tree", with the reason
+    assert statuses == ["0", "0", "0", "0", "1", "1", "0"], run.stderr
     assert (tmp_path / "cat.out").read_bytes() == b"ID=test\n"
     assert (tmp_path / "diff.out").read_text().splitlines()[-1].startswith("M /etc/os-release: ")
+    assert "by whiteout 'etc/.wh.gone' in layer 1" in (tmp_path / "explain.out").read_text()
+    assert "efficiency" in (tmp_path / "layers.out").read_text()
 
 
 def _quoted(word: str) -> str:

@@ -303,7 +303,10 @@ class FaultProxy:
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in ("host", "range")]
         if "Range" in request.headers and not (fault and fault.kind == "ignore_range"):
             headers.append(("Range", request.headers["Range"]))
-        return await self._forward(request, headers, fault.kind if fault else None)
+        try:
+            return await self._forward(request, headers, fault.kind if fault else None)
+        except ConnectionResetError:  # the client went away (a command that ended, a read given up)
+            return web.StreamResponse(status=499)
 
     async def _forward(
         self, request: web.Request, headers: list[tuple[str, str]], fault: str | None

@@ -30,6 +30,8 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,6 +141,27 @@ def skopeo_copy(source: str, dest: str, *flags: str) -> None:
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     if run.returncode:
         raise RuntimeError(f"skopeo copy {source} {dest} failed: {run.stderr}")
+
+
+@contextmanager
+def estargz_in_registry(root: Path, layers: list[bytes], repository: str,
+                       history: list[dict[str, object]] | None = None) -> Iterator[Registry]:  # fmt: skip
+    """A loopback registry holding the tars `layers` as an OCI layout (`root/source`, tag v1)
+    converted to eStargz by `crfs-merge convert` (`root/esgz`, tag v1) and pushed as
+    `repository`; stopped on exit."""
+    from registry.layout_writer import write_layout
+    from tests.conftest import COMMAND
+
+    write_layout(root / "source", layers, tag="v1", history=history)
+    subprocess.run([*COMMAND, "convert", "--cache-dir", str(root / "convert-cache"), f"oci:{root / 'source'}:v1",
+                    f"oci:{root / 'esgz'}:v1"], check=True, capture_output=True, timeout=300)  # fmt: skip
+    (root / "registry").mkdir()
+    registry = Registry(root / "registry")
+    try:
+        skopeo_copy(f"oci:{root / 'esgz'}:v1", f"docker://{registry.host}/{repository}")
+        yield registry
+    finally:
+        registry.stop()
 
 
 def htpasswd_auth(root: Path, users: dict[str, str]) -> dict[str, object]:

@@ -18,9 +18,8 @@ from typing import Any
 
 import pytest
 
-from registry.layout_writer import write_layout
 from tests.conftest import COMMAND, ImageWriter, require
-from tests.registry_servers import REGISTRY_BINARY, FaultProxy, Registry, skopeo_copy
+from tests.registry_servers import REGISTRY_BINARY, FaultProxy, estargz_in_registry, skopeo_copy
 from tests.tarvocab import Member, d, f, hl, opq, sym, tar_of, wh
 from unionfs.aio import EventLoopThread
 from unionfs.api import open_image
@@ -219,17 +218,10 @@ def lazy_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
     require(os.path.exists(REGISTRY_BINARY), "docker-registry is missing")
     require(subprocess.run(["skopeo", "--version"], capture_output=True).returncode == 0, "skopeo is missing")
     root = tmp_path_factory.mktemp("explain-lazy")
-    write_layout(root / "source", [tar_of(*LAZY_LOWER), tar_of(*LAZY_UPPER)], tag="v1", history=LAZY_HISTORY)
-    subprocess.run([*COMMAND, "convert", "--cache-dir", str(root / "cc"), f"oci:{root / 'source'}:v1",
-                    f"oci:{root / 'esgz'}:v1"], check=True, capture_output=True, timeout=300)  # fmt: skip
-    (root / "registry").mkdir()
-    registry = Registry(root / "registry")
-    try:
-        skopeo_copy(f"oci:{root / 'esgz'}:v1", f"docker://{registry.host}/explain/lazy:v1")
+    layers = [tar_of(*LAZY_LOWER), tar_of(*LAZY_UPPER)]
+    with estargz_in_registry(root, layers, "explain/lazy:v1", LAZY_HISTORY) as registry:
         skopeo_copy(f"oci:{root / 'source'}:v1", f"docker://{registry.host}/explain/plain:v1")
         yield registry.host, "explain/lazy:v1"
-    finally:
-        registry.stop()
 
 
 def test_a_lazy_image_is_explained_from_its_tocs(lazy_image: tuple[str, str], tmp_path: Path) -> None:

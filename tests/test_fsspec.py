@@ -22,10 +22,9 @@ from typing import Any
 import fsspec
 import pytest
 
-from registry.layout_writer import write_layout
 from registry.media_types import Compression
 from tests.conftest import COMMAND, IN_CI, ImageWriter, Mounter, require
-from tests.registry_servers import REGISTRY_BINARY, FaultProxy, Registry, skopeo_copy
+from tests.registry_servers import REGISTRY_BINARY, FaultProxy, estargz_in_registry
 from tests.tarvocab import d, f, sym, tar_of
 from tests.test_mount import RICH_LOWER, RICH_UPPER, UMOCI_CASES
 from unionfs.aio import EventLoopThread
@@ -320,17 +319,9 @@ def estargz_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[
     require(os.path.exists(REGISTRY_BINARY), "docker-registry is missing (apt-get install docker-registry)")
     require(subprocess.run(["which", "skopeo"], capture_output=True).returncode == 0, "skopeo is missing")
     root = tmp_path_factory.mktemp("fsspec-lazy")
-    write_layout(root / "source", [tar_of(*LAZY_LOWER), tar_of(*LAZY_UPPER)], tag="v1")
-    subprocess.run([*COMMAND, "convert", "--cache-dir", str(root / "convert-cache"), f"oci:{root / 'source'}:v1",
-                    f"oci:{root / 'esgz'}:esgz"], check=True, capture_output=True, timeout=300)  # fmt: skip
-    (root / "registry").mkdir()
-    registry = Registry(root / "registry")
-    try:
-        skopeo_copy(f"oci:{root / 'esgz'}:esgz", f"docker://{registry.host}/fsspec/lazy:esgz")
+    with estargz_in_registry(root, [tar_of(*LAZY_LOWER), tar_of(*LAZY_UPPER)], "fsspec/lazy:esgz") as registry:
         yield {"host": registry.host, "repository": "fsspec/lazy:esgz", "layout": root / "esgz",
                "source": f"oci:{root / 'source'}:v1"}  # fmt: skip
-    finally:
-        registry.stop()
 
 
 @pytest.fixture

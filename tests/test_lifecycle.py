@@ -319,6 +319,8 @@ def test_version_and_usage(tmp_path: Path, env: dict[str, str]) -> None:
     assert usage == ("usage: crfs-merge [options] IMAGE DIR\n       crfs-merge --export DEST [options] IMAGE\n"
                      "       crfs-merge convert [options] SRC DST\n"
                      "       crfs-merge commit --upper DIR [options] IMAGE DEST\n"
+                     "       crfs-merge ls|cat|stat|find|explain|layers|diff [options] IMAGE ... "
+                     "(no mount; --help each)\n"
                      "       crfs-merge cache [--cache-dir DIR] [prune (--max-size SIZE | --all)]\n"
                      "       crfs-merge --version")  # fmt: skip
     for args in (["oci:/x"], ["oci:/x", str(tmp_path), "extra"], ["--creds"], ["--cred", "a:b", "oci:/x", "d"]):

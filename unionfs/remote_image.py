@@ -28,16 +28,21 @@ from unionfs.build import MountedImage, Settings, build, indexed_entries, layer_
 from unionfs.commands.progress import terminal_progress
 from unionfs.content import ContentReader, LayerReader, TarReader
 from unionfs.entry import Chunk, Entry
-from unionfs.estargz.lazy import LazyLayer, fetch_toc
-from unionfs.estargz.toc import LayerToc
+from unionfs.estargz import lazy as estargz
+from unionfs.estargz.lazy import ChunkDecoder, LazyLayer
+from unionfs.estargz.toc import LayerToc, chunk_data
 from unionfs.storage.cache_admin import image_keys, note_in_use
 from unionfs.storage.chunk_cache import ChunkCache
 from unionfs.storage.layer_store import LayerStore, RefetchNeeded
 from unionfs.tree import MergedTree
+from unionfs.zstdchunked import fetch as zstdchunked
+from unionfs.zstdchunked.toc import chunk_data as zstd_chunk_data
 
 log = logging.getLogger("crfs-merge")
 M_MMAP_THRESHOLD = -3  # mallopt parameter, malloc.h
 T = TypeVar("T")
+# The layers that may be read lazily, and how a chunk of each is decompressed.
+CHUNK_DECODERS: dict[Compression, ChunkDecoder] = {Compression.GZIP: chunk_data, Compression.ZSTD: zstd_chunk_data}
 
 
 def open_remote(reference: RemoteReference, settings: Settings, store: LayerStore) -> MountedImage:
@@ -105,7 +110,8 @@ def _log_layer_plan(image: Image, tocs: dict[int, LayerToc], whole: list[Layer])
     """Logs, per layer, whether it is read lazily, fetched whole now, or already cached."""
     for number, layer in enumerate(image.layers):
         if number in tocs:
-            how = f"eStargz, read lazily ({len(tocs[number].entries)} entries in its TOC)"
+            kind = "zstd:chunked" if layer.compression is Compression.ZSTD else "eStargz"
+            how = f"{kind}, read lazily ({len(tocs[number].entries)} entries in its TOC)"
         elif layer in whole:
             how = "fetching whole"
         else:
@@ -155,8 +161,9 @@ class LazyLayerFactory:
         # A read gets its bytes within this, or EIO; its fetch stops trying there too.
         self._read_deadline = settings.remote.read_deadline
 
-    def __call__(self, blob: Digest, files: list[tuple[Chunk, ...]]) -> LazyLayer:
-        return LazyLayer(self._loop, self._client, blob, self._cache, self._read_deadline, files)
+    def __call__(self, blob: Digest, files: list[tuple[Chunk, ...]], compression: Compression) -> LazyLayer:
+        decode = CHUNK_DECODERS[compression]
+        return LazyLayer(self._loop, self._client, blob, self._cache, self._read_deadline, files, decode)
 
 
 def _return_big_buffers_to_the_system() -> None:
@@ -194,7 +201,7 @@ def _remote_layers(
             readers.append(tars[number])
             continue
         files = tree.file_chunks(number)
-        reader = lazy_layer(layer.digest, files)
+        reader = lazy_layer(layer.digest, files, layer.compression)
         readers.append(reader)
         lazy.append((reader, _prefetched(files, tocs[number].prefetch_end, lazy_layer.prefetch_mode)))
     return tree, readers, lazy
@@ -212,7 +219,7 @@ def _entries_again(loop: EventLoopThread, client: RegistryClient, image: Image, 
             if number in lazy:
                 toc = loop.run(fetch_toc(client, layer, number, toc_dir))
                 if toc is None:
-                    raise LayerFormatError(f"layer {layer.digest}: its eStargz TOC is gone from the registry")
+                    raise LayerFormatError(f"layer {layer.digest}: its TOC is gone from the registry")
                 entries.append(toc.entries)
             else:
                 entries.append(store.open(layer, number).entries)
@@ -233,11 +240,20 @@ def _prefetched(files: list[tuple[Chunk, ...]], landmark_end: int | None, mode: 
 
 
 async def _tocs(client: RegistryClient, image: Image, store: LayerStore, toc_dir: Path) -> dict[int, LayerToc]:
-    """Returns the TOCs of the layers to read lazily: gzip layers not yet in the cache whole."""
+    """Returns the TOCs of the layers to read lazily: eStargz and zstd:chunked layers not yet
+    in the cache whole."""
     wanted = [(n, layer) for n, layer in enumerate(image.layers)
-              if layer.compression is Compression.GZIP and store.needs_blob(layer)]  # fmt: skip
+              if layer.compression in CHUNK_DECODERS and store.needs_blob(layer)]  # fmt: skip
     found = await asyncio.gather(*(fetch_toc(client, layer, n, toc_dir) for n, layer in wanted))
     return {n: toc for (n, _), toc in zip(wanted, found, strict=True) if toc is not None}
+
+
+async def fetch_toc(client: RegistryClient, layer: Layer, number: int, toc_dir: Path) -> LayerToc | None:
+    """Returns the TOC of a gzip layer that is eStargz, or of a zstd layer that is
+    zstd:chunked; None for the others (read whole)."""
+    if layer.compression is Compression.ZSTD:
+        return await zstdchunked.fetch_toc(client, layer, number, toc_dir)
+    return await estargz.fetch_toc(client, layer, number, toc_dir)
 
 
 def _prefetch(lazy: list[tuple[LazyLayer, list[Chunk]]]) -> None:

@@ -18,7 +18,7 @@ import bisect
 import hashlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -62,6 +62,7 @@ DEADLINE_GRACE = 0.5
 # right away; without this, one read() would wait out two deadlines.
 FAILURE_MEMORY = 1.0
 TOC_FORMAT = 2  # CACHE/toc/v2/ALGO-HEX.toc: sealed "offset\nTOC JSON"
+ChunkDecoder = Callable[[bytes, int, Chunk], bytes]  # (fetched range, its blob offset, chunk)
 
 
 async def fetch_toc(client: RegistryClient, layer: Layer, number: int, toc_dir: Path) -> LayerToc | None:
@@ -136,8 +137,10 @@ class LazyLayer:
     """Reads file bytes of one eStargz layer through the registry and the chunk cache."""
 
     def __init__(self, loop: EventLoopThread, client: RegistryClient, blob: Digest, cache: ChunkCache,
-                 deadline: float, files: Iterable[tuple[Chunk, ...]] = ()) -> None:  # fmt: skip
+                 deadline: float, files: Iterable[tuple[Chunk, ...]] = (),
+                 decode: ChunkDecoder = chunk_data) -> None:  # fmt: skip
         self._loop, self._client, self._blob, self._cache = loop, client, blob, cache
+        self._decode = decode  # a chunk's bytes out of its fetched range: gzip, or zstd:chunked's zstd
         self._deadline = deadline  # seconds a read may take, fetching included
         self._inflight: dict[Chunk, asyncio.Future[bytes]] = {}
         self._small_files = small_files(files)
@@ -248,7 +251,7 @@ class LazyLayer:
     def _unpack(self, compressed: bytes, fetch: Fetch) -> dict[Chunk, bytes]:
         got = {}
         for chunk in fetch.chunks:
-            data = chunk_data(compressed, fetch.start, chunk)
+            data = self._decode(compressed, fetch.start, chunk)
             if chunk.digest and _hex(chunk.digest, data) != chunk.digest.partition(":")[2]:
                 raise DigestMismatchError(f"layer {self._blob}: chunk at {chunk.blob_offset} fails its chunkDigest")
             self._cache.put(self._key(chunk), data)

@@ -17,11 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from registry.digest import Digest
 from tests.conftest import COMMAND, Mounter, require
 from tests.registry_servers import REGISTRY_BINARY, Fault, FaultProxy, Registry, skopeo_copy
 from tests.tarvocab import d, dev, f, fifo, hl, sym, tar_of
 from tests.test_mount import umoci_unpack, umoci_view
 from unionfs.aio import EventLoopThread
+from unionfs.storage.layer_store import missing_tar_padding
 
 MIB = 1024 * 1024
 BIG = os.urandom(4 * MIB)  # incompressible, so that bytes on the wire are real; many chunks
@@ -227,3 +229,42 @@ def _blob(host: str, repository: str, digest: str) -> bytes:
 
 def _sha256(path: Path) -> str:
     return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_second_mount_reads_the_tocs_from_the_cache(proxy: FaultProxy, mount: Mounter, tmp_path: Path) -> None:
+    first = mount(f"{proxy.host}/zstd-chunked:v1", "--prefetch", "none", cache=tmp_path / "shared")
+    ranges = proxy.requests["range"]
+    second = mount(f"{proxy.host}/zstd-chunked:v1", "--prefetch", "none", cache=tmp_path / "shared")
+    assert proxy.requests["range"] == ranges, "the second mount fetched a TOC again"
+    assert (second / "data/one").read_bytes() == (first / "data/one").read_bytes() == ONE_MIB
+
+
+# --- the padding that podman 4.3's zstd:chunked writer leaves out (pure) ----------------
+
+
+def _hashed(data: bytes) -> hashlib._Hash:
+    return hashlib.sha256(data)
+
+
+@pytest.mark.parametrize("missing", [512, 5120, 8192])
+def test_missing_tar_padding_is_restored_up_to_one_record(missing: int) -> None:
+    tar = tar_of(f("a", b"x" * 700))
+    assert len(tar) % 10240 == 0 and tar.endswith(bytes(missing))
+    diff_id = Digest.parse(_sha256_of(tar))
+    assert missing_tar_padding(_hashed(tar[:-missing]), diff_id) == missing
+    assert missing_tar_padding(_hashed(tar), diff_id) == 0  # nothing missing
+
+
+def test_missing_bytes_that_are_not_padding_are_not_restored() -> None:
+    tar = tar_of(f("a", b"x" * 700))
+    diff_id = Digest.parse(_sha256_of(tar))
+    assert missing_tar_padding(_hashed(tar[:-10240 - 512]), diff_id) == 0  # more than one record
+    ends_in_data = tar[:-512] + b"\x01" + bytes(511)  # the last block is not all zeros
+    diff_id = Digest.parse(_sha256_of(ends_in_data))
+    assert missing_tar_padding(_hashed(ends_in_data[:-511]), diff_id) == 0  # zeros, but not whole blocks
+    assert missing_tar_padding(_hashed(ends_in_data[:-1024]), diff_id) == 0  # a missing byte that is not zero
+    assert missing_tar_padding(_hashed(ends_in_data[:-512]), diff_id) == 0
+
+
+def _sha256_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()

@@ -19,6 +19,7 @@ import pytest
 
 from registry.digest import Digest
 from tests.conftest import COMMAND, Mounter, require
+from tests.podman import Podman
 from tests.registry_servers import REGISTRY_BINARY, Fault, FaultProxy, Registry, skopeo_copy
 from tests.tarvocab import d, dev, f, fifo, hl, sym, tar_of
 from tests.test_mount import umoci_unpack, umoci_view
@@ -43,27 +44,6 @@ MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 POSITION = "io.containers.zstd-chunked.manifest-position"
 CHECKSUM = "io.containers.zstd-chunked.manifest-checksum"
 FORMS = ("zstd:chunked", "zstd", "gzip")
-
-
-class Podman:
-    """podman with its own storage (vfs), configuration and run directory under `root`, so
-    that it touches nothing of the machine's own containers (but the blob-info cache that
-    containers/image keeps in /var/lib/containers/cache, as skopeo does)."""
-
-    def __init__(self, root: Path) -> None:
-        root.mkdir()
-        (root / "storage.conf").write_text(
-            f'[storage]\ndriver = "vfs"\ngraphroot = "{root}/graph"\nrunroot = "{root}/run"\n')
-        (root / "containers.conf").write_text(f'[engine]\ntmp_dir = "{root}/tmp"\nevents_logger = "none"\n')
-        (root / "registries.conf").write_text("")
-        self.env = {**os.environ, "CONTAINERS_STORAGE_CONF": str(root / "storage.conf"),
-                    "CONTAINERS_CONF": str(root / "containers.conf"),
-                    "CONTAINERS_REGISTRIES_CONF": str(root / "registries.conf")}  # fmt: skip
-
-    def __call__(self, *args: str) -> str:
-        run = subprocess.run(["podman", *args], env=self.env, capture_output=True, text=True, timeout=300)
-        assert run.returncode == 0, f"podman {' '.join(args)}: {run.stderr}"
-        return run.stdout.strip()
 
 
 def _manifest(host: str, repository: str) -> dict[str, object]:
@@ -115,8 +95,8 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, objec
         podman_tree = umoci_view(Path(puller("image", "mount", reference)))
         puller("image", "unmount", reference)
         umoci_tree = umoci_view(umoci_unpack("umoci", f"oci:{root / 'gzip-layout'}:v1", root / "umoci"))
-        yield {"host": host, "plain": plain, "podman": podman_tree, "umoci": umoci_tree,
-               "manifest": _manifest(host, "zstd-chunked")}  # fmt: skip
+        yield {"host": host, "plain": plain, "gzip": registries["gzip"].host, "podman": podman_tree,
+               "umoci": umoci_tree, "manifest": _manifest(host, "zstd-chunked")}  # fmt: skip
     finally:
         for registry in registries.values():
             registry.stop()
@@ -237,6 +217,25 @@ def test_a_second_mount_reads_the_tocs_from_the_cache(proxy: FaultProxy, mount: 
     second = mount(f"{proxy.host}/zstd-chunked:v1", "--prefetch", "none", cache=tmp_path / "shared")
     assert proxy.requests["range"] == ranges, "the second mount fetched a TOC again"
     assert (second / "data/one").read_bytes() == (first / "data/one").read_bytes() == ONE_MIB
+
+
+def test_convert_writes_zstd_chunked_that_podman_and_our_lazy_mount_read(
+    images: dict[str, object], proxy: FaultProxy, mount: Mounter, tmp_path: Path
+) -> None:
+    run = subprocess.run([*COMMAND, "convert", "--format", "zstd:chunked", "--chunk-size", "262144", "--cache-dir",
+                          str(tmp_path / "cc"), f"{images['gzip']}/gzip:v1", f"{images['host']}/converted:v1"],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    root = mount(f"{proxy.host}/converted:v1", "--prefetch", "none")
+    assert proxy.requests["blob"] == 1  # the config; the layers only through ranges
+    assert umoci_view(root) == images["umoci"]
+    puller = Podman(tmp_path / "podman")
+    reference = f"{images['host']}/converted:v1"
+    puller("pull", "--quiet", "--tls-verify=false", reference)
+    try:
+        assert umoci_view(Path(puller("image", "mount", reference))) == images["umoci"]
+    finally:
+        puller("image", "unmount", reference)
 
 
 # --- the padding that podman 4.3's zstd:chunked writer leaves out (pure) ----------------

@@ -52,6 +52,17 @@ def one_file_of_about_a_mib(tar: Path) -> str:
     return min(files, key=lambda m: abs(m.size - MIB)).name.lstrip("./")
 
 
+def without_record_padding(tar: Path, out: Path) -> Path:
+    """Writes `tar` ending at its end-of-archive blocks, as Go's archive/tar (and so buildah)
+    writes layers: podman 4.3's zstd:chunked writer fails on the Debian tar with its record
+    padding ("short write": its compressor stops at the end-of-archive and refuses the
+    padding written after it)."""
+    data = tar.read_bytes()
+    content_end = -(-len(data.rstrip(b"\0")) // 512) * 512
+    out.write_bytes(data[: content_end + 1024])
+    return out
+
+
 def lazy_phase(proxy: FaultProxy, work: Path, probe: str) -> dict[str, Any]:
     mountpoint, log = work / "mnt", work / "crfs.log"
     mountpoint.mkdir(exist_ok=True)
@@ -72,8 +83,8 @@ def lazy_phase(proxy: FaultProxy, work: Path, probe: str) -> dict[str, Any]:
         before = proxy.served_bytes
         tar_seconds, tar_rc, out = timed_shell(f"tar -C {mountpoint} -cf - . | wc -c")
         peak = vm_hwm_kib(server_pid(str(mountpoint)))
-        result.update(tar_seconds=tar_seconds, tar_rc=tar_rc, tar_size=int(out or 0),
-                      tar_bytes=proxy.served_bytes - before, peak_rss_kib=peak)  # fmt: skip
+        result.update(tar_seconds=tar_seconds, tar_rc=tar_rc, tar_size=int(out or 0), peak_rss_kib=peak,
+                      tar_bytes=proxy.served_bytes - before, tar_requests=proxy.requests["range"])  # fmt: skip
     finally:
         unmount(mountpoint)
     return result
@@ -95,13 +106,13 @@ def run(work: Path) -> dict[str, Any]:
     registry = Registry(work / "registry")
     try:
         builder = Podman(work / "builder")
-        builder("import", str(DEBIAN_TAR), "localhost/debian:bench")
+        builder("import", str(without_record_padding(DEBIAN_TAR, work / "debian.tar")), "localhost/debian:bench")
         builder("push", "--tls-verify=false", "--compression-format", "zstd:chunked", "localhost/debian:bench",
                 f"docker://{registry.host}/{REPOSITORY}:zc")  # fmt: skip
         blob_dir = work / "registry" / "storage"
         image_bytes = sum(p.stat().st_size for p in blob_dir.rglob("data"))  # the blobs: layer, config, manifest
         with counting_proxy(registry) as proxy:
-            results = {"image_bytes": image_bytes, "tar_bytes": DEBIAN_TAR.stat().st_size,
+            results = {"image_bytes": image_bytes, "source_tar_bytes": DEBIAN_TAR.stat().st_size,
                        **lazy_phase(proxy, work, one_file_of_about_a_mib(DEBIAN_TAR)),
                        **podman_phase(proxy, work)}  # fmt: skip
     finally:
@@ -113,11 +124,13 @@ def report(r: dict[str, Any]) -> str:
     rows = [
         ("lazy mount ready", f"{r['ready_seconds']:.2f} s", f"{r['ready_bytes'] / 1e6:.2f} MB"),
         (f"read {r['probe']} ({r['probe_size'] / MIB:.2f} MiB)", "", f"{r['probe_bytes'] / 1e6:.2f} MB"),
-        ("lazy `tar` of the whole tree", f"{r['tar_seconds']:.2f} s", f"{r['tar_bytes'] / 1e6:.1f} MB"),
+        ("lazy `tar` of the whole tree", f"{r['tar_seconds']:.2f} s",
+         f"{r['tar_bytes'] / 1e6:.1f} MB in {r['tar_requests']} ranges"),
         ("`podman pull` (reference)", f"{r['pull_seconds']:.2f} s", f"{r['pull_bytes'] / 1e6:.1f} MB"),
     ]
     lines = ["| step | time | served |", "|---|---|---|", *(f"| {a} | {b} | {c} |" for a, b, c in rows)]
-    lines.append(f"\nimage: {r['image_bytes'] / 1e6:.1f} MB in the registry (tar {r['tar_bytes'] / 1e6:.1f} MB); "
+    lines.append(f"\nimage: {r['image_bytes'] / 1e6:.1f} MB in the registry "
+                 f"(tar {r['source_tar_bytes'] / 1e6:.1f} MB); "
                  f"ready in {r['ready_seconds'] / r['pull_seconds']:.3f} of podman pull's time, after "
                  f"{r['ready_bytes'] / r['pull_bytes']:.4f} of its bytes; lazy tar / podman pull: "
                  f"{r['tar_seconds'] / r['pull_seconds']:.2f}x the time")  # fmt: skip

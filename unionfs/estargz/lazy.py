@@ -46,12 +46,13 @@ from unionfs.storage.chunk_cache import ChunkCache
 from unionfs.storage.sealed import DamagedCacheFile, drop_damaged, seal, unseal
 
 log = logging.getLogger("crfs-merge")
-READAHEAD_CHUNKS = 4  # on a miss, also start fetching this many following chunks of the file
+READAHEAD_CHUNKS = 4  # on a miss, also start fetching this many following chunks of the file,
+READAHEAD_BYTES = 4 * 1024 * 1024  # or more, up to this many file bytes (zstd:chunked's are ~64 KiB)
 # Once a read reaches the end of a file, the small files that follow it in the blob (within
 # this many compressed bytes) are fetched too, in one request: a tar, a copy or a build reads
 # a tree in about the order it was written, and a request per small file would bound it.
 SMALL_FILE_SPAN = 1024 * 1024
-SMALL_FILE_MAX = 64 * 1024  # compressed size of a one-chunk file that counts as small
+SMALL_FILE_MAX = 64 * 1024  # compressed size of a file that counts as small
 MERGE_GAP = 64 * 1024  # fetch across gaps this small rather than make another request
 PREFETCH_SPAN = 16 * 1024 * 1024  # the largest range one prefetch request asks for
 # How long past its deadline a FUSE thread still waits for a fetch that is ending by itself
@@ -189,7 +190,9 @@ class LazyLayer:
                 return
 
     def _readahead(self, entry: Entry, last: Chunk) -> None:
-        after = [c for c in entry.chunks if c.file_offset > last.file_offset][:READAHEAD_CHUNKS]
+        following = [c for c in entry.chunks if c.file_offset > last.file_offset]
+        reach = last.file_offset + last.size + READAHEAD_BYTES
+        after = [c for n, c in enumerate(following) if n < READAHEAD_CHUNKS or c.file_offset + c.size <= reach]
         if after:
             self.prefetch(after)
 
@@ -264,8 +267,10 @@ class LazyLayer:
 
 
 def small_files(files: Iterable[tuple[Chunk, ...]]) -> list[Chunk]:
-    """Returns the chunks of the layer's small one-chunk files, in blob order."""
-    small = [c[0] for c in files if len(c) == 1 and c[0].blob_end - c[0].blob_offset <= SMALL_FILE_MAX]
+    """Returns the chunks of the layer's small files, in blob order (a small file may have
+    several: zstd:chunked cuts files by content, into chunks of ~64 KiB before compression)."""
+    small = [c for chunks in files if chunks and sum(c.blob_end - c.blob_offset for c in chunks) <= SMALL_FILE_MAX
+             for c in chunks]  # fmt: skip
     return sorted(small, key=lambda c: c.blob_offset)
 
 

@@ -652,6 +652,7 @@ def baseline(setup: Setup, repeat: int) -> dict[str, Any]:
     """The VmHWM of a crfs-merge server for a 1-file image (mounted once to index first)."""
     tiny = Setup(setup.work, setup.work / "tiny", setup.log)
     build_tiny(tiny.layout)
+    tiny.mountpoint("crfs").mkdir(parents=True, exist_ok=True)  # also when --methods leaves crfs out
     cache = setup.work / "caches" / "tiny"
     on_mount("crfs", tiny, cache, tiny_workload)
     runs = [on_mount("crfs", tiny, cache, tiny_workload) for _ in range(repeat)]

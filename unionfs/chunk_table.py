@@ -140,7 +140,7 @@ def small_file_rows(table: ChunkTable, files: Iterable[int], max_compressed: int
     first = table.file_first
     rows = [first[k] for k in files if first[k + 1] - first[k] == 1]
     small = [row for row in rows if (span := table.blob_span(row))[1] - span[0] <= max_compressed]
-    small.sort(key=lambda row: table.blob_span(row)[0])
+    small.sort(key=table.arrays["blob_offset"].__getitem__)
     return array("Q", small)
 
 

@@ -138,7 +138,7 @@ class MergedTree:
         layers, offsets = self._a["layer"], self._a["offset"]
         if layer not in self.lazy_layers:
             return array("Q")
-        return array("Q", (offsets[i] - 1 for i in range(self.inode_count) if layers[i] == layer and offsets[i]))
+        return array("Q", (offset - 1 for at, offset in zip(layers, offsets, strict=True) if at == layer and offset))
 
     def entry(self, ino: int, path: str = "") -> Entry:
         """Returns inode `ino` as an Entry (what the content readers take)."""
@@ -263,7 +263,7 @@ def _check_chunks(arrays: dict[str, array], table: ChunkTable, lazy_layers: froz
     """Refuses chunk rows that disagree, and lazily read files whose file number is not in the table."""
     table.check()
     layers, offsets = arrays["layer"], arrays["offset"]
-    if any(offsets[i] > table.files for i in range(len(layers)) if layers[i] in lazy_layers):
+    if any(offset > table.files for layer, offset in zip(layers, offsets, strict=True) if layer in lazy_layers):
         raise ValueError("chunk file out of range")
 
 

@@ -15,13 +15,14 @@ import io
 import json
 import os
 import stat
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from unionfs.build import MountedImage, Settings
 from unionfs.build import open_image as open_mounted
+from unionfs.entry import Entry
 from unionfs.tree import ROOT, MergedTree
 from whiteout.resolve import TooManySymlinks, resolve_in_root
 
@@ -151,7 +152,7 @@ class ImageView:
             raise _error(errno.ENOTDIR, top)
         while stack:
             directory = stack.pop()
-            entries = self.scandir(directory.path) if directory.path else self.scandir("")
+            entries = self.scandir(directory.path)
             subdirectories = [e for e in entries if e.is_dir]
             yield directory.path, subdirectories, [e for e in entries if not e.is_dir]
             stack.extend(reversed(subdirectories))
@@ -161,27 +162,13 @@ class ImageView:
     def read(self, path: str, offset: int = 0, size: int = -1) -> bytes:
         """The bytes of the file at `path` (symlinks followed) from `offset`, `size` of them
         (-1: to the end)."""
-        clean, ino = self._resolve(path, follow_last=True)
-        self._check_file(ino, path)
-        entry = self._tree.entry(ino, clean)
-        if offset < 0:
-            raise _error(errno.EINVAL, path)
-        end = entry.size if size < 0 else min(entry.size, offset + size)
-        parts = []
-        while offset < end:
-            data = self._mounted.content.read(entry, offset, min(READ_BLOCK, end - offset))
-            if not data:
-                raise _error(errno.EIO, path)
-            parts.append(data)
-            offset += len(data)
-        return b"".join(parts)
+        return self._read_entry(self._file_entry(path), offset, size)
 
     def open(self, path: str) -> io.BufferedReader:
         """A seekable binary reader of the file at `path` (symlinks followed); only the
         blocks read are fetched from a lazily read layer."""
-        clean, ino = self._resolve(path, follow_last=True)
-        self._check_file(ino, path)
-        return io.BufferedReader(_FileReader(self, clean), buffer_size=READ_BLOCK)
+        entry = self._file_entry(path)
+        return io.BufferedReader(_FileReader(entry, self._read_entry), buffer_size=READ_BLOCK)
 
     def copy_to(self, path: str, sink: io.RawIOBase | io.BufferedIOBase | Any) -> int:
         """Writes the bytes of the file at `path` to `sink` block by block; returns how many."""
@@ -270,6 +257,24 @@ class ImageView:
         target = self._tree.link(ino) if stat.S_ISLNK(a.mode) else None
         return FileStat(clean, ino, a.mode, a.nlink, a.uid, a.gid, a.size, a.mtime_ns, a.rdev, target)
 
+    def _file_entry(self, path: str) -> Entry:
+        clean, ino = self._resolve(path, follow_last=True)
+        self._check_file(ino, path)
+        return self._tree.entry(ino, clean)
+
+    def _read_entry(self, entry: Entry, offset: int, size: int) -> bytes:
+        if offset < 0:
+            raise _error(errno.EINVAL, entry.path)
+        end = entry.size if size < 0 else min(entry.size, offset + size)
+        parts = []
+        while offset < end:
+            data = self._mounted.content.read(entry, offset, min(READ_BLOCK, end - offset))
+            if not data:
+                raise _error(errno.EIO, entry.path)
+            parts.append(data)
+            offset += len(data)
+        return b"".join(parts)
+
     def _check_file(self, ino: int, path: str) -> None:
         mode = self._tree.mode(ino)
         if stat.S_ISDIR(mode):
@@ -281,9 +286,9 @@ class ImageView:
 class _FileReader(io.RawIOBase):
     """One file of the image as a raw stream, for io.BufferedReader."""
 
-    def __init__(self, view: ImageView, clean: str) -> None:
-        self._view, self._path = view, clean
-        self._size = view.stat(clean).size
+    def __init__(self, entry: Entry, read: Callable[[Entry, int, int], bytes]) -> None:
+        self._entry, self._read = entry, read
+        self.name = entry.path
         self._position = 0
 
     def readable(self) -> bool:
@@ -293,9 +298,9 @@ class _FileReader(io.RawIOBase):
         return True
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._entry.size}[whence]
         if base + offset < 0:
-            raise _error(errno.EINVAL, self._path)
+            raise _error(errno.EINVAL, self._entry.path)
         self._position = base + offset
         return self._position
 
@@ -303,7 +308,7 @@ class _FileReader(io.RawIOBase):
         return self._position
 
     def readinto(self, buffer: Any) -> int:
-        data = self._view.read(self._path, self._position, len(buffer))
+        data = self._read(self._entry, self._position, len(buffer))
         buffer[: len(data)] = data
         self._position += len(data)
         return len(data)

@@ -7,6 +7,8 @@ import os
 import subprocess
 from pathlib import Path
 
+SHORT_WRITE_TRIES = 3
+
 
 class Podman:
     """podman with its own storage (vfs), configuration and run directory under `root`, so
@@ -24,6 +26,11 @@ class Podman:
                     "CONTAINERS_REGISTRIES_CONF": str(root / "registries.conf")}  # fmt: skip
 
     def __call__(self, *args: str) -> str:
-        run = subprocess.run(["podman", *args], env=self.env, capture_output=True, text=True, timeout=900)
+        for _ in range(SHORT_WRITE_TRIES):
+            run = subprocess.run(["podman", *args], env=self.env, capture_output=True, text=True, timeout=900)
+            # podman 4.3's zstd:chunked writer now and then fails a push with "short write"
+            # (its bug, not the image's); the same push then goes through.
+            if not (run.returncode and args[:1] == ("push",) and "short write" in run.stderr):
+                break
         assert run.returncode == 0, f"podman {' '.join(args)}: {run.stderr}"
         return run.stdout.strip()

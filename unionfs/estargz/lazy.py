@@ -3,9 +3,9 @@ the chunks that hold the bytes asked for, verified against their chunkDigest.
 
 All fetching runs on the one event loop thread, so misses for the same chunk coalesce
 without locks: the first reader starts the fetch, later ones await the same future. Inflating,
-verifying and storing chunks run in a small pool of worker threads (zlib and hashlib let go of
-the GIL), a batch of chunks per task, so that the chunks of one read-ahead are inflated on all
-cores at once while the loop goes on receiving.
+verifying and storing chunks run in a small pool of worker threads (zlib, zstd and hashlib let
+go of the GIL), a batch of chunks per task, so that the chunks of one read-ahead are inflated on
+all cores at once while the loop goes on receiving.
 
 A read has a deadline (registry.options: twice --timeout): its fetch gives up there, and the
 FUSE thread stops waiting there (then EIO), cancelling what it started. A fetch that fails
@@ -23,7 +23,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from array import array
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,12 +36,14 @@ from registry.remote import RegistryClient
 from registry.retry import Patience
 from registry.source import Layer
 from unionfs.aio import EventLoopThread
+from unionfs.chunk_table import ChunkTable, small_file_rows
 from unionfs.entry import Chunk, Entry
 from unionfs.estargz.toc import (
     FOOTER_SIZE,
     Fetch,
     LayerToc,
     chunk_data,
+    chunks_after,
     chunks_for,
     parse_footer,
     parse_toc,
@@ -51,10 +54,11 @@ from unionfs.storage.chunk_cache import ChunkCache
 from unionfs.storage.sealed import DamagedCacheFile, drop_damaged, seal, unseal
 
 log = logging.getLogger("crfs-merge")
-# A read that misses, or that enters a chunk (a sequential reader moving on), makes sure that
-# the file's next bytes, this many of them, are cached or being fetched: a reader then finds
-# each chunk already inflated, and the pool inflates the next ones meanwhile.
-READAHEAD_BYTES = 16 * 1024 * 1024
+READAHEAD_CHUNKS = 4  # on a miss, also start fetching this many following chunks of the file,
+READAHEAD_BYTES = 4 * 1024 * 1024  # or more, up to this many file bytes (zstd:chunked's are ~64 KiB),
+READAHEAD_MAX_CHUNKS = 64  # but no more chunks than this
+# (A read that enters a chunk, a sequential reader moving on, starts the read-ahead too: the
+# reader then finds each chunk inflated, while the pool inflates the next ones.)
 READAHEAD_SPAN = 1024 * 1024  # read-ahead asks for ranges this large at most (a bigger chunk alone)
 INFLATE_BATCH = 256 * 1024  # compressed bytes one inflate task takes at least (small files go together)
 INFLATE_WORKERS = min(8, max(2, os.cpu_count() or 2))
@@ -62,7 +66,7 @@ INFLATE_WORKERS = min(8, max(2, os.cpu_count() or 2))
 # this many compressed bytes) are fetched too, in one request: a tar, a copy or a build reads
 # a tree in about the order it was written, and a request per small file would bound it.
 SMALL_FILE_SPAN = 1024 * 1024
-SMALL_FILE_MAX = 64 * 1024  # compressed size of a one-chunk file that counts as small
+SMALL_FILE_MAX = 64 * 1024  # compressed size of a file that counts as small
 MERGE_GAP = 64 * 1024  # fetch across gaps this small rather than make another request
 PREFETCH_SPAN = 16 * 1024 * 1024  # the largest range one prefetch request asks for
 # How long past its deadline a FUSE thread still waits for a fetch that is ending by itself
@@ -73,6 +77,7 @@ DEADLINE_GRACE = 0.5
 # right away; without this, one read() would wait out two deadlines.
 FAILURE_MEMORY = 1.0
 TOC_FORMAT = 2  # CACHE/toc/v2/ALGO-HEX.toc: sealed "offset\nTOC JSON"
+ChunkDecoder = Callable[[bytes | memoryview, int, Chunk], bytes]  # (fetched range, its blob offset, chunk)
 
 
 async def fetch_toc(client: RegistryClient, layer: Layer, number: int, toc_dir: Path) -> LayerToc | None:
@@ -147,11 +152,13 @@ class LazyLayer:
     """Reads file bytes of one eStargz layer through the registry and the chunk cache."""
 
     def __init__(self, loop: EventLoopThread, client: RegistryClient, blob: Digest, cache: ChunkCache,
-                 deadline: float, files: Iterable[tuple[Chunk, ...]] = ()) -> None:  # fmt: skip
+                 deadline: float, files: SmallFiles | None = None,
+                 decode: ChunkDecoder = chunk_data) -> None:  # fmt: skip
         self._loop, self._client, self._blob, self._cache = loop, client, blob, cache
+        self._decode = decode  # a chunk's bytes out of its fetched range: gzip, or zstd:chunked's zstd
         self._deadline = deadline  # seconds a read may take, fetching included
         self._inflight: dict[Chunk, asyncio.Future[bytes]] = {}
-        self._small_files = small_files(files)
+        self._small_files = files or SmallFiles(ChunkTable(), array("Q"))
 
     def read(self, entry: Entry, offset: int, size: int) -> bytes:
         """Returns bytes [offset, offset + size) of `entry` (called from FUSE threads)."""
@@ -203,15 +210,16 @@ class LazyLayer:
                 return
 
     def _readahead(self, entry: Entry, last: Chunk) -> None:
-        """Starts fetching the chunks of `entry` within READAHEAD_BYTES after `last`, all at
-        once, a range each (or a few small ones together): each is inflated as it arrives."""
-        end = last.file_offset + last.size
-        after = [c for c in entry.chunks if end <= c.file_offset < end + READAHEAD_BYTES]
+        reach = last.file_offset + last.size + READAHEAD_BYTES
+        following = chunks_after(entry, last, READAHEAD_MAX_CHUNKS)
+        after = [c for n, c in enumerate(following) if n < READAHEAD_CHUNKS or c.file_offset + c.size <= reach]
         wanted = [c for c in after if not self._cache.contains(self._key(c))]
         if wanted:
             self._loop.submit(self._readahead_fetch(wanted))
 
     async def _readahead_fetch(self, chunks: list[Chunk]) -> None:
+        """Fetches `chunks` a range each (or a few small ones together), all at once: each is
+        inflated as it arrives, where one range for all would wait for the last byte."""
         fetches = plan_fetches(chunks, MERGE_GAP, READAHEAD_SPAN)
         results = await asyncio.gather(*(self._get(list(f.chunks), Patience(self._deadline)) for f in fetches),
                                        return_exceptions=True)  # fmt: skip
@@ -221,12 +229,7 @@ class LazyLayer:
                 return
 
     def _read_neighbours(self, last: Chunk) -> None:
-        start = bisect.bisect_right(self._small_files, last.blob_offset, key=lambda c: c.blob_offset)
-        after = []
-        for chunk in self._small_files[start:]:
-            if chunk.blob_end - last.blob_end > SMALL_FILE_SPAN:
-                break
-            after.append(chunk)
+        after = self._small_files.following(last, SMALL_FILE_SPAN)
         if after:
             self.prefetch(after)
 
@@ -272,10 +275,10 @@ class LazyLayer:
     async def _fetch(self, fetch: Fetch, patience: Patience) -> dict[Chunk, bytes]:
         compressed = await self._client.read_range(self._blob, fetch.start, fetch.end - 1, patience)
         # Decompressing, hashing and writing the disk cache take longer than the transfer;
-        # zlib and hashlib let go of the GIL, so worker threads inflate batches of the range
-        # on every core while the loop stays free for I/O.
+        # zlib, zstd and hashlib let go of the GIL, so worker threads inflate batches of the
+        # range on every core while the loop stays free for I/O.
         loop = asyncio.get_running_loop()
-        view = memoryview(compressed)
+        view = memoryview(compressed)  # each chunk's member is a slice of it, not a copy
         batches = [loop.run_in_executor(_inflate_pool(), self._unpack, view, fetch.start, batch)
                    for batch in _batches(fetch.chunks)]  # fmt: skip
         got: dict[Chunk, bytes] = {}
@@ -287,7 +290,7 @@ class LazyLayer:
         """Inflates, verifies and caches `chunks` out of the compressed range at `start`."""
         got = {}
         for chunk in chunks:
-            data = chunk_data(compressed, start, chunk)
+            data = self._decode(compressed, start, chunk)
             if chunk.digest and _hex(chunk.digest, data) != chunk.digest.partition(":")[2]:
                 raise DigestMismatchError(f"layer {self._blob}: chunk at {chunk.blob_offset} fails its chunkDigest")
             self._cache.put(self._key(chunk), data)
@@ -326,10 +329,28 @@ def _inflate_pool() -> ThreadPoolExecutor:
         return _pool
 
 
-def small_files(files: Iterable[tuple[Chunk, ...]]) -> list[Chunk]:
-    """Returns the chunks of the layer's small one-chunk files, in blob order."""
-    small = [c[0] for c in files if len(c) == 1 and c[0].blob_end - c[0].blob_offset <= SMALL_FILE_MAX]
-    return sorted(small, key=lambda c: c.blob_offset)
+class SmallFiles:
+    """The chunks of the layer's small files, as rows of the tree's chunk table in blob order
+    (an array, not a Chunk each: a layer may have hundreds of thousands)."""
+
+    def __init__(self, table: ChunkTable, rows: array) -> None:
+        self._table, self._rows = table, rows
+
+    @classmethod
+    def of(cls, table: ChunkTable, files: Iterable[int]) -> SmallFiles:
+        """Those among `files` (file numbers in `table`) that are small."""
+        return cls(table, small_file_rows(table, files, SMALL_FILE_MAX))
+
+    def following(self, last: Chunk, span: int) -> list[Chunk]:
+        """The small files after `last` in the blob whose members end within `span` bytes of its end."""
+        table, rows = self._table, self._rows
+        start = bisect.bisect_right(rows, last.blob_offset, key=lambda row: table.blob_span(row)[0])
+        after = []
+        for row in rows[start:]:
+            if table.blob_span(row)[1] - last.blob_end > span:
+                break
+            after.append(table.chunk(row))
+        return after
 
 
 def _hex(digest: str, data: bytes) -> str:

@@ -922,6 +922,26 @@ def test_an_image_hardlink_pair_with_one_name_removed_keeps_one_link_after_a_rem
     run_steps(world, (op_unlink, ("data/a",), ()), REMOUNT)
 
 
+def test_a_fifo_removed_with_its_directory_while_open_still_answers_fstat(world: World) -> None:
+    """Found by a CI run's random sequences: a FIFO made in the mount, held open read-write,
+    then `rm -rf` of its directory: fstat was ESTALE (the kernel opens a FIFO without asking
+    the server, so no open count held it), where overlayfs shows it with no link."""
+    with both_mounts(world) as both:
+        roots = (both.reference_root, both.tested_root)
+        for root in roots:
+            op_mkfifo(root, "var/empty/new", 0o644)
+        held = [os.open(os.path.join(root, "var/empty/new"), os.O_RDWR) for root in roots]
+        try:
+            for root in roots:
+                op_remove_tree(root, "var")
+            expected, got = (blind("var/empty/new", describe_open_file(fd)) for fd in held)
+            assert got == expected
+        finally:
+            for fd in held:
+                os.close(fd)
+        both.trees_are_equal()
+
+
 def test_an_image_file_removed_while_open_keeps_its_link_count_on_the_descriptor(world: World) -> None:
     """Found by a long run (CRFS_DIFF_EXAMPLES=100, seed 7): fstat of a read-only descriptor of an
     image file whose directory was removed showed no links, where overlayfs shows the image

@@ -79,7 +79,7 @@ class Node:
     metacopy: bool = False  # an upper file whose bytes are still the lower ones (copy_up)
     override: bool | None = None  # whether its upper file has an override_stat (None: not known)
     upper_key: tuple[int, int] | None = None  # (st_dev, st_ino) of its upper entry
-    last_seen: Attributes | None = None  # a removed directory's attributes, link count 0
+    last_seen: Attributes | None = None  # a removed non-file's attributes, link count 0 (_keep_reachable)
     lookups: int = 0  # the kernel's references: it may ask about the node until it FORGETs them
     orphan_fd: int | None = None  # an upper file unlinked while open: where its metadata is
     open_count: int = 0
@@ -260,7 +260,7 @@ class WritableTree:
             if node.orphan_fd is None:
                 if node.last_seen is None:
                     raise fail(errno.ESTALE)
-                return node.last_seen  # a directory removed while open: what fstat still shows
+                return node.last_seen  # removed while held open: what fstat still shows
             info = os.fstat(node.orphan_fd)
             return self._upper_attributes(node, b"", info, Shown(info.st_mode, info.st_uid, info.st_gid))
         relative = self.path(node)
@@ -609,22 +609,27 @@ class WritableTree:
             self.copy_up(parent)
             self.store.add_whiteout(directory, name)
         relative = join(directory, name)
-        if stat.S_ISDIR(node.kind):
-            node.last_seen = self.attributes(node)._replace(nlink=0)
+        self._keep_reachable(node, relative)
         if self.store.exists(relative):
             if stat.S_ISDIR(node.kind):
                 self.store.clear_markers(relative)
                 os.rmdir(self.store.path(relative))
             else:
-                self._keep_orphan(node, relative)
                 os.unlink(self.store.path(relative))
         self._forget_name(node, parent, name)
         self._drop_if_gone(node)
 
-    def _keep_orphan(self, node: Node, relative: bytes) -> None:
-        """A file unlinked while open keeps its metadata reachable through a descriptor
-        (fstat, fchmod, fchown, futimens, fsetxattr: what a program may still do to it)."""
-        if node.open_count and len(node.names) == 1 and node.orphan_fd is None and stat.S_ISREG(node.kind):
+    def _keep_reachable(self, node: Node, relative: bytes) -> None:
+        """What a descriptor still reaches of an entry about to lose its last name: an open
+        upper file keeps its metadata behind a descriptor of ours (fstat, fchmod, fchown,
+        futimens, fsetxattr: what a program may still do to it); anything else keeps its last
+        attributes with no link, for fstat (a removed directory; a FIFO or device, which the
+        kernel opens without asking us, so no open count tells they are held)."""
+        if len(node.names) != 1:
+            return
+        if not stat.S_ISREG(node.kind):
+            node.last_seen = self.attributes(node)._replace(nlink=0)
+        elif node.open_count and node.orphan_fd is None and node.in_upper and self.store.exists(relative):
             node.orphan_fd = os.open(self.store.path(relative), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
 
     def _target(self, node: Node) -> tuple[bytes | int, bool]:
@@ -688,7 +693,7 @@ class WritableTree:
         if target is not None and not target.in_upper:
             pass  # a lower-only target: the rename below puts the upper entry over it
         elif target is not None:
-            self._keep_orphan(target, destination)
+            self._keep_reachable(target, destination)
         os.rename(self.store.path(source), self.store.path(destination))
         self.store.drop_whiteout(self.path(new_parent), new_name)
         if target is not None:

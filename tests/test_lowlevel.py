@@ -109,6 +109,20 @@ def test_a_plus_listing_links_children_but_not_the_dots() -> None:
     assert child["entry_valid"] == 30 and child["attr"]["size"] == 1  # type: ignore[index]
 
 
+def test_a_time_before_1970_goes_out_as_the_kernel_reads_it() -> None:
+    old = FILE._replace(mtime_ns=-1_500_000_000)  # 1.5 s before the epoch: -2 s + 500,000,000 ns
+    attr = parse_attr(attr_record(old, 1)[16:])
+    assert struct.unpack("<q", struct.pack("<Q", attr["mtime"]))[0] == -2 and attr["mtimensec"] == 500_000_000
+
+
+def test_a_plus_listing_of_plain_attribute_tuples_carries_what_a_lookup_would() -> None:
+    for attributes in (FILE, Attributes(9, stat.S_IFCHR | 0o600, 1, 0, 0, 0, (4 << 8) | 1, -1)):
+        listed = parse_listing(listing_buffer([(b"name", attributes.ino, attributes.mode, tuple(attributes))], 6,
+                                              4096, True, 45), plus=True)  # fmt: skip
+        assert listed == [{"ino": attributes.ino, "off": 7, "type": attributes.mode >> 12, "name": b"name",
+                           "entry": parse_entry(entry_record(attributes, 45))}]  # fmt: skip
+
+
 def test_a_fault_repeated_within_the_window_is_logged_once() -> None:
     from unionfs.fuse.ops import RepeatedFaults
 

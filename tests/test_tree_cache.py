@@ -94,3 +94,14 @@ def test_lookups_at_the_edges() -> None:
     for ino in (0, -1, tree.inode_count + 1):
         with pytest.raises(KeyError):
             tree.attributes(ino)
+
+
+def test_a_listing_with_attributes_says_what_each_child_alone_would() -> None:
+    tree, _ = merge_tars(RICH, [wh("etc/hosts")])
+    for directory in (ino for ino in range(1, tree.inode_count + 1) if tree.is_dir(ino)):
+        for start in (0, 1):
+            expected = [(name, child, tree.mode(child), tuple(tree.attributes(child)))
+                        for name, child in list(tree.children(directory))[start:]]  # fmt: skip
+            assert list(tree.listed_children(directory, start)) == expected
+    with pytest.raises(KeyError):
+        next(tree.listed_children(tree.inode_count + 1))

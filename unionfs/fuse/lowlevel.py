@@ -22,7 +22,7 @@ import struct
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from unionfs.entry import Attributes
+from unionfs.entry import Attributes, AttributeValues
 from unionfs.fuse import libfuse
 from unionfs.fuse.libfuse import Layout, Libfuse
 
@@ -42,8 +42,12 @@ _ATTR_OUT = struct.Struct("<QII" + _ATTR)  # attr_valid attr_valid_nsec dummy
 _DIRENT = struct.Struct("<QQII")  # ino off namelen type, then the name padded to 8 bytes
 
 
+_U64 = (1 << 64) - 1  # the kernel reads the seconds as signed: a time before 1970 goes as its two's complement
+
+
 def _attr_fields(a: Attributes) -> tuple[int, ...]:
     seconds, nanoseconds = divmod(a.mtime_ns, 1_000_000_000)
+    seconds &= _U64
     blocks = -(-a.size // 512)
     return (a.ino, a.size, blocks, seconds, seconds, seconds, nanoseconds, nanoseconds, nanoseconds,
             a.mode, a.nlink, a.uid, a.gid, a.rdev & 0xFFFFFFFF, 0, 0)  # fmt: skip
@@ -62,10 +66,13 @@ def attr_record(a: Attributes, timeout: int) -> bytes:
     return _ATTR_OUT.pack(timeout, 0, 0, *_attr_fields(a))
 
 
-Listed = tuple[bytes, int, int, Attributes | None]
-"""One name of a directory listing: name, inode number, mode, and the attributes for a
-READDIRPLUS (None for '.' and '..', which the kernel links itself)."""
+Listed = tuple[bytes, int, int, AttributeValues | None]
+"""One name of a directory listing: name, inode number, mode, and for a READDIRPLUS the
+attributes (an Attributes, or the same fields as a plain tuple); None for '.' and '..', which
+the kernel links itself."""
 
+# fuse_direntplus: a fuse_entry_out, then the fuse_dirent, in one pack per listed name.
+_DIRENTPLUS = struct.Struct("<QQQQII" + _ATTR + "QQII")
 _NO_ENTRY = bytes(_ENTRY_OUT.size)  # a zero nodeid: the kernel links nothing for the name
 _PADDING = [b"\0" * n for n in range(8)]
 
@@ -75,15 +82,26 @@ def listing_buffer(items: Iterable[Listed], first_offset: int, size: int, plus: 
     at `first_offset`, each carrying the offset of the next so that the kernel resumes there."""
     records: list[bytes] = []
     room = size
-    pack = _DIRENT.pack
-    for offset, (name, ino, mode, attributes) in enumerate(items, start=first_offset + 1):
-        record = pack(ino, offset, len(name), (mode >> 12) & 0o17) + name + _PADDING[-len(name) % 8]
-        if plus:
-            record = (_NO_ENTRY if attributes is None else entry_record(attributes, timeout)) + record
-        room -= len(record)
+    head = (_DIRENTPLUS if plus else _DIRENT).size
+    pack, pack_plus = _DIRENT.pack, _DIRENTPLUS.pack
+    for offset, (name, ino, mode, values) in enumerate(items, start=first_offset + 1):
+        length = len(name)
+        room -= head + length + (-length % 8)
         if room < 0:
             break
-        records.append(record)
+        kind = (mode >> 12) & 0o17
+        if not plus:
+            records.append(pack(ino, offset, length, kind))
+        elif values is None:
+            records.append(_NO_ENTRY + pack(ino, offset, length, kind))
+        else:  # the fields of entry_record, inline: this runs for every listed name
+            _, _, nlink, uid, gid, file_size, rdev, mtime_ns = values
+            seconds, nanoseconds = divmod(mtime_ns, 1_000_000_000)
+            seconds &= _U64
+            records.append(pack_plus(ino, 0, timeout, timeout, 0, 0, ino, file_size, -(-file_size // 512), seconds,
+                                     seconds, seconds, nanoseconds, nanoseconds, nanoseconds, mode, nlink, uid, gid,
+                                     rdev & 0xFFFFFFFF, 0, 0, ino, offset, length, kind))  # fmt: skip
+        records.append(name + _PADDING[-length % 8])
     return b"".join(records)
 
 

@@ -237,13 +237,11 @@ class MergedFilesystem:
             yield b".", directory, stat.S_IFDIR, None
         if offset <= 1:
             yield b"..", tree.parent(directory), stat.S_IFDIR, None
-        children = tree.children(directory, max(0, offset - 2))
+        start = max(0, offset - 2)
         if plus:
-            for name, child in children:
-                attributes = tree.attributes(child)
-                yield name, child, attributes.mode, attributes
+            yield from tree.listed_children(directory, start)
         else:
-            for name, child in children:
+            for name, child in tree.children(directory, start):
                 yield name, child, tree.mode(child), None
 
     @_replies_on_error

@@ -7,7 +7,7 @@ import stat
 import struct
 
 from unionfs.entry import Attributes
-from unionfs.fuse.lowlevel import Listed, attr_record, entry_record, listing_buffer
+from unionfs.fuse.lowlevel import Listed, attr_record, entry_record, listing_buffer, spliceable_pages
 
 ATTR_FIELDS = "ino size blocks atime mtime ctime atimensec mtimensec ctimensec mode nlink uid gid rdev blksize flags"
 FILE = Attributes(ino=7, mode=stat.S_IFREG | 0o640, nlink=2, uid=1000, gid=50, size=1025, rdev=0,
@@ -121,6 +121,16 @@ def test_a_plus_listing_of_plain_attribute_tuples_carries_what_a_lookup_would() 
                                               4096, True, 45), plus=True)  # fmt: skip
         assert listed == [{"ino": attributes.ino, "off": 7, "type": attributes.mode >> 12, "name": b"name",
                            "entry": parse_entry(entry_record(attributes, 45))}]  # fmt: skip
+
+
+def test_a_read_answer_is_as_large_as_libfuse_can_still_splice() -> None:
+    # libfuse splices an answer only if a pipe of pipe-max-size holds it, its 16-byte header
+    # and three pages of slack (fuse_send_data_iov); else it copies it through a new buffer.
+    pages = spliceable_pages(1 << 20, 4096)
+    assert pages == 252
+    assert pages * 4096 + 16 + 3 * 4096 <= 1 << 20 < (pages + 1) * 4096 + 16 + 3 * 4096
+    assert spliceable_pages(1 << 24, 4096) == 256  # never past FUSE_MAX_MAX_PAGES
+    assert spliceable_pages(16384, 4096) == 1  # a tiny pipe-max-size still reads
 
 
 def test_a_fault_repeated_within_the_window_is_logged_once() -> None:

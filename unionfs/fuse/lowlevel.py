@@ -17,9 +17,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
+import os
 import signal
 import struct
+import threading
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from unionfs.entry import Attributes, AttributeValues
@@ -394,6 +398,72 @@ def reply_statfs(req: int, **fields: int) -> int:
     return int(bound.lib.fuse_reply_statfs(req, ctypes.byref(bound.fuse.mfusepy.c_statvfs(**fields))))
 
 
+MAX_PAGES = 256  # FUSE_MAX_MAX_PAGES: the most a READ can carry, and libfuse's default
+_PIPE_SLACK_PAGES = 3  # what fuse_send_data_iov wants free in the pipe beyond the reply
+_OUT_HEADER = 16  # struct fuse_out_header
+
+
+def spliceable_pages(pipe_max_size: int, page_size: int) -> int:
+    """The most pages one READ answer can carry and still be spliced from the cached tar:
+    libfuse moves an answer through a pipe only if the pipe can grow to hold it, its header
+    and three pages of slack, and else copies it through a buffer it maps for each answer
+    (1 MiB answers and the default pipe-max-size of 1 MiB take that second road)."""
+    fitting = (pipe_max_size - _PIPE_SLACK_PAGES * page_size - _OUT_HEADER) // page_size
+    return max(1, min(MAX_PAGES, fitting))
+
+
+@functools.cache
+def read_size() -> int:
+    """The size of the READs to ask the kernel for: as many pages as can be spliced under this
+    machine's /proc/sys/fs/pipe-max-size (1008 KiB under the default 1 MiB)."""
+    page_size = os.sysconf("SC_PAGE_SIZE")
+    try:
+        pipe_max_size = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+    except (OSError, ValueError):
+        pipe_max_size = 1 << 20
+    return spliceable_pages(pipe_max_size, page_size) * page_size
+
+
+def widen_readahead(mountpoint: str, size: int) -> bool:
+    """Raises the readahead of the FUSE mount at `mountpoint` to `size` bytes (from the 128
+    KiB the kernel starts a mount with), through its backing device's read_ahead_kb in sysfs
+    (only root may write it); returns whether the readahead is now at least that. Run it once
+    the kernel has INIT's answer, which caps the readahead at the kernel's default and would
+    undo an earlier raise: a stat of the mountpoint waits for that answer."""
+    if os.geteuid() != 0:
+        return False
+    kib = -(-size // 1024)
+    try:
+        device = os.stat(mountpoint).st_dev
+        setting = Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb")
+        if int(setting.read_text()) < kib:
+            setting.write_text(f"{kib}\n")
+        return int(setting.read_text()) >= kib
+    except (OSError, ValueError):  # no sysfs, a user namespace's root, a mount gone already
+        return False
+
+
+_kept = threading.local()
+
+
+def _in_a_kept_thread_state(function: Callable[..., None]) -> Callable[..., None]:
+    """Returns `function` for a ctypes callback that keeps its Python thread state. ctypes
+    calls a callback from a thread Python did not start in a thread state made for that one
+    call and deleted after it (PyGILState_Ensure, then Release), which costs every request a
+    16 KiB mmap and munmap and the making of a thread state. One Ensure never released keeps
+    the thread's state for as long as the thread lives; libfuse's workers live as long as the
+    loop (Session._loop), so there are at most `threads` of them."""
+    kept, ensure = _kept, ctypes.pythonapi.PyGILState_Ensure
+
+    def call(*args: Any) -> None:
+        if not getattr(kept, "state", False):  # the thread-local dict lives in the thread state
+            ensure()
+            kept.state = True
+        function(*args)
+
+    return call
+
+
 class SessionError(Exception):
     """libfuse refused the options or the mount; it has said why on stderr."""
 
@@ -407,7 +477,8 @@ class Session:
         bound = bindings()
         self._lib = bound.lib
         # The CFUNCTYPE objects must outlive the session: libfuse holds bare pointers to them.
-        self._ops = bound.operations(**{name: bound.callbacks[name](function) for name, function in callbacks.items()})
+        self._ops = bound.operations(**{name: bound.callbacks[name](_in_a_kept_thread_state(function))
+                                        for name, function in callbacks.items()})  # fmt: skip
         argv = [b"crfs-merge", b"-o", ",".join(options).encode()]
         self._argv = (ctypes.c_char_p * (len(argv) + 1))(*argv, None)
         self._se = bound.new_session(_Args(len(argv), self._argv, 0), self._ops)

@@ -278,6 +278,37 @@ def test_a_cold_sequential_read_goes_out_in_reads_as_large_as_can_be_spliced(
         assert server.wait(timeout=20) == 0
 
 
+def test_a_large_directory_is_listed_in_one_request_that_links_every_name(
+    oci_image: ImageWriter, fuse_works: None, tmp_path: Path
+) -> None:
+    """1,000 names take about 170 KiB of READDIRPLUS: the directory's st_blksize says so, glibc
+    reads it with a buffer that large, and the kernel asks for it all at once (one READDIRPLUS,
+    and the empty request that ends every listing) and links every name, so that stat-ing them
+    all, as `ls -l` does, sends no LOOKUP."""
+    names = [f"file-{i:04d}" for i in range(1000)]
+    image = oci_image([d("big"), *(f(f"big/{n}", n.encode()) for n in names)])
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    log_path = tmp_path / "debug.log"
+    with log_path.open("wb") as log:
+        server = subprocess.Popen([*_command(tmp_path), "-f", "-o", "debug", image, str(mountpoint)], stderr=log)
+    try:
+        _wait_for(lambda: os.path.ismount(mountpoint))
+        directory = os.stat(mountpoint / "big")
+        assert directory.st_blksize == 256 * 1024
+        with os.scandir(mountpoint / "big") as listing:
+            sizes = {entry.name: entry.stat(follow_symlinks=False).st_size for entry in listing}
+        assert sizes == {n: len(n) for n in names}
+        asked = [line.split("opcode: ")[1].split()[0] for line in log_path.read_text(errors="replace").splitlines()
+                 if "opcode: " in line and f"nodeid: {directory.st_ino}," in line]  # fmt: skip
+        listed = [op for op in asked if op in ("READDIRPLUS", "READDIR", "LOOKUP")]  # (not the one OPENDIR: ENOSYS)
+        # The ending request is a READDIRPLUS too where the kernel saw the names used in between.
+        assert listed in (["READDIRPLUS", "READDIR"], ["READDIRPLUS", "READDIRPLUS"]), asked
+    finally:
+        server.send_signal(15)
+        assert server.wait(timeout=20) == 0
+
+
 def test_a_worker_thread_keeps_its_python_state_from_one_request_to_the_next(fuse_works: None,
                                                                             tmp_path: Path) -> None:  # fmt: skip
     """libfuse's worker threads are not Python's: ctypes runs each callback in a Python

@@ -84,7 +84,7 @@ IMPLIED_DIRECTORY = Entry(path="", mode=stat.S_IFDIR | 0o755)
 """Metadata of a directory that no layer has a header for (containerd uses 0755, root)."""
 
 
-AttributeValues = tuple[int, int, int, int, int, int, int, int]
+AttributeValues = tuple[int, int, int, int, int, int, int, int, int]
 """The fields of Attributes in its order, as a plain tuple (cheaper to build, where many are)."""
 
 
@@ -100,3 +100,4 @@ class Attributes(NamedTuple):
     size: int
     rdev: int
     mtime_ns: int
+    blksize: int = 0  # st_blksize; 0 leaves it to the kernel (a page); see tree.listing_block_size

@@ -54,7 +54,7 @@ def _attr_fields(a: Attributes) -> tuple[int, ...]:
     seconds &= _U64
     blocks = -(-a.size // 512)
     return (a.ino, a.size, blocks, seconds, seconds, seconds, nanoseconds, nanoseconds, nanoseconds,
-            a.mode, a.nlink, a.uid, a.gid, a.rdev & 0xFFFFFFFF, 0, 0)  # fmt: skip
+            a.mode, a.nlink, a.uid, a.gid, a.rdev & 0xFFFFFFFF, a.blksize, 0)  # fmt: skip
 
 
 def entry_record(a: Attributes | None, timeout: int) -> bytes:
@@ -99,12 +99,12 @@ def listing_buffer(items: Iterable[Listed], first_offset: int, size: int, plus: 
         elif values is None:
             records.append(_NO_ENTRY + pack(ino, offset, length, kind))
         else:  # the fields of entry_record, inline: this runs for every listed name
-            _, _, nlink, uid, gid, file_size, rdev, mtime_ns = values
+            _, _, nlink, uid, gid, file_size, rdev, mtime_ns, blksize = values
             seconds, nanoseconds = divmod(mtime_ns, 1_000_000_000)
             seconds &= _U64
             records.append(pack_plus(ino, 0, timeout, timeout, 0, 0, ino, file_size, -(-file_size // 512), seconds,
                                      seconds, seconds, nanoseconds, nanoseconds, nanoseconds, mode, nlink, uid, gid,
-                                     rdev & 0xFFFFFFFF, 0, 0, ino, offset, length, kind))  # fmt: skip
+                                     rdev & 0xFFFFFFFF, blksize, 0, ino, offset, length, kind))  # fmt: skip
         records.append(name + _PADDING[-length % 8])
     return b"".join(records)
 

@@ -180,6 +180,9 @@ def rows(big: str, random_reads: int) -> list[Row]:
         (f"{random_reads} random 4 KiB reads of the big file, warm (s)", "random_seconds", 1.0, 4),
         (f"{READERS} parallel readers, all regular files but the big one, cold (wall s)", "parallel_seconds", 1.0, 3),
         ("server VmHWM at ready (MiB)", "rss_ready_kib", 1024.0, 1),
+        ("crfs-merge VmHWM at ready per merged entry beyond its 1-file baseline (B)", "ready_beyond_baseline_bytes",
+         1.0, 0),
+        ("lazy: server VmHWM at ready, cache warm (MiB)", "warm_rss_ready_kib", 1024.0, 1),
         ("server peak RSS, VmHWM after the workload (MiB)", "peak_rss_kib", 1024.0, 1),
         ("server peak RSS per merged entry (bytes)", "rss_per_entry_bytes", 1.0, 0),
         ("crfs-merge peak RSS per merged entry beyond its 1-file baseline (B)", "rss_beyond_baseline_bytes", 1.0, 0),
@@ -445,7 +448,10 @@ def run_method(method: str, setup: Setup, steps: Steps, label: str) -> dict[str,
     try:
         if method == "crfs_esgz":  # lazy: the workload runs on the fresh mount, and its reads fetch
             result = on_mount(method, setup, cache, steps)
-            result["mount_cold_seconds"] = result["mount_seconds"]
+            result["mount_cold_seconds"] = result.get("mount_seconds")
+            if "error" not in result:  # then once more with that cache: the warm ready time
+                warm = on_mount(method, setup, cache, count_entries)
+                result.update(mount_seconds=warm.get("mount_seconds"), warm_rss_ready_kib=warm.get("rss_ready_kib"))
             return result
         cold = on_mount(method, setup, cache, lambda _: {})
         if "error" in cold:
@@ -581,6 +587,11 @@ def workload(root: Path, setup: Setup, shares: list[Path], seed: int) -> dict[st
     return r
 
 
+def count_entries(root: Path) -> dict[str, Any]:
+    """--mount-only's workload: the entries, for the per-entry figures."""
+    return {"find_entries": timed_find(root)[1]}
+
+
 def tiny_workload(root: Path) -> dict[str, Any]:
     """What the baseline server serves: find, lstat walk and tar of its one file."""
     q = shlex.quote(str(root))
@@ -594,12 +605,12 @@ def tiny_workload(root: Path) -> dict[str, Any]:
 
 
 def rounds(
-    setup: Setup, methods: list[str], shares: list[Path], seed: int, repeat: int
+    setup: Setup, methods: list[str], shares: list[Path], seed: int, repeat: int, mount_only: bool = False
 ) -> dict[str, list[dict[str, Any]]]:
     """`repeat` rounds of the workload on each method, the order rotating; returns their samples."""
 
     def steps(mnt: Path) -> dict[str, Any]:
-        return workload(mnt, setup, shares, seed)
+        return count_entries(mnt) if mount_only else workload(mnt, setup, shares, seed)
 
     samples: dict[str, list[dict[str, Any]]] = {method: [] for method in methods}
     for attempt in range(repeat):
@@ -610,17 +621,20 @@ def rounds(
     return samples
 
 
-def per_entry(samples: dict[str, list[dict[str, Any]]], base_kib: float | None) -> None:
+def per_entry(samples: dict[str, list[dict[str, Any]]], base_kib: float | None, base_ready_kib: float | None) -> None:
     """Adds to each round of a server method its peak RSS per merged entry, and for crfs-merge
-    that beyond the baseline's VmHWM (the fixed cost of a crfs-merge server)."""
+    that beyond the baseline's VmHWM (the fixed cost of a crfs-merge server), after the workload
+    and at ready (the mount's own setup: merging, and for a lazy mount parsing the TOCs)."""
     for method, runs in samples.items():
         for r in runs:
-            peak, entries = r.get("peak_rss_kib"), r.get("find_entries")
+            peak, ready, entries = r.get("peak_rss_kib"), r.get("rss_ready_kib"), r.get("find_entries")
             if method not in SERVER_METHODS or peak is None or not entries:
                 continue
             r["rss_per_entry_bytes"] = peak * KIB / entries
             if method in CRFS_METHODS and base_kib is not None:
                 r["rss_beyond_baseline_bytes"] = (peak - base_kib) * KIB / entries
+            if method in CRFS_METHODS and base_ready_kib is not None and ready is not None:
+                r["ready_beyond_baseline_bytes"] = (ready - base_ready_kib) * KIB / entries
 
 
 def collect(samples: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -638,6 +652,7 @@ def baseline(setup: Setup, repeat: int) -> dict[str, Any]:
     """The VmHWM of a crfs-merge server for a 1-file image (mounted once to index first)."""
     tiny = Setup(setup.work, setup.work / "tiny", setup.log)
     build_tiny(tiny.layout)
+    tiny.mountpoint("crfs").mkdir(parents=True, exist_ok=True)  # also when --methods leaves crfs out
     cache = setup.work / "caches" / "tiny"
     on_mount("crfs", tiny, cache, tiny_workload)
     runs = [on_mount("crfs", tiny, cache, tiny_workload) for _ in range(repeat)]
@@ -777,6 +792,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", type=methods_option, default=list(METHODS), help=f"default: {','.join(METHODS)}")
     parser.add_argument("--repeat", type=int, default=5, help="rounds of the workload per method")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 round, a smaller image, fewer reads")
+    parser.add_argument("--mount-only", action="store_true", help="time the mounts (from nothing and warm) and "
+                        "their memory at ready; run no workload but a `find` that counts the entries")  # fmt: skip
     parser.add_argument("--build-cache", type=Path, default=DEFAULT_BUILD_CACHE,
                         help="where the debootstrapped base layer is kept between runs")  # fmt: skip
     common_options(parser, keep_help="keep the image, caches, registry and extracted layers")
@@ -813,8 +830,9 @@ def measure(args: argparse.Namespace, setup: Setup, results: dict[str, Any]) -> 
     if any(m in CRFS_METHODS for m in args.methods):
         print("crfs-merge baseline (1-file image) ...", file=sys.stderr)
         results["baseline"] = baseline(setup, args.repeat)
-    samples = rounds(setup, args.methods, write_shares(files, setup.work / "lists"), args.seed, args.repeat)
-    per_entry(samples, median(results, "baseline", "peak_rss_kib"))
+    shares = write_shares(files, setup.work / "lists")
+    samples = rounds(setup, args.methods, shares, args.seed, args.repeat, args.mount_only)
+    per_entry(samples, median(results, "baseline", "peak_rss_kib"), median(results, "baseline", "rss_ready_kib"))
     results.update(collect(samples))
 
 
@@ -826,6 +844,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "methods": args.methods,
             "repeat": args.repeat,
             "quick": args.quick,
+            "mount_only": args.mount_only,
             "seed": args.seed,
             "random_reads": QUICK_RANDOM_READS if args.quick else RANDOM_READS,
         },

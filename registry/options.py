@@ -4,6 +4,7 @@ aiohttp client so that mounting a local image never imports it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from registry.auth import Credentials
 
@@ -20,6 +21,7 @@ class RemoteOptions:
     tls_verify: bool = True
     timeout: float = 30.0  # seconds to connect, and the longest silence while reading
     connections: int = 8  # requests in flight to one registry
+    registries_conf: Path | None = None  # --registries-conf; otherwise podman's files (registry/registries_files.py)
 
     @property
     def mount_patience(self) -> float:

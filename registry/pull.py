@@ -34,8 +34,8 @@ MAX_INDEX_DEPTH = 4  # an index may point at an index; deeper than this is a loo
 async def resolve_remote(client: RegistryClient, platform: Platform, blob_dir: Path) -> Image:
     """Returns the client's image for `platform`, its layers windows on (not yet fetched)
     blob files under `blob_dir`."""
-    reference = client.reference
-    manifest, by_platform = await _manifest(client, reference, platform)
+    manifest, by_platform = await _manifest(client, client.reference, platform)
+    reference = client.reference  # a short name's candidate is known once one served the manifest
     config = await client.small_blob(manifest.config.digest)
     if not by_platform:  # no index chose it by platform: its config must say
         check_platform(config, platform, str(reference))
@@ -86,6 +86,7 @@ async def _manifest(client: RegistryClient, reference: RemoteReference, platform
     """Returns the manifest of `reference` for `platform`, and whether an image index chose it
     by platform."""
     data, content_type = await client.manifest(reference.version)
+    reference = client.reference  # the candidate that answered, for a short name
     if reference.digest is not None:
         reference.digest.check_bytes(data, f"manifest of {reference}")
     document = decode(data, _bare_media_type(content_type), f"{reference}: manifest")

@@ -10,7 +10,7 @@ RemoteReference's rules here, before any network I/O.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from registry.dir_transport import is_dir_transport
 from registry.errors import InvalidReferenceError
@@ -29,6 +29,7 @@ class ImageReference:
     transport: str
     path: str
     tag: str | None = None
+    short_name: str | None = field(default=None, compare=False)  # a registry name typed without its registry
 
     @classmethod
     def parse(cls, text: str) -> ImageReference:
@@ -52,9 +53,14 @@ class ImageReference:
             raise InvalidReferenceError(f"{text}: no such file or directory")
         return cls._remote(text)
 
+    def remote(self) -> RemoteReference:
+        """Returns a registry reference's parsed form, still knowing if it was a short name."""
+        return replace(RemoteReference.parse(self.path), short_name=self.short_name)
+
     @classmethod
     def _remote(cls, text: str) -> ImageReference:
-        return cls(REGISTRY, str(RemoteReference.parse(text)))
+        parsed = RemoteReference.parse(text)
+        return cls(REGISTRY, str(parsed), short_name=parsed.short_name)
 
     @classmethod
     def _with_tag(cls, transport: str, rest: str) -> ImageReference:

@@ -10,7 +10,14 @@ Every request goes through one path, `_get`, which:
   Retry-After, for as long as a time budget allows (registry.retry: the policy), with at most
   `connections` requests in flight per registry;
 - keeps a request that someone is waiting for (a lazy read) within its deadline: each try is
-  cut at the deadline, and no try starts after it.
+  cut at the deadline, and no try starts after it;
+- pulls from the sources that registries.conf names (registry/registries_conf.py): mirrors
+  first, in order, then the registry itself. A source that fails a try (unreachable, reset,
+  429, 5xx), lacks what is asked for, refuses, or serves bytes that fail their digest, hands
+  the request to the next one at once; only when every source has failed a round does the
+  request wait (backoff) and start another round, all within the one request's budget. A
+  source that failed a try is asked last for a while (a dead mirror costs each request
+  nothing), and every source has its own scheme, credentials and token.
 """
 
 from __future__ import annotations
@@ -23,18 +30,20 @@ import os
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import aiohttp
 
-from registry.auth import Challenge, parse_challenges
+from registry.auth import Challenge, Credentials, parse_challenges
 from registry.credentials import find_credentials
 from registry.digest import Digest
-from registry.errors import AuthenticationError, BlobNotFoundError, ManifestError, RegistryError
+from registry.errors import AuthenticationError, BlobNotFoundError, ImageError, ManifestError, RegistryError
 from registry.options import RemoteOptions
+from registry.registries_conf import PullSource, pull_sources, push_source
+from registry.registries_files import load as load_registries_conf
 from registry.remote_reference import RemoteReference, is_loopback
 from registry.retry import Patience, RetryClock, parse_retry_after
 from registry.source import MAX_DOCUMENT_SIZE
@@ -75,20 +84,55 @@ class _Retryable(Exception):
         self.unreachable = unreachable
 
 
+class _DeadlinePassed(RegistryError):
+    """A reader's deadline passed: no other source may be tried either."""
+
+
+@dataclass(eq=False)
+class _Source:
+    """One place the image is pulled from (a mirror, or the registry), and what was learned
+    talking to it: its scheme, its auth challenge and token."""
+
+    pull: PullSource
+    credentials: Credentials | None
+    limit: asyncio.Semaphore  # requests in flight to this source
+    base: str | None = None
+    authorization: str | None = None
+    token_expires: float = float("inf")
+    challenge: Challenge | None = None
+    auth_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # parallel requests that meet a 401 share a token
+    failed_at: float = float("-inf")  # when a try last failed (time.monotonic()): asked last for a while
+
+    @property
+    def reference(self) -> RemoteReference:
+        return self.pull.physical
+
+    @property
+    def registry(self) -> str:
+        return self.pull.physical.registry
+
+    def describe(self) -> str:
+        return f"{'mirror ' if self.pull.mirror else ''}{self.pull.physical.registry}"
+
+
 class RegistryClient:
-    """Talks to the registry of one reference. Use as `async with RegistryClient(...)`."""
+    """Talks to the registry of one reference, and to its mirrors. Use as
+    `async with RegistryClient(...)`; raises ImageError when registries.conf blocks the
+    reference or cannot be used."""
 
     def __init__(self, reference: RemoteReference, options: RemoteOptions, env: Mapping[str, str]) -> None:
-        self.reference = reference
+        conf = load_registries_conf(options.registries_conf, env)
         self._options = options
-        self._credentials = options.credentials or find_credentials(reference.registry, None, env)
-        self._limit = asyncio.Semaphore(options.connections)
-        self._base: str | None = None
-        self._authorization: str | None = None
-        self._token_expires = float("inf")
-        self._challenge: Challenge | None = None
-        self._auth_lock = asyncio.Lock()  # parallel downloads that meet a 401 share one new token
+        self._sources = [self._source(s, reference, env) for s in pull_sources(conf, reference)]
+        self._push = self._source(push_source(conf, reference), reference, env)
+        self.reference = self._sources[0].pull.logical  # a short name's first candidate, until one answers
         self._session: aiohttp.ClientSession | None = None
+
+    def _source(self, pull: PullSource, named: RemoteReference, env: Mapping[str, str]) -> _Source:
+        # --creds are for the registry named; a mirror elsewhere gets its own, from the auth files.
+        explicit = self._options.credentials if pull.physical.registry == named.registry else None
+        credentials = explicit or find_credentials(pull.physical.registry, None, env)
+        return _Source(pull, credentials, asyncio.Semaphore(self._options.connections))
 
     async def __aenter__(self) -> RegistryClient:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._options.timeout, sock_read=self._options.timeout)
@@ -108,40 +152,54 @@ class RegistryClient:
         async def read(response: aiohttp.ClientResponse) -> tuple[bytes, str | None]:
             return await _read_bounded(response, MAX_DOCUMENT_SIZE), response.headers.get("Content-Type")
 
-        path = f"/v2/{self.reference.repository}/manifests/{version}"
-        return await self._get(path, {"Accept": MANIFEST_ACCEPT}, read, what=f"manifest {version}")
+        async def read_checked(response: aiohttp.ClientResponse) -> tuple[bytes, str | None]:
+            data, content_type = await read(response)
+            return pinned.check_bytes(data, f"manifest {version}") if pinned else data, content_type
+
+        # A manifest asked for by digest is checked on arrival: a mirror's wrong one is passed over.
+        pinned = Digest.parse(version) if version.startswith(("sha256:", "sha512:")) else None
+        return await self._get(f"manifests/{version}", {"Accept": MANIFEST_ACCEPT}, read_checked,
+                               what=f"manifest {version}")  # fmt: skip
 
     async def small_blob(self, digest: Digest) -> bytes:
         """Returns a small blob (a config), verified against its digest."""
 
         async def read(response: aiohttp.ClientResponse) -> bytes:
-            return await _read_bounded(response, MAX_DOCUMENT_SIZE)
+            return digest.check_bytes(await _read_bounded(response, MAX_DOCUMENT_SIZE), f"blob {digest}")
 
-        data = await self._get(self._blob_path(digest), {}, read, what=f"blob {digest}")
-        return digest.check_bytes(data, f"blob {digest}")
+        return await self._get(self._blob_path(digest), {}, read, what=f"blob {digest}")
 
     async def download(self, digest: Digest, size: int, dest: Path, progress: Progress | None = None) -> None:
         """Writes blob `digest` to `dest`, verified. Bytes already in `dest` (an earlier,
         interrupted download) are hashed and kept, and only the rest is asked for, with a
         Range request, as after a dropped connection; if the whole then fails its digest,
-        the kept bytes were wrong, and the blob is fetched once more from its start."""
-        for kept_allowed in (True, False):
+        the kept bytes were wrong, and the blob is fetched once more from its start. Wrong
+        bytes from a source (a mirror) send the download, from its start, to the next one."""
+        sources, kept_allowed = self._in_order(), True
+        while True:
             with os.fdopen(os.open(dest, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644), "r+b") as out:
                 state = _Download(out, digest.hasher(), size, progress)
                 # Hashing what is kept may take a second per few hundred MB: not on the loop.
                 resumed = await asyncio.to_thread(state.keep_existing) if kept_allowed else state.discard_existing()
                 if resumed and progress:
                     progress(state.received)
+                served = None
                 if state.received < size:
-                    await self._get(self._blob_path(digest), state.headers, state.consume, f"blob {digest}",
-                                    progress=state.received_so_far)  # fmt: skip
+                    _, served = await self._get_from(sources, self._blob_path(digest), state.headers, state.consume,
+                                                     f"blob {digest}", progress=state.received_so_far)  # fmt: skip
             if state.received != size:
                 raise RegistryError(f"blob {digest}: got {state.received} bytes, expected {size}")
-            if resumed and digest.hex != state.hashed.hexdigest():
+            if digest.hex == state.hashed.hexdigest():
+                return
+            kept_allowed = False
+            if resumed:
                 log.info("blob %s: the kept part of an interrupted download was wrong; fetching it whole", digest)
-                continue
-            digest.verify(state.hashed, f"blob {digest} from {self.reference.registry}")
-            return
+            elif served is not None and len(sources) > 1:
+                log.warning("blob %s: %s served wrong bytes; trying the next source", digest, served.describe())
+                sources = [s for s in sources if s is not served]
+            else:
+                where = served.registry if served else self.reference.registry
+                digest.verify(state.hashed, f"blob {digest} from {where}")
 
     async def read_range(self, digest: Digest, start: int, end: int, patience: Patience | None = None) -> bytes:
         """Returns bytes start..end (inclusive) of a blob with one closed Range request,
@@ -165,23 +223,29 @@ class RegistryClient:
     async def push_blob(self, digest: Digest, path: Path, size: int) -> None:
         """Uploads a blob from a local file unless the registry has it (distribution spec,
         "Pushing blobs": monolithic POST then PUT ?digest=)."""
-        if await self._get(self._blob_path(digest), {}, _status, f"blob {digest}", Send("HEAD")) == 200:
+        if await self._pushed(self._blob_path(digest), {}, _status, f"blob {digest}", Send("HEAD")) == 200:
             return
-        upload = f"/v2/{self.reference.repository}/blobs/uploads/"
-        location = await self._get(upload, {}, _location, f"upload of {digest}", Send("POST"))
+        location = await self._pushed("blobs/uploads/", {}, _location, f"upload of {digest}", Send("POST"))
         separator = "&" if "?" in location else "?"
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
         put = Send("PUT", lambda: open(path, "rb"))  # noqa: SIM115 (aiohttp streams and closes it)
-        await self._get(f"{location}{separator}digest={digest}", headers, _status, f"upload of {digest}", put)
+        await self._pushed(f"{location}{separator}digest={digest}", headers, _status, f"upload of {digest}", put)
 
     async def push_manifest(self, tag: str, data: bytes, media_type: str) -> None:
         """Stores a manifest under `tag`."""
-        path = f"/v2/{self.reference.repository}/manifests/{tag}"
         send = Send("PUT", lambda: data)
-        await self._get(path, {"Content-Type": media_type}, _status, f"manifest {tag}", send)
+        await self._pushed(f"manifests/{tag}", {"Content-Type": media_type}, _status, f"manifest {tag}", send)
+
+    async def _pushed(
+        self, path: str, headers: Mapping[str, str], consume: Callable[[aiohttp.ClientResponse], Awaitable[T]],
+        what: str, send: Send,
+    ) -> T:  # fmt: skip
+        """A push request: to the registry named, never to a mirror (as podman)."""
+        result, _ = await self._get_from([self._push], path, headers, consume, what, send)
+        return result
 
     def _blob_path(self, digest: Digest) -> str:
-        return f"/v2/{self.reference.repository}/blobs/{digest}"
+        return f"blobs/{digest}"
 
     # --- the one request path ---------------------------------------------------------
 
@@ -195,29 +259,90 @@ class RegistryClient:
         patience: Patience | None = None,
         progress: Callable[[], int] | None = None,
     ) -> T:
-        """Requests `path` (GET, or `send.method` with its body) and returns what `consume`
-        makes of the answer; the one place requests are retried: within `patience` (by
-        default the mount's), a try that moves `progress` on starting the count again."""
+        """Requests `path` (relative to the repository, or a URL) from the pull sources and
+        returns what `consume` makes of the first good answer."""
+        result, _ = await self._get_from(self._in_order(), path, headers, consume, what, send, patience, progress)
+        return result
+
+    async def _get_from(
+        self,
+        sources: list[_Source],
+        path: str,
+        headers: Mapping[str, str] | Callable[[], Mapping[str, str]],
+        consume: Callable[[aiohttp.ClientResponse], Awaitable[T]],
+        what: str,
+        send: Send | None = None,
+        patience: Patience | None = None,
+        progress: Callable[[], int] | None = None,
+    ) -> tuple[T, _Source]:
+        """Returns what `consume` makes of the first good answer, and the source that gave it.
+        The one place requests are retried: each round asks the sources in order, each once;
+        within `patience` (by default the mount's), a round that moves `progress` on starts
+        the count again. A source that refused (not found, denied, wrong bytes) is out of
+        this request; when only such sources are left, the request fails with the last one's
+        error (the registry's own), the others' named."""
         clock = RetryClock(patience or Patience(self._options.mount_patience), time.monotonic())
+        refused: dict[_Source, ImageError] = {}
         while True:
-            try_started, before = time.monotonic(), progress() if progress else 0
-            try:
-                return await self._try_within(clock, path, headers, consume, what, send)
-            except _Retryable as exc:
-                if exc.unreachable:  # a wrong name or a dead host: no reason to wait minutes
-                    clock.patience = Patience(min(clock.patience.seconds, self._options.read_deadline),
-                                              clock.patience.deadline)  # fmt: skip
-                now = time.monotonic()
-                moved = progress is not None and progress() != before
-                delay = clock.after_failure(try_started, now, exc.retry_after, moved)
-                if delay is None:
-                    raise RegistryError(f"{named(self.reference, what)}: {exc} ({clock.gave_up(now)})") from None
-                log.info("%s: %s; retrying in %.1fs", what, exc, delay)
-                await asyncio.sleep(delay)
+            round_started, before = time.monotonic(), progress() if progress else 0
+            failures: list[tuple[_Source, _Retryable]] = []
+            for source in [s for s in sources if s not in refused]:
+                try:
+                    result = await self._try_within(clock, source, path, headers, consume, what, send)
+                except _Retryable as exc:
+                    source.failed_at = time.monotonic()
+                    failures.append((source, exc))
+                    self._log_fall_through(source, exc, sources, what)
+                    continue
+                except _DeadlinePassed:
+                    raise
+                except ImageError as exc:
+                    if len(sources) == 1:
+                        raise
+                    refused[source] = exc
+                    self._log_fall_through(source, exc, sources, what)
+                    continue
+                self._answered(source)
+                return result, source
+            if not failures or _registries_refused(sources, refused):
+                raise _refusal(refused, failures) from None
+            if all(exc.unreachable for _, exc in failures):  # wrong names or dead hosts: no reason to wait minutes
+                clock.patience = Patience(min(clock.patience.seconds, self._options.read_deadline),
+                                          clock.patience.deadline)  # fmt: skip
+            now = time.monotonic()
+            moved = progress is not None and progress() != before
+            delay = clock.after_failure(round_started, now, _soonest(failures), moved)
+            last_source, last = failures[-1]
+            if delay is None:
+                message = f"{named(self.reference, what)}: {last} ({clock.gave_up(now)})"
+                raise RegistryError(message + _others(refused, failures, last_source)) from None
+            log.info("%s: %s; retrying in %.1fs", what, last, delay)
+            await asyncio.sleep(delay)
+
+    def _in_order(self) -> list[_Source]:
+        """The pull sources in configuration order, those that failed a try within the last
+        --timeout seconds moved to the end (a dead mirror is not waited for at every request)."""
+        recently = time.monotonic() - self._options.timeout
+        return sorted(self._sources, key=lambda s: s.failed_at > recently)
+
+    def _answered(self, source: _Source) -> None:
+        """After a good answer: a short name's candidate is settled by its first answer."""
+        if source.pull.logical != self.reference or len(self._sources) > 1:
+            if source.pull.logical != self.reference:
+                log.info("%s: resolved to %s", self.reference.short_name or self.reference, source.pull.logical)
+            self.reference = source.pull.logical
+            self._sources = [s for s in self._sources if s.pull.logical == source.pull.logical]
+        source.failed_at = float("-inf")
+
+    @staticmethod
+    def _log_fall_through(source: _Source, error: Exception, sources: list[_Source], what: str) -> None:
+        if len(sources) > 1:
+            log.info("%s: %s from %s; asking the next source", what, error, source.describe())
 
     async def _try_within(
         self,
         clock: RetryClock,
+        source: _Source,
         path: str,
         headers: Mapping[str, str] | Callable[[], Mapping[str, str]],
         consume: Callable[[aiohttp.ClientResponse], Awaitable[T]],
@@ -227,31 +352,34 @@ class RegistryClient:
         """Makes one try, cut at the clock's deadline if it has one."""
         remaining = clock.remaining(time.monotonic())
         if remaining is None:
-            return await self._try(path, headers, consume, what, send)
+            return await self._try(source, path, headers, consume, what, send)
         try:
-            return await asyncio.wait_for(self._try(path, headers, consume, what, send), max(remaining, 0.0))
+            return await asyncio.wait_for(self._try(source, path, headers, consume, what, send), max(remaining, 0.0))
         except DEADLINE_PASSED:
             clock.tries += 1
-            raise RegistryError(
+            raise _DeadlinePassed(
                 f"{named(self.reference, what)}: no answer before the deadline ({clock.gave_up(time.monotonic())})"
             ) from None
 
     async def _try(
         self,
+        source: _Source,
         path: str,
         headers: Mapping[str, str] | Callable[[], Mapping[str, str]],
         consume: Callable[[aiohttp.ClientResponse], Awaitable[T]],
         what: str,
         send: Send | None,
     ) -> T:
-        async with self._limit:
-            base = await self._base_url()
+        async with source.limit:
+            base = await self._base_url(source)
             wanted = headers() if callable(headers) else headers
-            url = path if path.startswith(("http://", "https://")) else base + path
-            return await self._follow(url, base, wanted, consume, what, send)
+            absolute = path.startswith(("http://", "https://"))
+            url = path if absolute else f"{base}/v2/{source.reference.repository}/{path}"
+            return await self._follow(source, url, base, wanted, consume, what, send)
 
     async def _follow(
         self,
+        source: _Source,
         url: str,
         base: str,
         headers: Mapping[str, str],
@@ -260,28 +388,29 @@ class RegistryClient:
         send: Send | None = None,
     ) -> T:
         original, authenticated, asked_again = url, False, False
-        if self._authorization is None and self._challenge is not None:
-            await self._authenticate_with(self._challenge, stale=None)  # the ping already told us how
+        if source.authorization is None and source.challenge is not None:
+            await self._authenticate_with(source, source.challenge, stale=None)  # the ping already told us how
         for _ in range(MAX_REDIRECTS + 3):
             on_registry = _origin(url) == _origin(base)
             if on_registry:
-                await self._refresh_expired_token()
-            authorization = self._authorization if on_registry else None
+                await self._refresh_expired_token(source)
+            authorization = source.authorization if on_registry else None
             sent = {**headers, **({"Authorization": authorization} if authorization else {})}
             try:
-                async with self._request(url, sent, send) as response:
+                async with self._request(source, url, sent, send) as response:
                     status = response.status
                     if status in (301, 302, 303, 307, 308) and "Location" in response.headers:
                         url = urljoin(url, response.headers["Location"])
                         continue
                     if status == 401 and on_registry and not authenticated:
-                        await self._authenticate(response.headers.get("WWW-Authenticate", ""), stale=authorization)
+                        challenge = response.headers.get("WWW-Authenticate", "")
+                        await self._authenticate(source, challenge, stale=authorization)
                         authenticated = True
                         continue
                     if status == 403 and not on_registry and not asked_again:
                         url, asked_again = original, True  # a signed URL expired: get a fresh one
                         continue
-                    _check(response, what, named(self.reference, what))
+                    _check(response, what, named(source.reference, what))
                     return await consume(response)
             except (aiohttp.ClientConnectorCertificateError, ssl.SSLCertVerificationError) as exc:
                 raise RegistryError(f"{_safe(url)}: TLS certificate not trusted: {exc}") from None
@@ -289,32 +418,37 @@ class RegistryClient:
                 raise _Retryable(f"{type(exc).__name__} from {_safe(url)}: {exc}") from None
         raise RegistryError(f"{what}: too many redirects")
 
-    def _request(self, url: str, headers: Mapping[str, str], send: Send | None = None):  # type: ignore[no-untyped-def]
+    def _request(self, source: _Source, url: str, headers: Mapping[str, str], send: Send | None = None):  # type: ignore[no-untyped-def]
         assert self._session is not None
         method, body = (send.method, send.body()) if send else ("GET", None)
-        # ssl=True: verify with the system CAs; False: no verification (--tls-verify=false).
+        # ssl=True: verify with the system CAs; False: no verification (--tls-verify=false, or
+        # `insecure = true` for this source in registries.conf).
         return self._session.request(method, url, headers=dict(headers), data=body, allow_redirects=False,
-                                     ssl=self._options.tls_verify)  # fmt: skip
+                                     ssl=self._verifies(source))  # fmt: skip
 
-    async def _base_url(self) -> str:
-        """Returns scheme://host of the registry API, learning it with a ping of /v2/."""
-        if self._base is not None:
-            return self._base
-        host = self.reference.api_host
-        schemes = ["https"] + (["http"] if is_loopback(host) or not self._options.tls_verify else [])
+    def _verifies(self, source: _Source) -> bool:
+        """True if TLS is required and verified for `source` (false lets plain HTTP in too)."""
+        return self._options.tls_verify and not source.pull.insecure
+
+    async def _base_url(self, source: _Source) -> str:
+        """Returns scheme://host of the source's registry API, learning it with a ping of /v2/."""
+        if source.base is not None:
+            return source.base
+        host = source.reference.api_host
+        schemes = ["https"] + (["http"] if is_loopback(host) or not self._verifies(source) else [])
         failures = []
         for scheme in schemes:
             try:
-                async with self._request(f"{scheme}://{host}/v2/", {}) as response:
+                async with self._request(source, f"{scheme}://{host}/v2/", {}) as response:
                     if response.status == 429 or response.status >= 500:
                         raise _Retryable(f"HTTP {response.status} from {scheme}://{host}/v2/", _retry_after(response))
                     if response.status == 400:  # plain HTTP sent to a TLS port: not this scheme
                         failures.append(f"{scheme}: HTTP 400")
                         continue
                     if response.status == 401:
-                        self._challenge = _pick_challenge(response.headers.get("WWW-Authenticate", ""))
-                    self._base = f"{scheme}://{host}"
-                    return self._base
+                        source.challenge = _pick_challenge(response.headers.get("WWW-Authenticate", ""))
+                    source.base = f"{scheme}://{host}"
+                    return source.base
             except (*NETWORK_ERRORS, ssl.SSLError) as exc:
                 failures.append(f"{scheme}: {type(exc).__name__}: {exc}")
         if any("Certificate" in f for f in failures):
@@ -323,51 +457,52 @@ class RegistryClient:
 
     # --- authentication ---------------------------------------------------------------
 
-    async def _refresh_expired_token(self) -> None:
-        if time.monotonic() >= self._token_expires and self._challenge is not None:
-            await self._authenticate_with(self._challenge, stale=self._authorization)
+    async def _refresh_expired_token(self, source: _Source) -> None:
+        if time.monotonic() >= source.token_expires and source.challenge is not None:
+            await self._authenticate_with(source, source.challenge, stale=source.authorization)
 
-    async def _authenticate(self, header: str, stale: str | None) -> None:
-        challenge = _pick_challenge(header) or self._challenge
+    async def _authenticate(self, source: _Source, header: str, stale: str | None) -> None:
+        challenge = _pick_challenge(header) or source.challenge
         if challenge is None:
-            raise AuthenticationError(f"{self.reference.registry}: 401 without a usable WWW-Authenticate challenge")
-        self._challenge = challenge
-        await self._authenticate_with(challenge, stale)
+            raise AuthenticationError(f"{source.registry}: 401 without a usable WWW-Authenticate challenge")
+        source.challenge = challenge
+        await self._authenticate_with(source, challenge, stale)
 
-    async def _authenticate_with(self, challenge: Challenge, stale: str | None) -> None:
+    async def _authenticate_with(self, source: _Source, challenge: Challenge, stale: str | None) -> None:
         """Replaces the `stale` authorization, unless another task already has."""
-        async with self._auth_lock:
-            if self._authorization != stale:
+        async with source.auth_lock:
+            if source.authorization != stale:
                 return
-            await self._authorize(challenge)
+            await self._authorize(source, challenge)
 
-    async def _authorize(self, challenge: Challenge) -> None:
+    async def _authorize(self, source: _Source, challenge: Challenge) -> None:
         if challenge.scheme == "basic":
-            if self._credentials is None:
+            if source.credentials is None:
                 raise AuthenticationError(
-                    f"{self.reference.registry} requires credentials: use --creds USER[:PASS] or an auth file"
+                    f"{source.registry} requires credentials: use --creds USER[:PASS] or an auth file"
                 )
-            self._authorization, self._token_expires = self._credentials.basic_header(), float("inf")
+            source.authorization, source.token_expires = source.credentials.basic_header(), float("inf")
             return
-        token, lifetime = await self._fetch_token(challenge)
-        self._authorization = f"Bearer {token}"
-        self._token_expires = time.monotonic() + max(1.0, lifetime * 0.9)
+        token, lifetime = await self._fetch_token(source, challenge)
+        source.authorization = f"Bearer {token}"
+        source.token_expires = time.monotonic() + max(1.0, lifetime * 0.9)
 
-    async def _fetch_token(self, challenge: Challenge) -> tuple[str, float]:
+    async def _fetch_token(self, source: _Source, challenge: Challenge) -> tuple[str, float]:
         """Asks the token server named by a Bearer challenge for a pull token."""
         realm = challenge.params.get("realm")
         if not realm:
-            raise AuthenticationError(f"{self.reference.registry}: Bearer challenge without a realm")
-        query = {"scope": challenge.params.get("scope") or f"repository:{self.reference.repository}:pull"}
+            raise AuthenticationError(f"{source.registry}: Bearer challenge without a realm")
+        query = {"scope": challenge.params.get("scope") or f"repository:{source.reference.repository}:pull"}
         if "service" in challenge.params:
             query["service"] = challenge.params["service"]
-        headers = {"Authorization": self._credentials.basic_header()} if self._credentials else {}
+        credentials = source.credentials
+        headers = {"Authorization": credentials.basic_header()} if credentials else {}
         try:
-            async with self._request(f"{realm}?{urlencode(query)}", headers) as response:
+            async with self._request(source, f"{realm}?{urlencode(query)}", headers) as response:
                 if response.status in (401, 403):
                     raise AuthenticationError(
-                        f"{self.reference.registry}: token server {_safe(realm)} refused "
-                        + ("the credentials" if self._credentials else "anonymous access; use --creds")
+                        f"{source.registry}: token server {_safe(realm)} refused "
+                        + ("the credentials" if credentials else "anonymous access; use --creds")
                     )
                 _check(response, "token", f"token server {_safe(realm)}")
                 reply = json.loads(await _read_bounded(response, MAX_DOCUMENT_SIZE))
@@ -379,6 +514,34 @@ class RegistryClient:
         if not isinstance(token, str) or not token:
             raise AuthenticationError(f"token server {_safe(realm)} answered without a token")
         return token, float(reply.get("expires_in") or TOKEN_DEFAULT_SECONDS)
+
+
+def _registries_refused(sources: list[_Source], refused: Mapping[_Source, ImageError]) -> bool:
+    """True when the registries themselves (not mirrors) refused: their word is final, and a
+    mirror that is down is not waited for."""
+    registries = [s for s in sources if not s.pull.mirror]
+    return bool(registries) and all(s in refused for s in registries)
+
+
+def _refusal(refused: Mapping[_Source, ImageError], failures: list[tuple[_Source, _Retryable]]) -> ImageError:
+    """The error of a request that every source refused: the registry's own (its type kept,
+    so that callers tell "not found" from "denied"), the mirrors' named after it."""
+    answers = list(refused.items())
+    source, error = next(((s, e) for s, e in reversed(answers) if not s.pull.mirror), answers[-1])
+    others = _others(refused, failures, source)
+    return type(error)(f"{error}{others}") if others else error
+
+
+def _others(refused: Mapping[_Source, ImageError], failures: list[tuple[_Source, _Retryable]], but: _Source) -> str:
+    """Names what the sources other than `but` answered, as podman does: "(mirrors also failed: ...)"."""
+    said = [f"{s.describe()}: {e}" for s, e in [*refused.items(), *failures] if s is not but]
+    return f" (also failed: {'; '.join(said)})" if said else ""
+
+
+def _soonest(failures: list[tuple[_Source, _Retryable]]) -> float | None:
+    """The shortest Retry-After any source asked for: the round after it may find that one ready."""
+    asked = [exc.retry_after for _, exc in failures if exc.retry_after is not None]
+    return min(asked) if asked else None
 
 
 @dataclass(slots=True)

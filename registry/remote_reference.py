@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from registry.digest import Digest
 from registry.errors import InvalidReferenceError, ManifestError
@@ -33,6 +33,9 @@ class RemoteReference:
     repository: str  # library/alpine
     tag: str | None
     digest: Digest | None
+    # The name as typed when it named no registry ("alpine", "user/app"): registries.conf's
+    # aliases and unqualified-search-registries may send it elsewhere than docker.io.
+    short_name: str | None = field(default=None, compare=False)
 
     @classmethod
     def parse(cls, text: str) -> RemoteReference:
@@ -45,7 +48,8 @@ class RemoteReference:
         for component in repository.split("/"):
             if not _COMPONENT.match(component):
                 raise InvalidReferenceError(f"{text}: invalid repository name component {component!r}")
-        return cls(registry, repository, tag or (None if digest else DEFAULT_TAG), digest)
+        short_name = None if _names_registry(name) else name
+        return cls(registry, repository, tag or (None if digest else DEFAULT_TAG), digest, short_name)
 
     @property
     def api_host(self) -> str:
@@ -94,11 +98,17 @@ def _split_tag(name: str) -> tuple[str, str | None]:
     return head, tag
 
 
+def _names_registry(name: str) -> bool:
+    """True if the name's first component is a registry host (docker's rule), not a short name."""
+    first, sep, _ = name.partition("/")
+    return bool(sep) and ("." in first or ":" in first or first == "localhost" or first.startswith("["))
+
+
 def _split_registry(name: str) -> tuple[str, str]:
     if not name:
         raise InvalidReferenceError("empty repository name")
-    first, sep, rest = name.partition("/")
-    if sep and ("." in first or ":" in first or first == "localhost" or first.startswith("[")):
+    first, _, rest = name.partition("/")
+    if _names_registry(name):
         if not _DOMAIN.match(first):
             raise InvalidReferenceError(f"{name}: invalid registry host {first!r}")
         registry = DOCKER_HUB if first == "index.docker.io" else first

@@ -96,10 +96,14 @@ def _wait_until_serving(url: str, process: subprocess.Popen[bytes] | None = None
 
 
 class Registry:
-    """docker-registry serving from a temporary directory on 127.0.0.1."""
+    """docker-registry serving from a temporary directory on 127.0.0.1; with `proxy` (a
+    registry's URL), a pull-through cache of that registry; `port` again after a stop() starts
+    the same registry anew (its storage is kept)."""
 
-    def __init__(self, root: Path, auth: dict[str, object] | None = None, tls: tuple[Path, Path] | None = None) -> None:
-        self.port = free_port()
+    def __init__(self, root: Path, auth: dict[str, object] | None = None, tls: tuple[Path, Path] | None = None,
+                 proxy: str | None = None, port: int | None = None) -> None:  # fmt: skip
+        self.root = root
+        self.port = port or free_port()
         self.host = f"127.0.0.1:{self.port}"
         http: dict[str, object] = {"addr": self.host, "secret": "crfs-merge-tests"}
         if tls:
@@ -110,6 +114,7 @@ class Registry:
             "storage": {"filesystem": {"rootdirectory": str(root / "storage")}, "delete": {"enabled": True}},
             "http": http,
             **({"auth": auth} if auth else {}),
+            **({"proxy": {"remoteurl": proxy}} if proxy else {}),
         }
         (root / "config.yml").write_text(json.dumps(config))  # JSON is YAML
         self._process = subprocess.Popen(

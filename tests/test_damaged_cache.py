@@ -422,6 +422,7 @@ def test_a_damaged_cached_toc_is_fetched_again(
     assert mounted_tree(mount, image, cache, "--prefetch", "none")[0] == remote_fresh
     first, second = sorted(p for p in (cache / "toc").rglob("*") if p.is_file())
     first.write_bytes(os.urandom(first.stat().st_size) if damage == "garbage" else second.read_bytes())
+    shutil.rmtree(cache / "trees")  # else the saved tree serves the mount, and no TOC is read
     proxy.requests.clear()
     mountpoint, stderr = mount(image, cache, "--prefetch", "none")
     assert proxy.requests["range"] == 2  # that layer's footer and TOC, fetched again

@@ -13,7 +13,6 @@ from registry.local import resolve_image
 from registry.manifest import Platform
 from registry.options import RemoteOptions
 from registry.reference import REGISTRY, ImageReference
-from registry.remote_reference import RemoteReference
 from registry.source import FileWindow, Image
 from unionfs.content import ContentReader, TarReader
 from unionfs.entry import Entry
@@ -80,7 +79,7 @@ def open_image(text: str, settings: Settings) -> MountedImage:
     else:
         from unionfs.remote_image import open_remote  # aiohttp and asyncio only for registry images
 
-        mounted = open_remote(RemoteReference.parse(reference.path), settings, store)
+        mounted = open_remote(reference.remote(), settings, store)
     mounted.also_when_ready(lambda: tidy_in_background(settings.cache_dir, settings.cache_max_bytes))
     return mounted
 
@@ -93,7 +92,7 @@ def local_layers(text: str, settings: Settings) -> tuple[Image, list[FileWindow]
     if reference.transport == REGISTRY:
         from unionfs.remote_image import pull_whole
 
-        return pull_whole(RemoteReference.parse(reference.path), settings, store)
+        return pull_whole(reference.remote(), settings, store)
     image = resolve_image(reference, settings.platform)
     note_in_use(settings.cache_dir, image_keys(image))
     return image, layer_tars(image, store)

@@ -178,6 +178,10 @@ def add_source_options(parser: argparse.ArgumentParser) -> None:
                         help="false: allow plain HTTP and unverified TLS (default true)")  # fmt: skip
     parser.add_argument("--timeout", type=_seconds, default=30.0, metavar="SECONDS",
                         help="registry connect and read timeout (default 30)")  # fmt: skip
+    parser.add_argument("--registries-conf", type=Path, default=None, metavar="FILE",
+                        help="registries.conf(5) for mirrors, remapping, blocking and short names (default: "
+                        "podman's: $CONTAINERS_REGISTRIES_CONF, ~/.config/containers/registries.conf or "
+                        "/etc/containers/registries.conf, with their registries.conf.d)")  # fmt: skip
     parser.add_argument("--cache-max-size", type=_size, default=None, metavar="SIZE",
                         help="prune unused cache files, oldest first, above SIZE (default 20G)")  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true", help="log every step")
@@ -272,7 +276,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return Settings(
         cache_dir=server.absolute(args.cache_dir or default_cache_dir()),  # the server leaves its cwd
         platform=Platform.parse(args.platform) if args.platform else Platform.host(),
-        remote=RemoteOptions(Credentials.parse(args.creds) if args.creds else None, args.tls_verify, args.timeout),
+        remote=RemoteOptions(Credentials.parse(args.creds) if args.creds else None, args.tls_verify, args.timeout,
+                             registries_conf=server.absolute(args.registries_conf) if args.registries_conf else None),
         prefetch=getattr(args, "prefetch", "landmark"),
         **({"cache_max_bytes": args.cache_max_size} if args.cache_max_size is not None else {}),
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -61,7 +61,7 @@ class Entry:
     xattrs: Mapping[str, bytes] = field(default_factory=lambda: NO_XATTRS)
     layer: int = 0
     offset: int = 0
-    chunks: tuple[Chunk, ...] = ()
+    chunks: Sequence[Chunk] = ()  # a tuple from a TOC parser, a view of a tree's chunk table
 
     @property
     def is_dir(self) -> bool:

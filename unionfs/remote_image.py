@@ -11,13 +11,13 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
 from registry.digest import Digest
-from registry.errors import LayerFormatError
+from registry.errors import ImageError, LayerFormatError
 from registry.media_types import Compression
 from registry.pull import fetch_blobs, resolve_remote
 from registry.remote import RegistryClient
@@ -25,10 +25,11 @@ from registry.remote_reference import RemoteReference
 from registry.source import FileWindow, Image, Layer
 from unionfs.aio import EventLoopThread
 from unionfs.build import MountedImage, Settings, build, indexed_entries, layer_tars, log_resolved, merged_tree
+from unionfs.chunk_table import ChunkTable
 from unionfs.commands.progress import terminal_progress
 from unionfs.content import ContentReader, LayerReader, TarReader
 from unionfs.entry import Chunk, Entry
-from unionfs.estargz.lazy import LazyLayer, fetch_toc
+from unionfs.estargz.lazy import LazyLayer, SmallFiles, fetch_toc
 from unionfs.estargz.toc import LayerToc
 from unionfs.storage.cache_admin import image_keys, note_in_use
 from unionfs.storage.chunk_cache import ChunkCache
@@ -87,9 +88,22 @@ async def _resolve_and_fetch(
 ) -> tuple[Image, dict[int, LayerToc]]:
     """Resolves the client's image; with `lazy`, learns which layers are eStargz (their TOCs);
     fetches every other layer that the cache lacks whole."""
+    image = await _resolve(client, settings)
+    return image, await _fetch(client, image, settings, store, lazy)
+
+
+async def _resolve(client: RegistryClient, settings: Settings) -> Image:
     image = await resolve_remote(client, settings.platform, settings.cache_dir / "blobs")
     log_resolved(image)
     note_in_use(settings.cache_dir, image_keys(image))  # before any cache file is looked for
+    return image
+
+
+async def _fetch(
+    client: RegistryClient, image: Image, settings: Settings, store: LayerStore, lazy: bool
+) -> dict[int, LayerToc]:
+    """With `lazy`, learns which layers are eStargz (their TOCs); fetches every other layer
+    that the cache lacks whole; returns the TOCs."""
     tocs = await _tocs(client, image, store, settings.cache_dir / "toc") if lazy else {}
     whole = [layer for n, layer in enumerate(image.layers) if n not in tocs and store.needs_blob(layer)]
     _log_layer_plan(image, tocs, whole)
@@ -98,7 +112,7 @@ async def _resolve_and_fetch(
     if whole:
         size = sum(layer.window.size for layer in whole)
         log.info("fetched %d layers, %.1f MB, in %.2f s", len(whole), size / 1e6, time.monotonic() - started)
-    return image, tocs
+    return tocs
 
 
 def _log_layer_plan(image: Image, tocs: dict[int, LayerToc], whole: list[Layer]) -> None:
@@ -128,18 +142,26 @@ def _open_remote(
 
     refetch = partial(_refetch, loop, client)
     try:
-        image, tocs = loop.run(_resolve_and_fetch(client, settings, store, lazy=True))
-        if not tocs:  # every layer is now a local tar: the local path, with its saved trees
+        image = loop.run(_resolve(client, settings))
+        saved = _saved_lazy_tree(image, store)
+        tocs: dict[int, LayerToc] = {}
+        if saved is None:
+            tocs = loop.run(_fetch(client, image, settings, store, lazy=True))
+        if saved is None and not tocs:  # every layer is now a local tar: the local path, with its saved trees
             whole = refetching(lambda: build(image, store), refetch)
             entries = partial(refetching, partial(indexed_entries, image, store), refetch)
             return MountedImage(whole.tree, whole.content, close=close, source=image, layer_entries=entries)
         factory = LazyLayerFactory(loop, client, settings)
-        tree, readers, lazy = refetching(lambda: _remote_layers(image, tocs, store, factory), refetch)
+        if saved is not None:
+            tree, readers, lazy = _lazy_readers(image, *saved, factory)
+        else:
+            tree, readers, lazy = refetching(lambda: _remote_layers(image, tocs, store, factory), refetch)
     except BaseException:
         loop.run(client.__aexit__(None, None, None))
         raise
     prefetch = partial(_prefetch, lazy)
-    entries = partial(_entries_again, loop, client, image, set(tocs), store, settings.cache_dir / "toc", refetch)
+    entries = partial(_entries_again, loop, client, image, set(tree.lazy_layers), store, settings.cache_dir / "toc",
+                      refetch)  # fmt: skip
     return MountedImage(tree, ContentReader(readers), prefetch, close, waits_on_network=bool(lazy),
                         source=image, layer_entries=entries)  # fmt: skip
 
@@ -155,7 +177,7 @@ class LazyLayerFactory:
         # A read gets its bytes within this, or EIO; its fetch stops trying there too.
         self._read_deadline = settings.remote.read_deadline
 
-    def __call__(self, blob: Digest, files: list[tuple[Chunk, ...]]) -> LazyLayer:
+    def __call__(self, blob: Digest, files: SmallFiles) -> LazyLayer:
         return LazyLayer(self._loop, self._client, blob, self._cache, self._read_deadline, files)
 
 
@@ -168,13 +190,35 @@ def _return_big_buffers_to_the_system() -> None:
         ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 128 * 1024)
 
 
+def _saved_lazy_tree(image: Image, store: LayerStore) -> tuple[MergedTree, dict[int, FileWindow]] | None:
+    """Returns the tree an earlier mount saved for this image with the same layers read
+    lazily (gzip layers not in the cache whole), and the tars of the others; None if there is
+    none (then the TOCs are fetched or loaded, and the tree made and saved)."""
+    candidates = {n for n, layer in enumerate(image.layers) if _may_be_lazy(layer, store)}
+    if not candidates:
+        return None
+    try:
+        tars = {n: store.tar(layer) for n, layer in enumerate(image.layers) if n not in candidates}
+    except ImageError:  # a layer to fetch again: the ordinary path does that
+        return None
+    tree = store.load_tree(store.lazy_tree_name(image.layers, tars))
+    if tree is None or tree.lazy_layers != frozenset(candidates):
+        return None
+    log.info("merged tree loaded from the cache: %d inodes, %d chunks", tree.inode_count, len(tree.chunk_table))
+    return tree, tars
+
+
+def _may_be_lazy(layer: Layer, store: LayerStore) -> bool:
+    return layer.compression is Compression.GZIP and layer.digest is not None and store.needs_blob(layer)
+
+
 def _remote_layers(
     image: Image, tocs: dict[int, LayerToc], store: LayerStore, lazy_layer: LazyLayerFactory
 ) -> tuple[MergedTree, list[LayerReader], list[tuple[LazyLayer, list[Chunk]]]]:
-    """Returns the tree, a reader per layer (lazy where a TOC was found, a local tar else), and
-    the lazy readers with the chunks their prefetch mode asks for. The TOCs' entries are let
-    go once the tree holds what it needs of them (an Entry per file is most of a lazy
-    mount's memory otherwise)."""
+    """Returns the tree (saved in `store`), a reader per layer (lazy where a TOC was found, a
+    local tar else), and the lazy readers with the chunks their prefetch mode asks for. The
+    TOCs' entries are let go once the tree holds what it needs of them (an Entry per file is
+    most of a lazy mount's memory otherwise)."""
     entries: list[list[Entry]] = []
     windows: dict[int, FileWindow] = {}
     for number, layer in enumerate(image.layers):
@@ -186,17 +230,28 @@ def _remote_layers(
             entries.append(indexed.entries)
     tree = merged_tree(entries)
     del entries
-    tars = {number: TarReader(window) for number, window in windows.items()}
+    landmarks = {n: toc.prefetch_end for n, toc in tocs.items() if toc.prefetch_end is not None}
+    tree.mark_lazy(frozenset(n for n in tocs if n not in windows), landmarks)
+    store.save_tree(store.lazy_tree_name(image.layers, windows), tree)
+    return _lazy_readers(image, tree, windows, lazy_layer)
+
+
+def _lazy_readers(
+    image: Image, tree: MergedTree, windows: dict[int, FileWindow], lazy_layer: LazyLayerFactory
+) -> tuple[MergedTree, list[LayerReader], list[tuple[LazyLayer, list[Chunk]]]]:
+    """A reader per layer of `tree`: a lazy one for its lazy layers, one of its tar else."""
     readers: list[LayerReader] = []
     lazy: list[tuple[LazyLayer, list[Chunk]]] = []
+    table = tree.chunk_table
     for number, layer in enumerate(image.layers):
-        if number in tars or layer.digest is None:
-            readers.append(tars[number])
+        if number in windows or layer.digest is None:
+            readers.append(TarReader(windows[number]))
             continue
-        files = tree.file_chunks(number)
-        reader = lazy_layer(layer.digest, files)
+        files = tree.chunk_files(number)
+        reader = lazy_layer(layer.digest, SmallFiles.of(table, files))
         readers.append(reader)
-        lazy.append((reader, _prefetched(files, tocs[number].prefetch_end, lazy_layer.prefetch_mode)))
+        landmark = tree.prefetch_ends.get(number)
+        lazy.append((reader, _prefetched(table, files, landmark, lazy_layer.prefetch_mode)))
     return tree, readers, lazy
 
 
@@ -221,14 +276,15 @@ def _entries_again(loop: EventLoopThread, client: RegistryClient, image: Image, 
     return refetching(attempt, refetch)
 
 
-def _prefetched(files: list[tuple[Chunk, ...]], landmark_end: int | None, mode: str) -> list[Chunk]:
+def _prefetched(table: ChunkTable, files: Iterable[int], landmark_end: int | None, mode: str) -> list[Chunk]:
     """The chunks a prefetch mode fetches in the background: all of them, those before the
     landmark (the image's prioritized files), or none."""
-    chunks = [c for chunks in files for c in chunks]
     if mode == "all":
-        return chunks
+        return [c for k in files for c in table.file(k)]
     if mode == "landmark" and landmark_end is not None:
-        return [c for c in chunks if c.blob_offset < landmark_end]
+        first = table.file_first
+        rows = (row for k in files for row in range(first[k], first[k + 1]))
+        return [table.chunk(row) for row in rows if table.blob_span(row)[0] < landmark_end]
     return []
 
 

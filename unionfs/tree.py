@@ -3,10 +3,12 @@
 The children of a directory occupy consecutive slots, sorted by their names' bytes, so a
 lookup is a binary search and a listing a range. Each slot names an inode; hardlinks are
 slots that name the same inode. Per inode, the attributes live in typed arrays; what few
-entries have (symlink targets, device numbers, xattrs, eStargz chunks) lives in dicts by inode
-number. That is about 70 bytes per entry plus its name, where an Entry object, an inode object
-and a dict slot by path took about 600; and the arrays save and load as raw bytes
-(`to_bytes`/`from_bytes`), so a mount of an image already seen skips the merge entirely.
+entries have (symlink targets, device numbers, xattrs) lives in dicts by inode number, and
+the chunks of lazily read files in a ChunkTable (unionfs/chunk_table.py: arrays too, about 80
+bytes per chunk), whose file number (plus one) such a file keeps in its `offset`. That is
+about 70 bytes per entry plus its name, where an Entry object, an inode object and a dict slot
+by path took about 600; and the arrays save and load as raw bytes (`to_bytes`/`from_bytes`),
+so a mount of an image already seen skips the merge entirely, lazy or not.
 
 Being immutable, the tree is shared by libfuse's worker threads without locks.
 """
@@ -24,11 +26,12 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from unionfs.entry import IMPLIED_DIRECTORY, NO_XATTRS, Attributes, AttributeValues, Chunk, Entry
+from unionfs.chunk_table import CHUNK_ARRAYS, DIGEST_SIZE, ChunkTable
+from unionfs.entry import IMPLIED_DIRECTORY, NO_XATTRS, Attributes, AttributeValues, Entry
 from whiteout.apply import Node
 
 ROOT = 1
-FORMAT = b"crfs-merge tree 1\n"
+FORMAT = b"crfs-merge tree 2\n"
 # Per inode (index ino - 1). first_slot and slot_count describe a directory's children.
 INODE_ARRAYS = {"mode": "I", "uid": "I", "gid": "I", "size": "Q", "mtime_ns": "q", "nlink": "I", "layer": "I",
                 "offset": "Q", "first_slot": "I", "slot_count": "I", "parent": "I"}  # fmt: skip
@@ -69,7 +72,8 @@ class Inode:
 class MergedTree:
     """The merged image, addressed by inode number (the root is 1) and by path."""
 
-    def __init__(self, arrays: dict[str, array], names: bytes, rare: dict[str, dict[int, object]]) -> None:
+    def __init__(self, arrays: dict[str, array], names: bytes, rare: dict[str, dict[int, object]],
+                 chunks: ChunkTable | None = None, lazy_layers: frozenset[int] = frozenset()) -> None:  # fmt: skip
         self._a = arrays
         # The arrays FUSE reads on every request, as attributes: one lookup less each.
         self._mode, self._slot_ino, self._name_end = arrays["mode"], arrays["slot_ino"], arrays["name_end"]
@@ -80,7 +84,9 @@ class MergedTree:
         self._links: dict[int, str] = rare.get("links", {})  # type: ignore[assignment]
         self._rdevs: dict[int, int] = rare.get("rdevs", {})  # type: ignore[assignment]
         self._xattrs: dict[int, Mapping[str, bytes]] = rare.get("xattrs", {})  # type: ignore[assignment]
-        self._chunks: dict[int, tuple[Chunk, ...]] = rare.get("chunks", {})  # type: ignore[assignment]
+        self.chunk_table = chunks or ChunkTable()
+        self.lazy_layers = lazy_layers  # layers whose files' bytes are chunks (offset: file number + 1)
+        self.prefetch_ends: dict[int, int] = {}  # per lazy layer: where its prioritized files end
         self.inode_count = len(self._mode)
         sizes, modes = arrays["size"], self._mode
         self.total_bytes = sum(sizes[i] for i in range(self.inode_count) if stat.S_ISREG(modes[i]))
@@ -162,17 +168,28 @@ class MergedTree:
     def xattrs(self, ino: int) -> Mapping[str, bytes]:
         return self._xattrs.get(ino, NO_XATTRS)
 
-    def file_chunks(self, layer: int) -> list[tuple[Chunk, ...]]:
-        """The chunks of each file of the tree whose bytes are in lazily read layer `layer`."""
-        layers = self._a["layer"]
-        return [chunks for ino, chunks in self._chunks.items() if layers[ino - 1] == layer]
+    def mark_lazy(self, layers: frozenset[int], prefetch_ends: dict[int, int]) -> None:
+        """Records which layers are read lazily (also those with no file bytes, which the
+        freeze cannot tell) and their prefetch landmarks; before the tree is served or saved."""
+        self.lazy_layers = self.lazy_layers | layers
+        self.prefetch_ends = dict(prefetch_ends)
+
+    def chunk_files(self, layer: int) -> array:
+        """The chunk table's file numbers of the files of the tree whose bytes are in lazily
+        read layer `layer`."""
+        layers, offsets = self._a["layer"], self._a["offset"]
+        if layer not in self.lazy_layers:
+            return array("Q")
+        return array("Q", (offset - 1 for at, offset in zip(layers, offsets, strict=True) if at == layer and offset))
 
     def entry(self, ino: int, path: str = "") -> Entry:
         """Returns inode `ino` as an Entry (what the content readers take)."""
         i, a = self._index(ino), self._a
+        layer, offset = a["layer"][i], a["offset"][i]
+        chunks = self.chunk_table.file(offset - 1) if offset and layer in self.lazy_layers else ()
         return Entry(path, a["mode"][i], a["uid"][i], a["gid"][i], a["size"][i], a["mtime_ns"][i],
-                     self._links.get(ino, ""), False, self._rdevs.get(ino, 0), self.xattrs(ino), a["layer"][i],
-                     a["offset"][i], self._chunks.get(ino, ()))  # fmt: skip
+                     self._links.get(ino, ""), False, self._rdevs.get(ino, 0), self.xattrs(ino), layer,
+                     0 if chunks else offset, chunks)  # fmt: skip
 
     def _name(self, slot: int) -> bytes:
         return self._names[self._name_end[slot - 1] : self._name_end[slot]]
@@ -208,8 +225,7 @@ class MergedTree:
 
     def to_bytes(self) -> bytes:
         """The tree as one byte string: a JSON header (lengths, the rare fields), then the raw arrays."""
-        if self._chunks:
-            raise ValueError("trees of lazily read layers are not saved")
+        table = self.chunk_table
         header = {
             "byteorder": sys.byteorder,
             "arrays": {name: len(values) for name, values in self._a.items()},
@@ -217,10 +233,17 @@ class MergedTree:
             "links": self._links,
             "rdevs": self._rdevs,
             "xattrs": {ino: {k: v.decode("latin-1") for k, v in x.items()} for ino, x in self._xattrs.items()},
+            "lazy_layers": sorted(self.lazy_layers),
+            "prefetch_ends": self.prefetch_ends,
+            "chunks": len(table),
+            "chunk_files": table.files,
+            "other_digests": table.other_digests,
         }
         encoded = json.dumps(header).encode()
         parts = [FORMAT, len(encoded).to_bytes(8, "little"), encoded]
         parts += [self._a[name].tobytes() for name in (*INODE_ARRAYS, *SLOT_ARRAYS)]
+        parts += [table.arrays[name].tobytes() for name in CHUNK_ARRAYS]
+        parts += [table.file_first.tobytes(), bytes(table.digests)]
         return b"".join([*parts, self._names])
 
     @classmethod
@@ -244,12 +267,18 @@ class MergedTree:
             raise ValueError("saved on a machine of the other byte order")
         arrays: dict[str, array] = {}
         for name, typecode in (*INODE_ARRAYS.items(), *SLOT_ARRAYS.items()):
-            values = array(typecode)
-            end = at + header["arrays"][name] * values.itemsize
-            values.frombytes(data[at:end])
-            arrays[name], at = values, end
-        names = bytes(data[at:])
+            arrays[name], at = _read_array(data, at, typecode, header["arrays"][name])
+        chunk_arrays: dict[str, array] = {}
+        for name, typecode in CHUNK_ARRAYS.items():
+            chunk_arrays[name], at = _read_array(data, at, typecode, header["chunks"])
+        file_first, at = _read_array(data, at, "Q", header["chunk_files"] + 1)
+        digests_end = at + header["chunks"] * DIGEST_SIZE
+        table = ChunkTable(chunk_arrays, bytes(data[at:digests_end]),
+                           {int(k): str(v) for k, v in header["other_digests"].items()}, file_first)  # fmt: skip
+        names = bytes(data[digests_end:])
         _check_shape(arrays, len(names), header["names"])
+        lazy_layers = frozenset(int(n) for n in header["lazy_layers"])
+        _check_chunks(arrays, table, lazy_layers)
         rare: dict[str, dict[int, object]] = {
             "links": {int(k): str(v) for k, v in header["links"].items()},
             "rdevs": {int(k): int(v) for k, v in header["rdevs"].items()},
@@ -258,7 +287,26 @@ class MergedTree:
                 for k, x in header["xattrs"].items()
             },
         }
-        return cls(arrays, names, rare)
+        tree = cls(arrays, names, rare, table, lazy_layers)
+        tree.prefetch_ends = {int(k): int(v) for k, v in header["prefetch_ends"].items()}
+        return tree
+
+
+def _read_array(data: memoryview, at: int, typecode: str, count: int) -> tuple[array, int]:
+    values = array(typecode)
+    end = at + count * values.itemsize
+    if count < 0 or end > len(data):
+        raise ValueError("an array runs past the end")
+    values.frombytes(data[at:end])
+    return values, end
+
+
+def _check_chunks(arrays: dict[str, array], table: ChunkTable, lazy_layers: frozenset[int]) -> None:
+    """Refuses chunk rows that disagree, and lazily read files whose file number is not in the table."""
+    table.check()
+    layers, offsets = arrays["layer"], arrays["offset"]
+    if any(offset > table.files for layer, offset in zip(layers, offsets, strict=True) if layer in lazy_layers):
+        raise ValueError("chunk file out of range")
 
 
 def _check_shape(arrays: dict[str, array], names_length: int, expected_names: int) -> None:
@@ -284,20 +332,25 @@ class _Builder:
     def __init__(self) -> None:
         self.arrays = {name: array(typecode) for name, typecode in (*INODE_ARRAYS.items(), *SLOT_ARRAYS.items())}
         self.names = bytearray()
-        self.rare: dict[str, dict[int, object]] = {"links": {}, "rdevs": {}, "xattrs": {}, "chunks": {}}
+        self.rare: dict[str, dict[int, object]] = {"links": {}, "rdevs": {}, "xattrs": {}}
+        self.chunks = ChunkTable()
+        self.lazy_layers: set[int] = set()
 
     def add_inode(self, entry: Entry, nlink: int, parent: int) -> int:
         a = self.arrays
         ino = len(a["mode"]) + 1
+        offset = entry.offset
+        if entry.chunks:  # a lazily read file: its chunks go to the table, `offset` names them
+            offset = self.chunks.add_file(entry.chunks) + 1
+            self.lazy_layers.add(entry.layer)
         for name, value in (("mode", entry.mode), ("uid", entry.uid), ("gid", entry.gid), ("size", entry.size),
                             ("mtime_ns", entry.mtime_ns), ("nlink", nlink), ("layer", entry.layer),
-                            ("offset", entry.offset), ("first_slot", 0), ("slot_count", 0),
+                            ("offset", offset), ("first_slot", 0), ("slot_count", 0),
                             ("parent", parent)):  # fmt: skip
             a[name].append(value)
         if stat.S_ISLNK(entry.mode):
             self.rare["links"][ino] = entry.link
-        extras: tuple[tuple[str, object], ...] = (("rdevs", entry.rdev), ("xattrs", entry.xattrs),
-                                                  ("chunks", entry.chunks))  # fmt: skip
+        extras: tuple[tuple[str, object], ...] = (("rdevs", entry.rdev), ("xattrs", entry.xattrs))
         for kind, extra in extras:
             if extra:
                 self.rare[kind][ino] = extra
@@ -339,7 +392,8 @@ def freeze(root: Node[Entry]) -> MergedTree:
                 child_ino = known or builder.add_inode(child.entry, links.get(id(child.entry), 1), 0)
                 by_entry[id(child.entry)] = child_ino
             builder.add_slot(name, child_ino)
-    return MergedTree(builder.arrays, bytes(builder.names), builder.rare)
+    return MergedTree(builder.arrays, bytes(builder.names), builder.rare, builder.chunks,
+                      frozenset(builder.lazy_layers))  # fmt: skip
 
 
 def _link_counts(root: Node[Entry]) -> dict[int, int]:

@@ -15,13 +15,14 @@ import io
 import json
 import os
 import stat
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from unionfs.build import MountedImage, Settings
 from unionfs.build import open_image as open_mounted
+from unionfs.entry import Entry
 from unionfs.tree import ROOT, MergedTree
 from whiteout.resolve import TooManySymlinks, resolve_in_root
 
@@ -151,7 +152,7 @@ class ImageView:
             raise _error(errno.ENOTDIR, top)
         while stack:
             directory = stack.pop()
-            entries = self.scandir(directory.path) if directory.path else self.scandir("")
+            entries = self.scandir(directory.path)
             subdirectories = [e for e in entries if e.is_dir]
             yield directory.path, subdirectories, [e for e in entries if not e.is_dir]
             stack.extend(reversed(subdirectories))
@@ -161,27 +162,13 @@ class ImageView:
     def read(self, path: str, offset: int = 0, size: int = -1) -> bytes:
         """The bytes of the file at `path` (symlinks followed) from `offset`, `size` of them
         (-1: to the end)."""
-        clean, ino = self._resolve(path, follow_last=True)
-        self._check_file(ino, path)
-        entry = self._tree.entry(ino, clean)
-        if offset < 0:
-            raise _error(errno.EINVAL, path)
-        end = entry.size if size < 0 else min(entry.size, offset + size)
-        parts = []
-        while offset < end:
-            data = self._mounted.content.read(entry, offset, min(READ_BLOCK, end - offset))
-            if not data:
-                raise _error(errno.EIO, path)
-            parts.append(data)
-            offset += len(data)
-        return b"".join(parts)
+        return self._read_entry(self._file_entry(path), offset, size)
 
     def open(self, path: str) -> io.BufferedReader:
         """A seekable binary reader of the file at `path` (symlinks followed); only the
         blocks read are fetched from a lazily read layer."""
-        clean, ino = self._resolve(path, follow_last=True)
-        self._check_file(ino, path)
-        return io.BufferedReader(_FileReader(self, clean), buffer_size=READ_BLOCK)
+        entry = self._file_entry(path)
+        return io.BufferedReader(_FileReader(entry, self._read_entry), buffer_size=READ_BLOCK)
 
     def copy_to(self, path: str, sink: io.RawIOBase | io.BufferedIOBase | Any) -> int:
         """Writes the bytes of the file at `path` to `sink` block by block; returns how many."""
@@ -270,6 +257,24 @@ class ImageView:
         target = self._tree.link(ino) if stat.S_ISLNK(a.mode) else None
         return FileStat(clean, ino, a.mode, a.nlink, a.uid, a.gid, a.size, a.mtime_ns, a.rdev, target)
 
+    def _file_entry(self, path: str) -> Entry:
+        clean, ino = self._resolve(path, follow_last=True)
+        self._check_file(ino, path)
+        return self._tree.entry(ino, clean)
+
+    def _read_entry(self, entry: Entry, offset: int, size: int) -> bytes:
+        if offset < 0:
+            raise _error(errno.EINVAL, entry.path)
+        end = entry.size if size < 0 else min(entry.size, offset + size)
+        parts = []
+        while offset < end:
+            data = self._mounted.content.read(entry, offset, min(READ_BLOCK, end - offset))
+            if not data:
+                raise _error(errno.EIO, entry.path)
+            parts.append(data)
+            offset += len(data)
+        return b"".join(parts)
+
     def _check_file(self, ino: int, path: str) -> None:
         mode = self._tree.mode(ino)
         if stat.S_ISDIR(mode):
@@ -281,9 +286,9 @@ class ImageView:
 class _FileReader(io.RawIOBase):
     """One file of the image as a raw stream, for io.BufferedReader."""
 
-    def __init__(self, view: ImageView, clean: str) -> None:
-        self._view, self._path = view, clean
-        self._size = view.stat(clean).size
+    def __init__(self, entry: Entry, read: Callable[[Entry, int, int], bytes]) -> None:
+        self._entry, self._read = entry, read
+        self.name = entry.path
         self._position = 0
 
     def readable(self) -> bool:
@@ -293,9 +298,9 @@ class _FileReader(io.RawIOBase):
         return True
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._entry.size}[whence]
         if base + offset < 0:
-            raise _error(errno.EINVAL, self._path)
+            raise _error(errno.EINVAL, self._entry.path)
         self._position = base + offset
         return self._position
 
@@ -303,7 +308,7 @@ class _FileReader(io.RawIOBase):
         return self._position
 
     def readinto(self, buffer: Any) -> int:
-        data = self._view.read(self._path, self._position, len(buffer))
+        data = self._read(self._entry, self._position, len(buffer))
         buffer[: len(data)] = data
         self._position += len(data)
         return len(data)
@@ -315,18 +320,21 @@ def _error(number: int, path: str) -> OSError:
 
 def open_image(image: str, *, cache_dir: str | os.PathLike[str] | None = None, platform: str | None = None,
                creds: str | None = None, tls_verify: bool = True, timeout: float = 30.0,
-               prefetch: str = "none") -> ImageView:  # fmt: skip
+               prefetch: str = "none", registries_conf: str | os.PathLike[str] | None = None) -> ImageView:  # fmt: skip
     """Opens `image` (`oci:PATH[:TAG]`, `docker-archive:FILE`, a skopeo `dir:`, a path, or
     `[docker://]REGISTRY/REPO[:TAG][@DIGEST]`) as a merged tree, with no mount.
 
     eStargz layers in a registry are read lazily: their TOCs now, the bytes of a file when it
     is read. Other layers are fetched whole into the cache (`cache_dir`, default
-    ~/.cache/crfs-merge) and indexed, as a mount does; the next open reuses them."""
-    return ImageView(open_mounted(image, settings(cache_dir, platform, creds, tls_verify, timeout, prefetch)), image)
+    ~/.cache/crfs-merge) and indexed, as a mount does; the next open reuses them. Registries,
+    mirrors and short names follow podman's registries.conf files, or `registries_conf` alone."""
+    chosen = settings(cache_dir, platform, creds, tls_verify, timeout, prefetch, registries_conf)
+    return ImageView(open_mounted(image, chosen), image)
 
 
 def settings(cache_dir: str | os.PathLike[str] | None = None, platform: str | None = None, creds: str | None = None,
-             tls_verify: bool = True, timeout: float = 30.0, prefetch: str = "none") -> Settings:  # fmt: skip
+             tls_verify: bool = True, timeout: float = 30.0, prefetch: str = "none",
+             registries_conf: str | os.PathLike[str] | None = None) -> Settings:  # fmt: skip
     """The engine's Settings from open_image's keywords."""
     from registry.auth import Credentials
     from registry.manifest import Platform
@@ -336,6 +344,7 @@ def settings(cache_dir: str | os.PathLike[str] | None = None, platform: str | No
     return Settings(
         cache_dir=Path(cache_dir).absolute() if cache_dir is not None else default_cache_dir(),
         platform=Platform.parse(platform) if platform else Platform.host(),
-        remote=RemoteOptions(Credentials.parse(creds) if creds else None, tls_verify, timeout),
+        remote=RemoteOptions(Credentials.parse(creds) if creds else None, tls_verify, timeout,
+                             registries_conf=Path(registries_conf).absolute() if registries_conf else None),
         prefetch=prefetch,
     )

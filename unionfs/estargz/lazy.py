@@ -18,6 +18,7 @@ import bisect
 import hashlib
 import logging
 import time
+from array import array
 from collections.abc import Iterable
 from concurrent.futures import Future
 from pathlib import Path
@@ -30,12 +31,14 @@ from registry.remote import RegistryClient
 from registry.retry import Patience
 from registry.source import Layer
 from unionfs.aio import EventLoopThread
+from unionfs.chunk_table import ChunkTable, small_file_rows
 from unionfs.entry import Chunk, Entry
 from unionfs.estargz.toc import (
     FOOTER_SIZE,
     Fetch,
     LayerToc,
     chunk_data,
+    chunks_after,
     chunks_for,
     parse_footer,
     parse_toc,
@@ -136,11 +139,11 @@ class LazyLayer:
     """Reads file bytes of one eStargz layer through the registry and the chunk cache."""
 
     def __init__(self, loop: EventLoopThread, client: RegistryClient, blob: Digest, cache: ChunkCache,
-                 deadline: float, files: Iterable[tuple[Chunk, ...]] = ()) -> None:  # fmt: skip
+                 deadline: float, files: SmallFiles | None = None) -> None:  # fmt: skip
         self._loop, self._client, self._blob, self._cache = loop, client, blob, cache
         self._deadline = deadline  # seconds a read may take, fetching included
         self._inflight: dict[Chunk, asyncio.Future[bytes]] = {}
-        self._small_files = small_files(files)
+        self._small_files = files or SmallFiles(ChunkTable(), array("Q"))
 
     def read(self, entry: Entry, offset: int, size: int) -> bytes:
         """Returns bytes [offset, offset + size) of `entry` (called from FUSE threads)."""
@@ -186,17 +189,12 @@ class LazyLayer:
                 return
 
     def _readahead(self, entry: Entry, last: Chunk) -> None:
-        after = [c for c in entry.chunks if c.file_offset > last.file_offset][:READAHEAD_CHUNKS]
+        after = chunks_after(entry, last, READAHEAD_CHUNKS)
         if after:
             self.prefetch(after)
 
     def _read_neighbours(self, last: Chunk) -> None:
-        start = bisect.bisect_right(self._small_files, last.blob_offset, key=lambda c: c.blob_offset)
-        after = []
-        for chunk in self._small_files[start:]:
-            if chunk.blob_end - last.blob_end > SMALL_FILE_SPAN:
-                break
-            after.append(chunk)
+        after = self._small_files.following(last, SMALL_FILE_SPAN)
         if after:
             self.prefetch(after)
 
@@ -260,10 +258,28 @@ class LazyLayer:
         return chunk.digest or f"{self._blob}@{chunk.blob_offset}+{chunk.inner_offset}"
 
 
-def small_files(files: Iterable[tuple[Chunk, ...]]) -> list[Chunk]:
-    """Returns the chunks of the layer's small one-chunk files, in blob order."""
-    small = [c[0] for c in files if len(c) == 1 and c[0].blob_end - c[0].blob_offset <= SMALL_FILE_MAX]
-    return sorted(small, key=lambda c: c.blob_offset)
+class SmallFiles:
+    """The layer's small one-chunk files, as rows of the tree's chunk table in blob order
+    (an array, not a Chunk each: a layer may have hundreds of thousands)."""
+
+    def __init__(self, table: ChunkTable, rows: array) -> None:
+        self._table, self._rows = table, rows
+
+    @classmethod
+    def of(cls, table: ChunkTable, files: Iterable[int]) -> SmallFiles:
+        """Those among `files` (file numbers in `table`) that are small."""
+        return cls(table, small_file_rows(table, files, SMALL_FILE_MAX))
+
+    def following(self, last: Chunk, span: int) -> list[Chunk]:
+        """The small files after `last` in the blob whose members end within `span` bytes of its end."""
+        table, rows = self._table, self._rows
+        start = bisect.bisect_right(rows, last.blob_offset, key=lambda row: table.blob_span(row)[0])
+        after = []
+        for row in rows[start:]:
+            if table.blob_span(row)[1] - last.blob_end > span:
+                break
+            after.append(table.chunk(row))
+        return after
 
 
 def _hex(digest: str, data: bytes) -> str:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from registry.errors import LayerFormatError
+from unionfs.chunk_table import FileChunks
 from unionfs.entry import NO_XATTRS, Chunk, Entry, sharer
 from whiteout.paths import clean_path
 
@@ -259,7 +260,16 @@ class Fetch:
 def chunks_for(entry: Entry, offset: int, size: int) -> list[Chunk]:
     """Returns the chunks of `entry` that hold bytes [offset, offset + size)."""
     end = min(offset + size, entry.size)
+    if isinstance(entry.chunks, FileChunks):  # a tree's table: bisect, and make only those Chunks
+        return entry.chunks.covering(offset, end)
     return [c for c in entry.chunks if c.file_offset < end and c.file_offset + c.size > offset]
+
+
+def chunks_after(entry: Entry, last: Chunk, count: int) -> list[Chunk]:
+    """Returns up to `count` chunks of `entry` that follow `last` in the file."""
+    if isinstance(entry.chunks, FileChunks):
+        return entry.chunks.following(last, count)
+    return [c for c in entry.chunks if c.file_offset > last.file_offset][:count]
 
 
 def plan_fetches(chunks: Sequence[Chunk], max_gap: int = 0, max_span: int | None = None) -> list[Fetch]:

@@ -4,9 +4,10 @@ Cache layout (content-addressed, safe to share between concurrent mounts):
     CACHE/blobs/ALGO-HEX         a registry layer blob, kept only until its tar is made
     CACHE/tars/ALGO-HEX.tar      uncompressed tar of a compressed layer blob ALGO:HEX
     CACHE/index/v2/ALGO-HEX.json the layer's entries, so a second mount skips the scan
-    CACHE/trees/v2/HEX.tree      the merged tree of a stack of layers (unionfs/tree.py's bytes),
-                                 named by a hash of the layers' names and their tars' stamps, so
-                                 a mount of an image already seen loads arrays and merges nothing
+    CACHE/trees/v3/HEX.tree      the merged tree of a stack of layers (unionfs/tree.py's bytes),
+                                 named by a hash of the layers' names and their tars' stamps (a
+                                 lazily read layer: its blob and TOC digests), so a mount of an
+                                 image already seen loads arrays and merges (or parses) nothing
 Index and tree files are sealed (unionfs/storage/sealed.py): any change to their bytes is noticed
 on load, and the file is dropped and made again. A tar is verified against its diff_id when
 it is made, and again whenever its stamp (size, mtime, inode) differs from the one its index
@@ -31,7 +32,7 @@ import logging
 import os
 import time
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol, cast
@@ -51,7 +52,7 @@ from unionfs.tree import CorruptTreeError, MergedTree
 log = logging.getLogger("crfs-merge")
 
 INDEX_FORMAT = 2
-TREE_FORMAT = 2
+TREE_FORMAT = 3
 COPY_BLOCK = 1 << 20
 # A cache directory we may read but not write: mount from what it holds, without locks.
 READ_ONLY_ERRORS = (errno.EROFS, errno.EACCES, errno.EPERM)
@@ -126,6 +127,15 @@ class LayerStore:
         """Names the merged tree of `layers` (bottom first), whose tars are `tars`."""
         stamps = [[layer.key, _stamp(tar)] for layer, tar in zip(layers, tars, strict=True)]
         return hashlib.sha256(json.dumps([TREE_FORMAT, stamps]).encode()).hexdigest()
+
+    def lazy_tree_name(self, layers: Sequence[Layer], tars: Mapping[int, FileWindow]) -> str:
+        """Names the merged tree of `layers` (bottom first) where layer n's tar is tars[n], and
+        the layers without one are read lazily: those are named by their content, the blob's
+        digest and its TOC's (the blob holds the TOC, so the digest alone would do; the TOC
+        digest keeps two TOC formats of one blob apart)."""
+        parts = [[layer.key, _stamp(tars[n])] if n in tars else [layer.key, "lazy", layer.toc_digest]
+                 for n, layer in enumerate(layers)]  # fmt: skip
+        return hashlib.sha256(json.dumps([TREE_FORMAT, parts]).encode()).hexdigest()
 
     def load_tree(self, name: str) -> MergedTree | None:
         """Returns the saved tree `name`, or None if there is none (or it is damaged: then

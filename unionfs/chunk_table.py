@@ -1,0 +1,157 @@
+"""The chunks of lazily read files in typed arrays: about 80 bytes per chunk, no object each.
+
+A file's chunks are consecutive rows, in file order; file k has rows [file_first[k],
+file_first[k + 1]). Digests are kept raw (32 bytes of a "sha256:" digest); a chunk without
+one (legacy stargz) or with another algorithm has 32 zero bytes there and its text, if any,
+in a small dict. A Chunk (unionfs.entry), the interface of the lazy readers and of the TOC
+parsers, is made on demand for the rows one read needs.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
+from typing import overload
+
+from unionfs.entry import Chunk
+
+CHUNK_ARRAYS = {"file_offset": "Q", "size": "Q", "blob_offset": "Q", "blob_end": "Q", "inner_offset": "Q"}
+DIGEST_SIZE = 32
+NO_DIGEST = bytes(DIGEST_SIZE)
+SHA256 = "sha256:"
+
+
+class ChunkTable:
+    """Rows of chunks, grouped by file; built with add_file, read with file(k) or chunk(i)."""
+
+    def __init__(self, arrays: dict[str, array] | None = None, digests: bytes | bytearray = b"",
+                 other_digests: dict[int, str] | None = None, file_first: array | None = None) -> None:  # fmt: skip
+        self.arrays = arrays or {name: array(code) for name, code in CHUNK_ARRAYS.items()}
+        self.digests = digests if arrays is not None else bytearray()
+        self.other_digests = other_digests or {}
+        self.file_first = file_first if file_first is not None else array("Q", [0])
+        a = self.arrays
+        self._file_offset, self._size = a["file_offset"], a["size"]
+        self._blob_offset, self._blob_end, self._inner = a["blob_offset"], a["blob_end"], a["inner_offset"]
+
+    @property
+    def files(self) -> int:
+        return len(self.file_first) - 1
+
+    def __len__(self) -> int:
+        return len(self._file_offset)
+
+    def add_file(self, chunks: Iterable[Chunk]) -> int:
+        """Appends a file's chunks (in file order); returns its file number."""
+        assert isinstance(self.digests, bytearray), "a loaded table is read-only"
+        for chunk in chunks:
+            row = len(self._file_offset)
+            for name, value in (("file_offset", chunk.file_offset), ("size", chunk.size),
+                                ("blob_offset", chunk.blob_offset), ("blob_end", chunk.blob_end),
+                                ("inner_offset", chunk.inner_offset)):  # fmt: skip
+                self.arrays[name].append(value)
+            self.digests += _raw(chunk.digest, row, self.other_digests)
+        self.file_first.append(len(self._file_offset))
+        return len(self.file_first) - 2
+
+    def chunk(self, row: int) -> Chunk:
+        raw = self.digests[row * DIGEST_SIZE : (row + 1) * DIGEST_SIZE]
+        digest = self.other_digests.get(row, "") if raw == NO_DIGEST else SHA256 + raw.hex()
+        return Chunk(self._file_offset[row], self._size[row], self._blob_offset[row], self._blob_end[row],
+                     self._inner[row], digest)  # fmt: skip
+
+    def file(self, number: int) -> FileChunks:
+        return FileChunks(self, self.file_first[number], self.file_first[number + 1])
+
+    def file_of_offset(self, start: int, end: int, offset: int) -> int:
+        """The row among [start, end) (one file's) that holds file byte `offset`."""
+        return max(start, bisect.bisect_right(self._file_offset, offset, start, end) - 1)
+
+    def blob_span(self, row: int) -> tuple[int, int]:
+        return self._blob_offset[row], self._blob_end[row]
+
+    def check(self) -> None:
+        """Raises ValueError if the arrays disagree (a damaged saved tree), before any lookup."""
+        rows = len(self._file_offset)
+        if any(len(values) != rows for values in self.arrays.values()) or len(self.digests) != rows * DIGEST_SIZE:
+            raise ValueError("chunk arrays disagree")
+        first = self.file_first
+        if first[0] != 0 or first[-1] != rows or any(a > b for a, b in itertools.pairwise(first)):
+            raise ValueError("chunk rows out of range")
+        if any(row >= rows or row < 0 for row in self.other_digests):
+            raise ValueError("chunk digest out of range")
+
+
+class FileChunks(Sequence[Chunk]):
+    """One file's chunks, a view of its rows: Chunks are made as they are asked for."""
+
+    __slots__ = ("_end", "_start", "_table")
+
+    def __init__(self, table: ChunkTable, start: int, end: int) -> None:
+        self._table, self._start, self._end = table, start, end
+
+    def __len__(self) -> int:
+        return self._end - self._start
+
+    @overload
+    def __getitem__(self, index: int) -> Chunk: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Chunk]: ...
+
+    def __getitem__(self, index: int | slice) -> Chunk | Sequence[Chunk]:
+        if isinstance(index, slice):
+            return [self._table.chunk(self._start + i) for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self._table.chunk(self._start + index)
+
+    def __iter__(self) -> Iterator[Chunk]:
+        return (self._table.chunk(row) for row in range(self._start, self._end))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and tuple(self) == tuple(other)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def covering(self, offset: int, end: int) -> list[Chunk]:
+        """The chunks that hold file bytes [offset, end), found by bisection."""
+        if end <= offset or self._start == self._end:
+            return []
+        table = self._table
+        first = table.file_of_offset(self._start, self._end, offset)
+        last = table.file_of_offset(self._start, self._end, end - 1)
+        return [table.chunk(row) for row in range(first, last + 1)]
+
+    def following(self, chunk: Chunk, count: int) -> list[Chunk]:
+        """Up to `count` chunks after `chunk` (one of this file's) in file order."""
+        row = self._table.file_of_offset(self._start, self._end, chunk.file_offset) + 1
+        return [self._table.chunk(r) for r in range(row, min(row + count, self._end))]
+
+
+def small_file_rows(table: ChunkTable, files: Iterable[int], max_compressed: int) -> array:
+    """The rows of the one-chunk files among `files` whose member is at most `max_compressed`
+    bytes, in blob order."""
+    first = table.file_first
+    rows = [first[k] for k in files if first[k + 1] - first[k] == 1]
+    small = [row for row in rows if (span := table.blob_span(row))[1] - span[0] <= max_compressed]
+    small.sort(key=table.arrays["blob_offset"].__getitem__)
+    return array("Q", small)
+
+
+def _raw(digest: str, row: int, other: dict[int, str]) -> bytes:
+    if digest.startswith(SHA256) and len(digest) == len(SHA256) + 2 * DIGEST_SIZE:
+        try:
+            raw = bytes.fromhex(digest[len(SHA256) :])
+        except ValueError:
+            raw = NO_DIGEST
+        if raw != NO_DIGEST and raw.hex() == digest[len(SHA256) :]:  # lower-case hex only round-trips
+            return raw
+    if digest:
+        other[row] = digest
+    return NO_DIGEST

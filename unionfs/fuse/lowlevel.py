@@ -424,6 +424,17 @@ def read_size() -> int:
     return spliceable_pages(pipe_max_size, page_size) * page_size
 
 
+READS_IN_FLIGHT = 4
+"""How many READs of read_size() the readahead asks for ahead of a sequential reader: the
+worker threads splice one while the disk fills the next (a cold read of a 200 MiB file ran
+about 10 % faster with 4 than with 1; the kernel's readahead for the disk here is 8 MiB)."""
+
+
+def readahead_size() -> int:
+    """The readahead to give a mount (as root): READS_IN_FLIGHT reads of read_size()."""
+    return READS_IN_FLIGHT * read_size()
+
+
 def widen_readahead(mountpoint: str, size: int) -> bool:
     """Raises the readahead of the FUSE mount at `mountpoint` to `size` bytes (from the 128
     KiB the kernel starts a mount with), through its backing device's read_ahead_kb in sysfs

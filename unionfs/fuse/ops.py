@@ -12,7 +12,7 @@ once then runs from the kernel's caches without a single request, and reading a 
 costs one READ. A large file is read in READs of about 1 MiB (the most libfuse can still
 splice from the cached tar, lowlevel.read_size), where the kernel's readahead of 128 KiB would
 ask eight times as often: the mount asks for that size in INIT (max_pages, from max_write) and,
-as root, raises its readahead to match once INIT is answered.
+as root, raises its readahead to four such READs once INIT is answered.
 
 Caveats (what this filesystem does not do, and why):
 - It is read-only: the mount is made with `ro`, so the kernel answers EROFS to writes,
@@ -316,8 +316,8 @@ def _ready(mountpoint: str, on_ready: Callable[[], None]) -> None:
     lowlevel.widen_readahead), then says the mount is ready."""
 
     def widen() -> None:
-        widened = lowlevel.widen_readahead(mountpoint, lowlevel.read_size())
-        log.debug("readahead of %d bytes: %s", lowlevel.read_size(), "set" if widened else "left at the kernel's")
+        widened = lowlevel.widen_readahead(mountpoint, lowlevel.readahead_size())
+        log.debug("readahead of %d bytes: %s", lowlevel.readahead_size(), "set" if widened else "left at the kernel's")
 
     threading.Thread(target=widen, name="readahead", daemon=True).start()
     on_ready()

@@ -49,7 +49,8 @@ async def resolve_remote(client: RegistryClient, platform: Platform, blob_dir: P
 def _layer(descriptor: Descriptor, diff_id: Digest, blob_dir: Path, image: str) -> Layer:
     window = FileWindow(str(_blob_path(blob_dir, descriptor)), 0, descriptor.size)
     compression = layer_compression(descriptor.media_type, f"{image}: layer {descriptor.digest}")
-    return Layer(descriptor.digest, diff_id, compression, window, descriptor.annotation(TOC_DIGEST_ANNOTATION))
+    return Layer(descriptor.digest, diff_id, compression, window, descriptor.annotation(TOC_DIGEST_ANNOTATION),
+                 descriptor.annotations)
 
 
 async def fetch_blobs(

@@ -87,6 +87,10 @@ class Layer:
     compression: Compression
     window: FileWindow
     toc_digest: str | None = None  # eStargz TOC digest, from the descriptor's annotation
+    annotations: tuple[tuple[str, str], ...] = ()  # the descriptor's (a registry layer's: zstd:chunked's)
+
+    def annotation(self, key: str) -> str | None:
+        return dict(self.annotations).get(key)
 
     @property
     def key(self) -> str:

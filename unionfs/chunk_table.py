@@ -135,12 +135,19 @@ class FileChunks(Sequence[Chunk]):
 
 
 def small_file_rows(table: ChunkTable, files: Iterable[int], max_compressed: int) -> array:
-    """The rows of the one-chunk files among `files` whose member is at most `max_compressed`
-    bytes, in blob order."""
-    first = table.file_first
-    rows = [first[k] for k in files if first[k + 1] - first[k] == 1]
-    small = [row for row in rows if (span := table.blob_span(row))[1] - span[0] <= max_compressed]
-    small.sort(key=table.arrays["blob_offset"].__getitem__)
+    """The rows of the files among `files` whose chunks take at most `max_compressed`
+    compressed bytes in all, in blob order (most have one chunk; zstd:chunked cuts files by
+    content into chunks of ~64 KiB before compression, so a small file may have several)."""
+    first, offsets, ends = table.file_first, table.arrays["blob_offset"], table.arrays["blob_end"]
+    small: list[int] = []
+    for k in files:
+        start, end = first[k], first[k + 1]
+        if end - start == 1:  # most files: no slicing
+            if ends[start] - offsets[start] <= max_compressed:
+                small.append(start)
+        elif sum(ends[start:end]) - sum(offsets[start:end]) <= max_compressed:
+            small.extend(range(start, end))
+    small.sort(key=offsets.__getitem__)
     return array("Q", small)
 
 

@@ -142,6 +142,8 @@ def _convert_parser() -> argparse.ArgumentParser:
                         help=f"largest chunk of a file (default {DEFAULT_CHUNK_SIZE})")  # fmt: skip
     parser.add_argument("--prefetch-files", default="", metavar="PATH[,PATH...]",
                         help="files to put first, before the prefetch landmark, in their layers")  # fmt: skip
+    parser.add_argument("--format", choices=["estargz", "zstd:chunked"], default="estargz", dest="layer_format",
+                        help="the lazily pullable layer format to write (default estargz)")  # fmt: skip
     add_source_options(parser)
     return parser
 
@@ -293,7 +295,7 @@ def _convert(args: argparse.Namespace) -> int:
     from unionfs.commands.convert import convert
 
     files = [p for p in args.prefetch_files.split(",") if p]
-    digest = convert(args.source, args.dest, settings_from(args), args.chunk_size, files)
+    digest = convert(args.source, args.dest, settings_from(args), args.chunk_size, files, args.layer_format)
     print(f"{args.dest}: {digest}")
     return 0
 

@@ -1,5 +1,5 @@
-"""Registry images: resolve, learn which layers are eStargz (read lazily), fetch the others
-whole, and build the merged view. Imported only for registry references, since aiohttp and
+"""Registry images: resolve, learn which layers are eStargz or zstd:chunked (read lazily),
+fetch the others whole, and build the merged view. Imported only for registry references, since aiohttp and
 asyncio cost a local mount a tenth of a second."""
 
 from __future__ import annotations
@@ -29,16 +29,22 @@ from unionfs.chunk_table import ChunkTable
 from unionfs.commands.progress import terminal_progress
 from unionfs.content import ContentReader, LayerReader, TarReader
 from unionfs.entry import Chunk, Entry
-from unionfs.estargz.lazy import LazyLayer, SmallFiles, fetch_toc
-from unionfs.estargz.toc import LayerToc
+from unionfs.estargz import lazy as estargz
+from unionfs.estargz.lazy import ChunkDecoder, LazyLayer, SmallFiles
+from unionfs.estargz.toc import LayerToc, chunk_data
 from unionfs.storage.cache_admin import image_keys, note_in_use
 from unionfs.storage.chunk_cache import ChunkCache
 from unionfs.storage.layer_store import LayerStore, RefetchNeeded
 from unionfs.tree import MergedTree
+from unionfs.zstdchunked import fetch as zstdchunked
+from unionfs.zstdchunked.toc import POSITION, PREFIXES
+from unionfs.zstdchunked.toc import chunk_data as zstd_chunk_data
 
 log = logging.getLogger("crfs-merge")
 M_MMAP_THRESHOLD = -3  # mallopt parameter, malloc.h
 T = TypeVar("T")
+# The layers that may be read lazily, and how a chunk of each is decompressed.
+CHUNK_DECODERS: dict[Compression, ChunkDecoder] = {Compression.GZIP: chunk_data, Compression.ZSTD: zstd_chunk_data}
 
 
 def open_remote(reference: RemoteReference, settings: Settings, store: LayerStore) -> MountedImage:
@@ -119,7 +125,8 @@ def _log_layer_plan(image: Image, tocs: dict[int, LayerToc], whole: list[Layer])
     """Logs, per layer, whether it is read lazily, fetched whole now, or already cached."""
     for number, layer in enumerate(image.layers):
         if number in tocs:
-            how = f"eStargz, read lazily ({len(tocs[number].entries)} entries in its TOC)"
+            kind = "zstd:chunked" if layer.compression is Compression.ZSTD else "eStargz"
+            how = f"{kind}, read lazily ({len(tocs[number].entries)} entries in its TOC)"
         elif layer in whole:
             how = "fetching whole"
         else:
@@ -177,8 +184,9 @@ class LazyLayerFactory:
         # A read gets its bytes within this, or EIO; its fetch stops trying there too.
         self._read_deadline = settings.remote.read_deadline
 
-    def __call__(self, blob: Digest, files: SmallFiles) -> LazyLayer:
-        return LazyLayer(self._loop, self._client, blob, self._cache, self._read_deadline, files)
+    def __call__(self, blob: Digest, files: SmallFiles, compression: Compression) -> LazyLayer:
+        decode = CHUNK_DECODERS[compression]
+        return LazyLayer(self._loop, self._client, blob, self._cache, self._read_deadline, files, decode)
 
 
 def _return_big_buffers_to_the_system() -> None:
@@ -209,7 +217,15 @@ def _saved_lazy_tree(image: Image, store: LayerStore) -> tuple[MergedTree, dict[
 
 
 def _may_be_lazy(layer: Layer, store: LayerStore) -> bool:
-    return layer.compression is Compression.GZIP and layer.digest is not None and store.needs_blob(layer)
+    return _lazy_format(layer) and layer.digest is not None and store.needs_blob(layer)
+
+
+def _lazy_format(layer: Layer) -> bool:
+    """True for gzip layers (eStargz if the blob ends in its footer) and for zstd layers with
+    zstd:chunked's TOC annotation."""
+    if layer.compression is Compression.ZSTD:
+        return any(layer.annotation(prefix + POSITION) for prefix in PREFIXES)
+    return layer.compression is Compression.GZIP
 
 
 def _remote_layers(
@@ -248,7 +264,7 @@ def _lazy_readers(
             readers.append(TarReader(windows[number]))
             continue
         files = tree.chunk_files(number)
-        reader = lazy_layer(layer.digest, SmallFiles.of(table, files))
+        reader = lazy_layer(layer.digest, SmallFiles.of(table, files), layer.compression)
         readers.append(reader)
         landmark = tree.prefetch_ends.get(number)
         lazy.append((reader, _prefetched(table, files, landmark, lazy_layer.prefetch_mode)))
@@ -267,7 +283,7 @@ def _entries_again(loop: EventLoopThread, client: RegistryClient, image: Image, 
             if number in lazy:
                 toc = loop.run(fetch_toc(client, layer, number, toc_dir))
                 if toc is None:
-                    raise LayerFormatError(f"layer {layer.digest}: its eStargz TOC is gone from the registry")
+                    raise LayerFormatError(f"layer {layer.digest}: its TOC is gone from the registry")
                 entries.append(toc.entries)
             else:
                 entries.append(store.open(layer, number).entries)
@@ -289,11 +305,20 @@ def _prefetched(table: ChunkTable, files: Iterable[int], landmark_end: int | Non
 
 
 async def _tocs(client: RegistryClient, image: Image, store: LayerStore, toc_dir: Path) -> dict[int, LayerToc]:
-    """Returns the TOCs of the layers to read lazily: gzip layers not yet in the cache whole."""
+    """Returns the TOCs of the layers to read lazily: eStargz and zstd:chunked layers not yet
+    in the cache whole."""
     wanted = [(n, layer) for n, layer in enumerate(image.layers)
-              if layer.compression is Compression.GZIP and store.needs_blob(layer)]  # fmt: skip
+              if _lazy_format(layer) and store.needs_blob(layer)]  # fmt: skip
     found = await asyncio.gather(*(fetch_toc(client, layer, n, toc_dir) for n, layer in wanted))
     return {n: toc for (n, _), toc in zip(wanted, found, strict=True) if toc is not None}
+
+
+async def fetch_toc(client: RegistryClient, layer: Layer, number: int, toc_dir: Path) -> LayerToc | None:
+    """Returns the TOC of a gzip layer that is eStargz, or of a zstd layer that is
+    zstd:chunked; None for the others (read whole)."""
+    if layer.compression is Compression.ZSTD:
+        return await zstdchunked.fetch_toc(client, layer, number, toc_dir)
+    return await estargz.fetch_toc(client, layer, number, toc_dir)
 
 
 def _prefetch(lazy: list[tuple[LazyLayer, list[Chunk]]]) -> None:

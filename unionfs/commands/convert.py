@@ -1,4 +1,5 @@
-"""`crfs-merge convert SRC DST`: rewrite every layer of an image as eStargz.
+"""`crfs-merge convert SRC DST`: rewrite every layer of an image as eStargz (or, with
+--format zstd:chunked, as zstd:chunked: unionfs/zstdchunked/writer.py).
 
 SRC is anything crfs-merge mounts (layout, archive, registry). Each layer is written as
 eStargz with chunk digests, a TOC, a landmark, and the toc.digest and uncompressed-size
@@ -16,6 +17,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +33,24 @@ from unionfs.aio import EventLoopThread
 from unionfs.build import Settings, local_layers
 from unionfs.commands.progress import Progress, WatchedReader, terminal_progress
 from unionfs.estargz.writer import DEFAULT_CHUNK_SIZE, WrittenLayer, write_estargz
+from unionfs.zstdchunked.writer import write_zstd_chunked
+
+ESTARGZ, ZSTD_CHUNKED = "estargz", "zstd:chunked"  # convert's --format
 
 
 def convert(source: str, dest: str, settings: Settings, chunk_size: int = DEFAULT_CHUNK_SIZE,
-            prioritized: list[str] | None = None) -> str:  # fmt: skip
-    """Writes SRC as an eStargz image to `dest`, an OCI layout (oci:PATH[:TAG]) or a registry
-    reference; returns the manifest digest."""
+            prioritized: list[str] | None = None, layer_format: str = ESTARGZ) -> str:  # fmt: skip
+    """Writes SRC as an eStargz (or zstd:chunked) image to `dest`, an OCI layout
+    (oci:PATH[:TAG]) or a registry reference; returns the manifest digest."""
+    if layer_format == ZSTD_CHUNKED:
+        if prioritized:
+            raise ValueError("--prefetch-files orders eStargz layers; zstd:chunked has no prefetch landmark")
+        write_layer: Callable[[Path, object], tuple[dict[str, object], str]] = partial(_zstd_chunked_layer,
+                                                                                        chunk_size=chunk_size)
+    else:
+        write_layer = partial(_estargz_layer, chunk_size=chunk_size, prioritized=prioritized or [])
     return deliver(dest, settings, "convert", lambda root, tag: _convert_to_layout(
-        source, root, tag, settings, chunk_size, prioritized or []))  # fmt: skip
+        source, root, tag, settings, write_layer))  # fmt: skip
 
 
 def deliver(dest: str, settings: Settings, command: str, write: Callable[[Path, str], str]) -> str:
@@ -72,21 +84,44 @@ def _push(reference: RemoteReference, staging: Path, settings: Settings) -> str:
         return loop.run(push())
 
 
-def _convert_to_layout(source: str, root: Path, tag: str, settings: Settings, chunk_size: int,
-                       prioritized: list[str]) -> str:  # fmt: skip
+def _convert_to_layout(source: str, root: Path, tag: str, settings: Settings,
+                       write_layer: Callable[[Path, object], tuple[dict[str, object], str]]) -> str:  # fmt: skip
     image, tars = local_layers(source, settings)
     descriptors, diff_ids = [], []
     progress = _progress(sum(tar.size for tar in tars))
     for tar in tars:
         with tar.open() as reader:
             watched = WatchedReader(reader, tar.size, progress)
-            written = write_estargz_blob(root, watched, chunk_size, prioritized)
+            descriptor, diff_id = write_layer(root, watched)
             watched.finish()
-        descriptors.append(estargz_descriptor(written))
-        diff_ids.append(written.diff_id)
+        descriptors.append(descriptor)
+        diff_ids.append(diff_id)
     config = json.loads(image.config)
     config["rootfs"] = {"type": "layers", "diff_ids": diff_ids}
     return write_image(root, descriptors, config, tag)
+
+
+def _estargz_layer(root: Path, reader: object, chunk_size: int,
+                   prioritized: list[str]) -> tuple[dict[str, object], str]:  # fmt: skip
+    written = write_estargz_blob(root, reader, chunk_size, prioritized)
+    return estargz_descriptor(written), written.diff_id
+
+
+def _zstd_chunked_layer(root: Path, reader: object, chunk_size: int) -> tuple[dict[str, object], str]:
+    """Writes the tar `reader` as a zstd:chunked blob of the layout at `root`; returns its
+    descriptor (with the TOC's position and checksum annotations) and diff_id."""
+    blobs = blob_dir(root)
+    fd, temp = tempfile.mkstemp(dir=blobs, prefix=".partial-")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            written = write_zstd_chunked(reader, out, chunk_size)  # type: ignore[arg-type]
+        os.replace(temp, blobs / written.digest.removeprefix("sha256:"))
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+    descriptor = {"mediaType": LAYER_MEDIA_TYPES[Compression.ZSTD], "digest": written.digest, "size": written.size,
+                  "annotations": written.annotations}  # fmt: skip
+    return descriptor, written.diff_id
 
 
 def write_image(root: Path, descriptors: list[dict[str, object]], config: dict[str, Any], tag: str) -> str:

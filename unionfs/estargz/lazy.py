@@ -19,7 +19,7 @@ import hashlib
 import logging
 import time
 from array import array
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -49,12 +49,14 @@ from unionfs.storage.chunk_cache import ChunkCache
 from unionfs.storage.sealed import DamagedCacheFile, drop_damaged, seal, unseal
 
 log = logging.getLogger("crfs-merge")
-READAHEAD_CHUNKS = 4  # on a miss, also start fetching this many following chunks of the file
+READAHEAD_CHUNKS = 4  # on a miss, also start fetching this many following chunks of the file,
+READAHEAD_BYTES = 4 * 1024 * 1024  # or more, up to this many file bytes (zstd:chunked's are ~64 KiB),
+READAHEAD_MAX_CHUNKS = 64  # but no more chunks than this
 # Once a read reaches the end of a file, the small files that follow it in the blob (within
 # this many compressed bytes) are fetched too, in one request: a tar, a copy or a build reads
 # a tree in about the order it was written, and a request per small file would bound it.
 SMALL_FILE_SPAN = 1024 * 1024
-SMALL_FILE_MAX = 64 * 1024  # compressed size of a one-chunk file that counts as small
+SMALL_FILE_MAX = 64 * 1024  # compressed size of a file that counts as small
 MERGE_GAP = 64 * 1024  # fetch across gaps this small rather than make another request
 PREFETCH_SPAN = 16 * 1024 * 1024  # the largest range one prefetch request asks for
 # How long past its deadline a FUSE thread still waits for a fetch that is ending by itself
@@ -65,6 +67,7 @@ DEADLINE_GRACE = 0.5
 # right away; without this, one read() would wait out two deadlines.
 FAILURE_MEMORY = 1.0
 TOC_FORMAT = 2  # CACHE/toc/v2/ALGO-HEX.toc: sealed "offset\nTOC JSON"
+ChunkDecoder = Callable[[bytes, int, Chunk], bytes]  # (fetched range, its blob offset, chunk)
 
 
 async def fetch_toc(client: RegistryClient, layer: Layer, number: int, toc_dir: Path) -> LayerToc | None:
@@ -139,8 +142,10 @@ class LazyLayer:
     """Reads file bytes of one eStargz layer through the registry and the chunk cache."""
 
     def __init__(self, loop: EventLoopThread, client: RegistryClient, blob: Digest, cache: ChunkCache,
-                 deadline: float, files: SmallFiles | None = None) -> None:  # fmt: skip
+                 deadline: float, files: SmallFiles | None = None,
+                 decode: ChunkDecoder = chunk_data) -> None:  # fmt: skip
         self._loop, self._client, self._blob, self._cache = loop, client, blob, cache
+        self._decode = decode  # a chunk's bytes out of its fetched range: gzip, or zstd:chunked's zstd
         self._deadline = deadline  # seconds a read may take, fetching included
         self._inflight: dict[Chunk, asyncio.Future[bytes]] = {}
         self._small_files = files or SmallFiles(ChunkTable(), array("Q"))
@@ -189,7 +194,9 @@ class LazyLayer:
                 return
 
     def _readahead(self, entry: Entry, last: Chunk) -> None:
-        after = chunks_after(entry, last, READAHEAD_CHUNKS)
+        reach = last.file_offset + last.size + READAHEAD_BYTES
+        following = chunks_after(entry, last, READAHEAD_MAX_CHUNKS)
+        after = [c for n, c in enumerate(following) if n < READAHEAD_CHUNKS or c.file_offset + c.size <= reach]
         if after:
             self.prefetch(after)
 
@@ -246,7 +253,7 @@ class LazyLayer:
     def _unpack(self, compressed: bytes, fetch: Fetch) -> dict[Chunk, bytes]:
         got = {}
         for chunk in fetch.chunks:
-            data = chunk_data(compressed, fetch.start, chunk)
+            data = self._decode(compressed, fetch.start, chunk)
             if chunk.digest and _hex(chunk.digest, data) != chunk.digest.partition(":")[2]:
                 raise DigestMismatchError(f"layer {self._blob}: chunk at {chunk.blob_offset} fails its chunkDigest")
             self._cache.put(self._key(chunk), data)
@@ -259,7 +266,7 @@ class LazyLayer:
 
 
 class SmallFiles:
-    """The layer's small one-chunk files, as rows of the tree's chunk table in blob order
+    """The chunks of the layer's small files, as rows of the tree's chunk table in blob order
     (an array, not a Chunk each: a layer may have hundreds of thousands)."""
 
     def __init__(self, table: ChunkTable, rows: array) -> None:

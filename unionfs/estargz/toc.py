@@ -122,18 +122,33 @@ class LayerToc:
 
 def parse_toc(toc_json: bytes, layer: int, toc_offset: int) -> LayerToc:
     """Returns the entries of a TOC (landmarks dropped), each regular file with its chunks."""
+    rows = toc_rows(toc_json, "eStargz")
+    return toc_entries(rows, layer, lambda: member_ends(rows, toc_offset), "eStargz")
+
+
+def toc_rows(toc_json: bytes, kind: str) -> list[dict[str, Any]]:
+    """Returns the entry rows of a version 1 TOC (eStargz's, or zstd:chunked's, which has
+    the same fields)."""
     try:
         document = json.loads(toc_json)
         rows = document["entries"]
         if document.get("version") != 1 or not isinstance(rows, list):
-            raise LayerFormatError(f"unsupported eStargz TOC version {document.get('version')!r}")
-        return _entries(rows, layer, toc_offset)
+            raise LayerFormatError(f"unsupported {kind} TOC version {document.get('version')!r}")
+        return rows
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise LayerFormatError(f"malformed eStargz TOC: {exc!r}") from exc
+        raise LayerFormatError(f"malformed {kind} TOC: {exc!r}") from exc
 
 
-def _entries(rows: list[dict[str, Any]], layer: int, toc_offset: int) -> LayerToc:
-    ends = _member_ends(rows, toc_offset)
+def toc_entries(rows: list[dict[str, Any]], layer: int, ends: Callable[[], dict[int, int]], kind: str) -> LayerToc:
+    """Returns the entries of TOC rows; `ends()` maps each compressed member's (or zstd
+    frame's) start to the end of the bytes to fetch for it."""
+    try:
+        return _entries(rows, layer, ends())
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise LayerFormatError(f"malformed {kind} TOC: {exc!r}") from exc
+
+
+def _entries(rows: list[dict[str, Any]], layer: int, ends: dict[int, int]) -> LayerToc:
     share = sharer()
     kept: list[tuple[dict[str, Any], str]] = []
     chunks: dict[str, list[Chunk]] = {}
@@ -154,7 +169,7 @@ def _entries(rows: list[dict[str, Any]], layer: int, toc_offset: int) -> LayerTo
     return LayerToc([_entry(row, name, layer, share, chunks.get(name)) for row, name in kept], prefetch_end)
 
 
-def _member_ends(rows: list[dict[str, Any]], toc_offset: int) -> dict[int, int]:
+def member_ends(rows: list[dict[str, Any]], toc_offset: int) -> dict[int, int]:
     """Maps each member's start offset to the start of the next member (or the TOC)."""
     starts = sorted({int(r["offset"]) for r in rows if r.get("offset") and r["type"] in ("reg", "chunk")})
     return dict(zip(starts, [*starts[1:], toc_offset], strict=True))

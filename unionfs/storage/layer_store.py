@@ -54,6 +54,8 @@ log = logging.getLogger("crfs-merge")
 INDEX_FORMAT = 2
 TREE_FORMAT = 3
 COPY_BLOCK = 1 << 20
+TAR_BLOCK = 512
+TAR_RECORD_BLOCKS = 20  # tar's default blocking factor: a record of 10240 bytes
 # A cache directory we may read but not write: mount from what it holds, without locks.
 READ_ONLY_ERRORS = (errno.EROFS, errno.EACCES, errno.EPERM)
 
@@ -341,7 +343,34 @@ def _decompress_verified(layer: Layer, final: Path) -> None:
             for hashed in tar_hash.values():
                 hashed.update(block)
         hashing.drain()
+        if layer.compression is Compression.ZSTD and layer.diff_id is not None:
+            padding = missing_tar_padding(tar_hash[layer.diff_id], layer.diff_id)
+            if padding:
+                log.info("layer %s: restored the %d bytes of zero padding its zstd stream left out",
+                         layer.key, padding)  # fmt: skip
+                out.write(bytes(padding))
+                tar_hash[layer.diff_id].update(bytes(padding))
         _check(blob_hash | tar_hash, layer)
+
+
+def missing_tar_padding(hashed: hashlib._Hash, diff_id: Digest) -> int:
+    """Returns how many zero bytes, appended to what `hashed` has seen, make it hash to
+    `diff_id`: 0 if it already does or if no padding does.
+
+    containers/storage's zstd:chunked writer (podman 4.3, Debian 12) stopped copying the tar
+    after its end-of-archive blocks, so the blob decompresses to the tar that the config's
+    diff_id names minus the zeros that pad it to a whole record (tar writes records of 20
+    blocks of 512 bytes). Padding is tried a block at a time, up to one record: the result is
+    accepted only if it hashes to the diff_id, so the tar kept is byte for byte the one the
+    image names."""
+    if hashed.hexdigest() == diff_id.hex:
+        return 0
+    padded = hashed.copy()
+    for blocks in range(1, TAR_RECORD_BLOCKS + 1):
+        padded.update(bytes(TAR_BLOCK))
+        if padded.hexdigest() == diff_id.hex:
+            return blocks * TAR_BLOCK
+    return 0
 
 
 class Readable(Protocol):

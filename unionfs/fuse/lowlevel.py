@@ -462,8 +462,9 @@ def _in_a_kept_thread_state(function: Callable[..., None]) -> Callable[..., None
     calls a callback from a thread Python did not start in a thread state made for that one
     call and deleted after it (PyGILState_Ensure, then Release), which costs every request a
     16 KiB mmap and munmap and the making of a thread state. One Ensure never released keeps
-    the thread's state for as long as the thread lives; libfuse's workers live as long as the
-    loop (Session._loop), so there are at most `threads` of them."""
+    the thread's state for as long as the thread lives. libfuse 3.12 and later keep at most
+    `threads` workers for the whole loop (Session._loop); with 3.2 to 3.11, a worker started
+    past `threads` in a burst leaves its few KiB of thread state behind when it ends."""
     kept, ensure = _kept, ctypes.pythonapi.PyGILState_Ensure
 
     def call(*args: Any) -> None:

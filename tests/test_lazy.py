@@ -420,3 +420,27 @@ def test_a_writable_mount_of_a_lazy_image_copies_up_by_range_reads_and_commits(
                           dest], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert describe_tree(mount(dest)) == shown
+
+
+def test_a_toc_larger_than_the_tail_request_is_fetched_whole(tmp_path: Path, mount: Mounter) -> None:
+    """The first request reads the blob's tail (footer and, usually, the TOC); a TOC that starts
+    before it takes exactly one more request, for its first part, and mounts as the tar path."""
+    from tests.registry_servers import estargz_in_registry
+    from unionfs.estargz.lazy import TAIL_GUESS
+
+    names = [f"many/{i:05}-{hashlib.sha256(str(i).encode()).hexdigest()}" for i in range(3000)]
+    layer = tar_of(d("many/"), *(f(name, name.encode()) for name in names))
+    with estargz_in_registry(tmp_path / "img", [layer], "lazy/many") as registry, EventLoopThread() as loop:
+        (blob,) = [p for p in (tmp_path / "img" / "esgz" / "blobs" / "sha256").iterdir() if p.stat().st_size > 100_000]
+        data = blob.read_bytes()
+        footer = parse_footer(data[-FOOTER_SIZE:])
+        assert footer is not None and len(data) - footer.toc_offset > TAIL_GUESS  # the case under test
+        counting = FaultProxy(registry.host, loop)
+        counting.start()
+        try:
+            root = mount(f"{counting.host}/lazy/many", "--prefetch", "none", cache=tmp_path / "cache")
+            assert counting.requests["range"] == 2  # the tail, then the TOC's first part
+            expected = describe_tree(mount(f"oci:{tmp_path / 'img' / 'source'}:v1", cache=tmp_path / "source-cache"))
+            assert describe_tree(root) == expected
+        finally:
+            counting.stop()

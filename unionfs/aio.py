@@ -35,7 +35,11 @@ class EventLoopThread:
         """Returns the coroutine's result, raising what it raised. After `timeout` seconds it
         stops waiting, cancels the coroutine (which may clean up on the loop meanwhile) and
         raises TimeoutError: a caller never waits longer, and nothing it abandoned runs on."""
-        future = self.submit(coroutine)
+        return self.wait(self.submit(coroutine), timeout)
+
+    def wait(self, future: Future[T], timeout: float | None = None) -> T:
+        """Returns the result of `future` (from submit), as `run` does: after `timeout` seconds
+        it cancels what the future runs and raises TimeoutError."""
         try:
             return future.result(timeout)
         except concurrent.futures.TimeoutError:

@@ -2,7 +2,10 @@
 the chunks that hold the bytes asked for, verified against their chunkDigest.
 
 All fetching runs on the one event loop thread, so misses for the same chunk coalesce
-without locks: the first reader starts the fetch, later ones await the same future.
+without locks: the first reader starts the fetch, later ones await the same future. Inflating,
+verifying and storing chunks run in a small pool of worker threads (zlib, zstd and hashlib let
+go of the GIL), a batch of chunks per task, so that the chunks of one read-ahead are inflated on
+all cores at once while the loop goes on receiving.
 
 A read has a deadline (registry.options: twice --timeout): its fetch gives up there, and the
 FUSE thread stops waiting there (then EIO), cancelling what it started. A fetch that fails
@@ -17,10 +20,12 @@ import asyncio
 import bisect
 import hashlib
 import logging
+import os
+import threading
 import time
 from array import array
-from collections.abc import Callable, Iterable
-from concurrent.futures import Future
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from registry.cache_files import write_atomically
@@ -52,6 +57,11 @@ log = logging.getLogger("crfs-merge")
 READAHEAD_CHUNKS = 4  # on a miss, also start fetching this many following chunks of the file,
 READAHEAD_BYTES = 4 * 1024 * 1024  # or more, up to this many file bytes (zstd:chunked's are ~64 KiB),
 READAHEAD_MAX_CHUNKS = 64  # but no more chunks than this
+# (A read that enters a chunk, a sequential reader moving on, starts the read-ahead too: the
+# reader then finds each chunk inflated, while the pool inflates the next ones.)
+READAHEAD_SPAN = 1024 * 1024  # read-ahead asks for ranges this large at most (a bigger chunk alone)
+INFLATE_BATCH = 256 * 1024  # compressed bytes one inflate task takes at least (small files go together)
+INFLATE_WORKERS = min(8, max(2, os.cpu_count() or 2))
 # Once a read reaches the end of a file, the small files that follow it in the blob (within
 # this many compressed bytes) are fetched too, in one request: a tar, a copy or a build reads
 # a tree in about the order it was written, and a request per small file would bound it.
@@ -67,15 +77,19 @@ DEADLINE_GRACE = 0.5
 # right away; without this, one read() would wait out two deadlines.
 FAILURE_MEMORY = 1.0
 TOC_FORMAT = 2  # CACHE/toc/v2/ALGO-HEX.toc: sealed "offset\nTOC JSON"
-ChunkDecoder = Callable[[bytes, int, Chunk], bytes]  # (fetched range, its blob offset, chunk)
+# Bytes asked for at the end of a gzip layer: its footer, and the TOC member of a layer of up
+# to about 1,000 files, in one request (the footer alone, then the TOC, took two round trips).
+TAIL_GUESS = 64 * 1024
+ChunkDecoder = Callable[[bytes | memoryview, int, Chunk], bytes]  # (fetched range, its blob offset, chunk)
 
 
 async def fetch_toc(client: RegistryClient, layer: Layer, number: int, toc_dir: Path) -> LayerToc | None:
     """Returns the layer's TOC if it is (e)stargz, else None (it is then read whole).
 
-    Two closed-range requests, the footer then the TOC member, unless an earlier mount left
-    the TOC in `toc_dir`. A TOC that does not match the layer's toc.digest annotation is an
-    error, not a fallback: the layer is not what its manifest says. A cached TOC is sealed
+    One closed-range request for the blob's tail, footer and TOC (a second one for the rest of
+    a large TOC), unless an earlier mount left the TOC in `toc_dir`. A TOC that does not match
+    the layer's toc.digest annotation is an error, not a fallback: the layer is not what its
+    manifest says. A cached TOC is sealed
     (unionfs/storage/sealed.py) and checked against the annotation too: one that fails is removed,
     with a warning, and fetched again."""
     digest, size = layer.digest, layer.window.size
@@ -96,11 +110,18 @@ async def fetch_toc(client: RegistryClient, layer: Layer, number: int, toc_dir: 
 
 
 async def _fetch_toc_json(client: RegistryClient, digest: Digest, size: int) -> tuple[bytes, int] | None:
-    footer = parse_footer(await client.read_range(digest, size - FOOTER_SIZE, size - 1))
+    """The TOC JSON and its offset: the blob's last TAIL_GUESS bytes hold the footer and, for
+    most layers, the whole TOC member (one request); a larger TOC's first part is a second."""
+    tail_start = max(0, size - TAIL_GUESS)
+    tail = await client.read_range(digest, tail_start, size - 1)
+    footer = parse_footer(tail)
     if footer is None or not 0 < footer.toc_offset < size - footer.size:
         return None
-    member = await client.read_range(digest, footer.toc_offset, size - footer.size - 1)
-    return read_toc_member(member), footer.toc_offset
+    in_tail = tail[max(0, footer.toc_offset - tail_start) : size - footer.size - tail_start]
+    if footer.toc_offset >= tail_start:
+        return read_toc_member(in_tail), footer.toc_offset
+    head = await client.read_range(digest, footer.toc_offset, tail_start - 1)
+    return read_toc_member(head + in_tail), footer.toc_offset
 
 
 def _check_toc_digest(layer: Layer, toc_json: bytes) -> None:
@@ -156,10 +177,13 @@ class LazyLayer:
         pieces = {c: self._cache.get(self._key(c)) for c in wanted}
         missing = [c for c, data in pieces.items() if data is None]
         if missing:
-            pieces.update(self._fetch_by_deadline(missing))
+            fetching = self._submit(missing)  # first, so that what is waited for is asked for first
             self._readahead(entry, wanted[-1])
             if wanted[-1] == entry.chunks[-1]:
                 self._read_neighbours(wanted[-1])
+            pieces.update(self._wait_by_deadline(fetching))
+        elif any(offset <= c.file_offset for c in wanted):
+            self._readahead(entry, wanted[-1])  # a sequential reader entered a chunk: stay ahead of it
         # Slice each chunk to the span asked for before joining: a FUSE read is 128 KiB, a chunk
         # 4 MiB, and joining whole chunks first would copy 32 times what is returned.
         end = offset + size
@@ -168,12 +192,15 @@ class LazyLayer:
             for c in wanted
         )
 
-    def _fetch_by_deadline(self, missing: list[Chunk]) -> dict[Chunk, bytes]:
-        """Returns the missing chunks, or raises OSError once the read's deadline has passed."""
+    def _submit(self, missing: list[Chunk]) -> Future[dict[Chunk, bytes]]:
+        """Starts fetching the missing chunks of a read, within the read's deadline."""
         deadline = time.monotonic() + self._deadline
+        return self._loop.submit(self._get(missing, Patience(self._deadline, deadline)))
+
+    def _wait_by_deadline(self, fetching: Future[dict[Chunk, bytes]]) -> dict[Chunk, bytes]:
+        """Returns the chunks `fetching` gets, or raises OSError once the read's deadline has passed."""
         try:
-            return self._loop.run(self._get(missing, Patience(self._deadline, deadline)),
-                                  self._deadline + DEADLINE_GRACE)  # fmt: skip
+            return self._loop.wait(fetching, self._deadline + DEADLINE_GRACE)
         except TimeoutError:
             raise OSError(f"layer {self._blob}: no answer from the registry within {self._deadline:g}s") from None
 
@@ -197,8 +224,20 @@ class LazyLayer:
         reach = last.file_offset + last.size + READAHEAD_BYTES
         following = chunks_after(entry, last, READAHEAD_MAX_CHUNKS)
         after = [c for n, c in enumerate(following) if n < READAHEAD_CHUNKS or c.file_offset + c.size <= reach]
-        if after:
-            self.prefetch(after)
+        wanted = [c for c in after if not self._cache.contains(self._key(c))]
+        if wanted:
+            self._loop.submit(self._readahead_fetch(wanted))
+
+    async def _readahead_fetch(self, chunks: list[Chunk]) -> None:
+        """Fetches `chunks` a range each (or a few small ones together), all at once: each is
+        inflated as it arrives, where one range for all would wait for the last byte."""
+        fetches = plan_fetches(chunks, MERGE_GAP, READAHEAD_SPAN)
+        results = await asyncio.gather(*(self._get(list(f.chunks), Patience(self._deadline)) for f in fetches),
+                                       return_exceptions=True)  # fmt: skip
+        for result in results:
+            if isinstance(result, Exception):  # costs only time: the read will try again
+                log.info("read-ahead of %s failed: %s", self._blob, result)
+                return
 
     def _read_neighbours(self, last: Chunk) -> None:
         after = self._small_files.following(last, SMALL_FILE_SPAN)
@@ -247,13 +286,22 @@ class LazyLayer:
     async def _fetch(self, fetch: Fetch, patience: Patience) -> dict[Chunk, bytes]:
         compressed = await self._client.read_range(self._blob, fetch.start, fetch.end - 1, patience)
         # Decompressing, hashing and writing the disk cache take longer than the transfer;
-        # zlib and hashlib let go of the GIL, so a worker thread keeps the loop free for I/O.
-        return await asyncio.to_thread(self._unpack, compressed, fetch)
+        # zlib, zstd and hashlib let go of the GIL, so worker threads inflate batches of the
+        # range on every core while the loop stays free for I/O.
+        loop = asyncio.get_running_loop()
+        view = memoryview(compressed)  # each chunk's member is a slice of it, not a copy
+        batches = [loop.run_in_executor(_inflate_pool(), self._unpack, view, fetch.start, batch)
+                   for batch in _batches(fetch.chunks)]  # fmt: skip
+        got: dict[Chunk, bytes] = {}
+        for part in await asyncio.gather(*batches):
+            got.update(part)
+        return got
 
-    def _unpack(self, compressed: bytes, fetch: Fetch) -> dict[Chunk, bytes]:
+    def _unpack(self, compressed: memoryview, start: int, chunks: tuple[Chunk, ...]) -> dict[Chunk, bytes]:
+        """Inflates, verifies and caches `chunks` out of the compressed range at `start`."""
         got = {}
-        for chunk in fetch.chunks:
-            data = self._decode(compressed, fetch.start, chunk)
+        for chunk in chunks:
+            data = self._decode(compressed, start, chunk)
             if chunk.digest and _hex(chunk.digest, data) != chunk.digest.partition(":")[2]:
                 raise DigestMismatchError(f"layer {self._blob}: chunk at {chunk.blob_offset} fails its chunkDigest")
             self._cache.put(self._key(chunk), data)
@@ -263,6 +311,33 @@ class LazyLayer:
     def _key(self, chunk: Chunk) -> str:
         # Legacy stargz chunks carry no digest: keep them by position, in memory only.
         return chunk.digest or f"{self._blob}@{chunk.blob_offset}+{chunk.inner_offset}"
+
+
+def _batches(chunks: tuple[Chunk, ...]) -> Iterator[tuple[Chunk, ...]]:
+    """Splits a fetch's chunks, in order, into runs of at least INFLATE_BATCH compressed bytes
+    (the last may be smaller): one inflate task each."""
+    start = 0
+    size = 0
+    for index, chunk in enumerate(chunks):
+        size += chunk.blob_end - chunk.blob_offset
+        if size >= INFLATE_BATCH:
+            yield chunks[start : index + 1]
+            start, size = index + 1, 0
+    if start < len(chunks):
+        yield chunks[start:]
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _inflate_pool() -> ThreadPoolExecutor:
+    """The process's inflate workers, made on first use (in the server, after its fork)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(INFLATE_WORKERS, thread_name_prefix="crfs-inflate")
+        return _pool
 
 
 class SmallFiles:

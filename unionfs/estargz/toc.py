@@ -301,14 +301,21 @@ def plan_fetches(chunks: Sequence[Chunk], max_gap: int = 0, max_span: int | None
     return fetches
 
 
-def chunk_data(compressed: bytes, fetch_start: int, chunk: Chunk) -> bytes:
+def chunk_data(compressed: bytes | memoryview, fetch_start: int, chunk: Chunk) -> bytes:
     """Returns a chunk's bytes out of the compressed range that starts at `fetch_start`."""
     member = compressed[chunk.blob_offset - fetch_start : chunk.blob_end - fetch_start]
+    wanted = chunk.inner_offset + chunk.size
     try:
-        data = zlib.decompressobj(wbits=31).decompress(member, chunk.inner_offset + chunk.size)
+        # The whole member in one call, into a buffer of the chunk's size: zlib then lets go of
+        # the GIL once per chunk, where a decompressobj with max_length takes it back for each
+        # of the blocks its output grows by (and joins them holding it), so that inflating on
+        # two threads ran no faster than on one. A member holds one chunk, at most a tar header
+        # or padding after it (the buffer then grows once); a buffer larger than its output
+        # would be shrunk, which costs a second page fault per page.
+        data = zlib.decompress(member, wbits=31, bufsize=wanted)
     except zlib.error as exc:
         raise LayerFormatError(f"chunk at blob offset {chunk.blob_offset} is not valid gzip: {exc}") from exc
-    piece = data[chunk.inner_offset : chunk.inner_offset + chunk.size]
+    piece = data if chunk.inner_offset == 0 and len(data) == chunk.size else data[chunk.inner_offset : wanted]
     if len(piece) != chunk.size:
         raise LayerFormatError(f"chunk at blob offset {chunk.blob_offset} holds {len(piece)} of {chunk.size} bytes")
     return piece

@@ -298,7 +298,7 @@ def check_options(options: dict[str, str | bool]) -> None:
 
 @contextlib.contextmanager
 def _quiet_stderr() -> Iterator[None]:
-    """Sends file descriptor 2 to /dev/null for a moment (no other thread runs yet)."""
+    """Sends file descriptor 2 to /dev/null for a moment (no other thread writes to it yet)."""
     sys.stderr.flush()
     saved = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)

@@ -173,7 +173,7 @@ def _frame_ends(rows: list[dict[str, Any]], toc_frame_start: int) -> dict[int, i
     return ends
 
 
-def chunk_data(compressed: bytes, fetch_start: int, chunk: Chunk) -> bytes:
+def chunk_data(compressed: bytes | memoryview, fetch_start: int, chunk: Chunk) -> bytes:
     """Returns a chunk's bytes out of the compressed range that starts at `fetch_start`: its
     zstd frame, decompressed only as far as the chunk reaches."""
     frame = compressed[chunk.blob_offset - fetch_start : chunk.blob_end - fetch_start]

@@ -7,7 +7,7 @@ import stat
 import struct
 
 from unionfs.entry import Attributes
-from unionfs.fuse.lowlevel import Listed, attr_record, entry_record, listing_buffer
+from unionfs.fuse.lowlevel import Listed, attr_record, entry_record, listing_buffer, spliceable_pages
 
 ATTR_FIELDS = "ino size blocks atime mtime ctime atimensec mtimensec ctimensec mode nlink uid gid rdev blksize flags"
 FILE = Attributes(ino=7, mode=stat.S_IFREG | 0o640, nlink=2, uid=1000, gid=50, size=1025, rdev=0,
@@ -107,6 +107,30 @@ def test_a_plus_listing_links_children_but_not_the_dots() -> None:
     assert [r["entry"]["nodeid"] for r in listed] == [0, 0, 10, 11]  # type: ignore[index]
     child = listed[3]["entry"]
     assert child["entry_valid"] == 30 and child["attr"]["size"] == 1  # type: ignore[index]
+
+
+def test_a_time_before_1970_goes_out_as_the_kernel_reads_it() -> None:
+    old = FILE._replace(mtime_ns=-1_500_000_000)  # 1.5 s before the epoch: -2 s + 500,000,000 ns
+    attr = parse_attr(attr_record(old, 1)[16:])
+    assert struct.unpack("<q", struct.pack("<Q", attr["mtime"]))[0] == -2 and attr["mtimensec"] == 500_000_000
+
+
+def test_a_plus_listing_of_plain_attribute_tuples_carries_what_a_lookup_would() -> None:
+    for attributes in (FILE, Attributes(9, stat.S_IFCHR | 0o600, 1, 0, 0, 0, (4 << 8) | 1, -1)):
+        listed = parse_listing(listing_buffer([(b"name", attributes.ino, attributes.mode, tuple(attributes))], 6,
+                                              4096, True, 45), plus=True)  # fmt: skip
+        assert listed == [{"ino": attributes.ino, "off": 7, "type": attributes.mode >> 12, "name": b"name",
+                           "entry": parse_entry(entry_record(attributes, 45))}]  # fmt: skip
+
+
+def test_a_read_answer_is_as_large_as_libfuse_can_still_splice() -> None:
+    # libfuse splices an answer only if a pipe of pipe-max-size holds it, its 16-byte header
+    # and three pages of slack (fuse_send_data_iov); else it copies it through a new buffer.
+    pages = spliceable_pages(1 << 20, 4096)
+    assert pages == 252
+    assert pages * 4096 + 16 + 3 * 4096 <= 1 << 20 < (pages + 1) * 4096 + 16 + 3 * 4096
+    assert spliceable_pages(1 << 24, 4096) == 256  # never past FUSE_MAX_MAX_PAGES
+    assert spliceable_pages(16384, 4096) == 1  # a tiny pipe-max-size still reads
 
 
 def test_a_fault_repeated_within_the_window_is_logged_once() -> None:

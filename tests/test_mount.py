@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -242,6 +243,119 @@ def test_a_warm_walk_and_reread_are_served_by_the_kernel_alone(
     finally:
         server.send_signal(15)
         assert server.wait(timeout=20) == 0
+
+
+def test_a_cold_sequential_read_goes_out_in_reads_as_large_as_can_be_spliced(
+    oci_image: ImageWriter, fuse_works: None, tmp_path: Path
+) -> None:
+    """A read of a large file arrives in READs of lowlevel.read_size() (1008 KiB under the
+    default pipe-max-size) that libfuse splices from the cached tar, four of them ahead of the
+    reader, where the kernel's own readahead of 128 KiB would ask eight times as often. Only
+    root may raise the readahead of a mount; anyone else's READs stay at 128 KiB (and are
+    spliced all the same)."""
+    from unionfs.fuse.lowlevel import read_size, readahead_size
+
+    content = bytes(range(256)) * (12 * 1024)  # 3 MiB
+    image = oci_image([f("big", content)])
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    log_path = tmp_path / "debug.log"
+    with log_path.open("wb") as log:
+        server = subprocess.Popen([*_command(tmp_path), "-f", "-o", "debug", image, str(mountpoint)], stderr=log)
+    try:
+        _wait_for(lambda: os.path.ismount(mountpoint))
+        device = os.stat(mountpoint).st_dev
+        setting = Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb")
+        root = os.geteuid() == 0
+        readahead = readahead_size() if root else 128 * 1024
+        _wait_for(lambda: int(setting.read_text()) * 1024 == readahead)  # set by a thread, after INIT
+        with open(mountpoint / "big", "rb", buffering=0) as file:
+            assert file.read(1 << 22) + file.read() == content
+        replies = [line.split("outsize: ")[1] for line in log_path.read_text(errors="replace").splitlines()
+                   if "success, outsize: " in line]  # fmt: skip
+        spliced = [int(reply.split()[0]) - 16 for reply in replies if reply.endswith("(splice)")]
+        assert sum(spliced) == len(content) and max(spliced) == (read_size() if root else readahead)
+    finally:
+        server.send_signal(15)
+        assert server.wait(timeout=20) == 0
+
+
+def test_a_large_directory_is_listed_in_one_request_that_links_every_name(
+    oci_image: ImageWriter, fuse_works: None, tmp_path: Path
+) -> None:
+    """1,000 names take about 170 KiB of READDIRPLUS: the directory's st_blksize says so, glibc
+    reads it with a buffer that large, and the kernel asks for it all at once (one READDIRPLUS,
+    and the empty request that ends every listing) and links every name, so that stat-ing them
+    all, as `ls -l` does, sends no LOOKUP."""
+    names = [f"file-{i:04d}" for i in range(1000)]
+    image = oci_image([d("big"), *(f(f"big/{n}", n.encode()) for n in names)])
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    log_path = tmp_path / "debug.log"
+    with log_path.open("wb") as log:
+        server = subprocess.Popen([*_command(tmp_path), "-f", "-o", "debug", image, str(mountpoint)], stderr=log)
+    try:
+        _wait_for(lambda: os.path.ismount(mountpoint))
+        directory = os.stat(mountpoint / "big")
+        assert directory.st_blksize == 256 * 1024
+        with os.scandir(mountpoint / "big") as listing:
+            sizes = {entry.name: entry.stat(follow_symlinks=False).st_size for entry in listing}
+        assert sizes == {n: len(n) for n in names}
+        asked = [line.split("opcode: ")[1].split()[0] for line in log_path.read_text(errors="replace").splitlines()
+                 if "opcode: " in line and f"nodeid: {directory.st_ino}," in line]  # fmt: skip
+        listed = [op for op in asked if op in ("READDIRPLUS", "READDIR", "LOOKUP")]  # (not the one OPENDIR: ENOSYS)
+        # The ending request is a READDIRPLUS too where the kernel saw the names used in between.
+        assert listed in (["READDIRPLUS", "READDIR"], ["READDIRPLUS", "READDIRPLUS"]), asked
+    finally:
+        server.send_signal(15)
+        assert server.wait(timeout=20) == 0
+
+
+def test_a_worker_thread_keeps_its_python_state_from_one_request_to_the_next(fuse_works: None,
+                                                                            tmp_path: Path) -> None:  # fmt: skip
+    """libfuse's worker threads are not Python's: ctypes runs each callback in a Python
+    thread state made for that call alone, unless the Session keeps one per thread (a thread
+    state costs a 16 KiB mapping and its setup on every request). A thread-local value set by
+    one request is there for the next request served by the same (only) worker."""
+    import threading
+
+    from unionfs.entry import Attributes
+    from unionfs.fuse import lowlevel
+
+    per_thread = threading.local()
+    counts: list[int] = []
+
+    def getattr_(req: int, ino: int, fi: int) -> None:
+        record = lowlevel.attr_record(Attributes(1, stat.S_IFDIR | 0o755, 2, 0, 0, 0, 0, 0), 0)
+        lowlevel.reply_buf(req, record, len(record))
+
+    def lookup(req: int, parent: int, name: bytes) -> None:
+        per_thread.count = getattr(per_thread, "count", 0) + 1
+        counts.append(per_thread.count)
+        lowlevel.reply_err(req, errno.ENOENT)
+
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+
+    def ask_then_unmount() -> None:
+        try:
+            _wait_for(lambda: os.path.ismount(mountpoint))
+            for number in range(5):
+                assert not os.path.lexists(mountpoint / f"missing{number}")  # one LOOKUP each
+        finally:
+            subprocess.run(["fusermount3", "-u", str(mountpoint)], check=False)
+
+    session = lowlevel.Session({"getattr": getattr_, "lookup": lookup}, ["ro", "fsname=thread-state-test"])
+    client = threading.Thread(target=ask_then_unmount)
+    python_sigint = signal.getsignal(signal.SIGINT)
+    client.start()
+    try:
+        session.serve(str(mountpoint), threads=1)  # in the main thread: libfuse installs signal handlers
+    finally:
+        signal.signal(signal.SIGINT, python_sigint)
+        session.close()
+        client.join()
+    assert counts == [1, 2, 3, 4, 5]
 
 
 def _command(tmp_path: Path) -> list[str]:

@@ -20,7 +20,7 @@ from tests.test_sources import oci_layout
 from unionfs import build as build_module
 from unionfs.build import build
 from unionfs.storage.layer_store import LayerStore
-from unionfs.tree import FORMAT, INODE_ARRAYS, ROOT, CorruptTreeError, MergedTree
+from unionfs.tree import FORMAT, INODE_ARRAYS, ROOT, CorruptTreeError, MergedTree, listing_block_size
 
 RICH = [d("etc"), f("etc/hosts", b"h"), sym("etc/mtab", "/proc/mounts"), dev("dev/null", "c", 1, 3),
         f("bin/a", b"a", xattrs={"user.x": "\xff\x00v"}), hl("bin/b", "bin/a"), f("caf\xe9", b"latin")]  # fmt: skip
@@ -94,3 +94,25 @@ def test_lookups_at_the_edges() -> None:
     for ino in (0, -1, tree.inode_count + 1):
         with pytest.raises(KeyError):
             tree.attributes(ino)
+
+
+def test_a_listing_with_attributes_says_what_each_child_alone_would() -> None:
+    tree, _ = merge_tars(RICH, [wh("etc/hosts")])
+    for directory in (ino for ino in range(1, tree.inode_count + 1) if tree.is_dir(ino)):
+        for start in (0, 1):
+            expected = [(name, child, tree.mode(child), tuple(tree.attributes(child)))
+                        for name, child in list(tree.children(directory))[start:]]  # fmt: skip
+            assert list(tree.listed_children(directory, start)) == expected
+    with pytest.raises(KeyError):
+        next(tree.listed_children(tree.inode_count + 1))
+
+
+def test_a_directory_whose_listing_outgrows_32_kib_says_how_large_it_is() -> None:
+    names = [f"name-{i:04d}".encode() for i in range(600)]  # 600 * (152 + 16) bytes of READDIRPLUS
+    tree, _ = merge_tars([d("big"), *(f(f"big/{n.decode()}", b"") for n in names), d("small"), f("small/a", b"")])
+    big, small = tree.child(ROOT, b"big") or 0, tree.child(ROOT, b"small") or 0
+    assert tree.attributes(big).blksize == 128 * 1024  # the power of two that holds ~100 KiB
+    assert tree.attributes(small).blksize == 0 and tree.attributes(tree.child(small, b"a") or 0).blksize == 0
+    assert {name: values[8] for name, _, _, values in tree.listed_children(ROOT)} == {b"big": 128 * 1024,
+                                                                                      b"small": 0}  # fmt: skip
+    assert listing_block_size(0, 0) == 0 and listing_block_size(10**6, 10**7) == 1 << 20  # glibc's cap

@@ -84,6 +84,10 @@ IMPLIED_DIRECTORY = Entry(path="", mode=stat.S_IFDIR | 0o755)
 """Metadata of a directory that no layer has a header for (containerd uses 0755, root)."""
 
 
+AttributeValues = tuple[int, int, int, int, int, int, int, int, int]
+"""The fields of Attributes in its order, as a plain tuple (cheaper to build, where many are)."""
+
+
 class Attributes(NamedTuple):
     """What the kernel is told about one inode (a tuple: made for every LOOKUP and listed name,
     where a frozen dataclass costs twice as much to build)."""
@@ -96,3 +100,4 @@ class Attributes(NamedTuple):
     size: int
     rdev: int
     mtime_ns: int
+    blksize: int = 0  # st_blksize; 0 leaves it to the kernel (a page); see tree.listing_block_size

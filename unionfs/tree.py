@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from unionfs.chunk_table import CHUNK_ARRAYS, DIGEST_SIZE, ChunkTable
-from unionfs.entry import IMPLIED_DIRECTORY, NO_XATTRS, Attributes, Entry
+from unionfs.entry import IMPLIED_DIRECTORY, NO_XATTRS, Attributes, AttributeValues, Entry
 from whiteout.apply import Node
 
 ROOT = 1
@@ -36,6 +36,20 @@ FORMAT = b"crfs-merge tree 2\n"
 INODE_ARRAYS = {"mode": "I", "uid": "I", "gid": "I", "size": "Q", "mtime_ns": "q", "nlink": "I", "layer": "I",
                 "offset": "Q", "first_slot": "I", "slot_count": "I", "parent": "I"}  # fmt: skip
 SLOT_ARRAYS = {"slot_ino": "I", "name_end": "Q"}  # per slot; slot 0 is the root, with no name
+PLUS_RECORD = 152  # fuse_entry_out and fuse_dirent: what a READDIRPLUS sends ahead of each name
+LISTING_BUFFERS = (32 * 1024, 1 << 20)  # glibc's smallest and largest opendir buffer
+
+
+def listing_block_size(names: int, name_bytes: int) -> int:
+    """st_blksize of a directory of `names` names of `name_bytes` bytes in all: glibc lists a
+    directory in buffers of st_blksize (from 32 KiB to 1 MiB) and the kernel asks FUSE for a
+    listing of the buffer's size, so a directory whose READDIRPLUS listing outgrows 32 KiB
+    says how large it is: it is then listed in one request (not one READDIRPLUS and several
+    plain READDIRs), and every name in it is linked, so that lstat and open need no LOOKUP.
+    0 (the kernel's page) for the rest: a larger buffer would only cost a larger allocation."""
+    size = (names + 2) * (PLUS_RECORD + 7) + name_bytes  # with '.' and '..', names padded to 8
+    smallest, largest = LISTING_BUFFERS
+    return 0 if size <= smallest else min(largest, 1 << (size - 1).bit_length())
 
 
 class CorruptTreeError(ValueError):
@@ -92,7 +106,15 @@ class MergedTree:
         mode = self._mode[i]
         size = len(os.fsencode(self._links[ino])) if mode & 0o170000 == stat.S_IFLNK else self._size[i]
         rdev = self._rdevs.get(ino, 0) if self._rdevs else 0
-        return Attributes(ino, mode, self._nlink[i], self._uid[i], self._gid[i], size, rdev, self._mtime_ns[i])
+        blksize = self._block_size(i) if mode & 0o170000 == stat.S_IFDIR else 0
+        return Attributes(ino, mode, self._nlink[i], self._uid[i], self._gid[i], size, rdev, self._mtime_ns[i],
+                          blksize)  # fmt: skip
+
+    def _block_size(self, i: int) -> int:
+        """listing_block_size of the directory at index `i`: its names are consecutive bytes."""
+        first, count = self._first_slot[i], self._slot_count[i]
+        name_bytes = self._name_end[first + count - 1] - self._name_end[first - 1] if count else 0
+        return listing_block_size(count, name_bytes)
 
     def mode(self, ino: int) -> int:
         return self._mode[self._index(ino)]
@@ -116,6 +138,26 @@ class MergedTree:
         names, ends, slot_ino = self._names, self._name_end, self._slot_ino
         for slot in range(first + start, first + self._slot_count[i]):
             yield names[ends[slot - 1] : ends[slot]], slot_ino[slot]
+
+    def listed_children(self, directory: int, start: int = 0) -> Iterator[tuple[bytes, int, int, AttributeValues]]:
+        """Yields (name, inode number, mode, attributes) of the children of `directory` from the
+        `start`-th, the attributes as a plain tuple in the order of Attributes: a READDIRPLUS
+        lists hundreds of names, and building an Attributes for each cost more than the rest of
+        the reply."""
+        i = self._index(directory)
+        first = self._first_slot[i]
+        names, ends, slot_ino, modes = self._names, self._name_end, self._slot_ino, self._mode
+        nlinks, uids, gids, sizes, mtimes = self._nlink, self._uid, self._gid, self._size, self._mtime_ns
+        links, rdevs = self._links, self._rdevs
+        for slot in range(first + start, first + self._slot_count[i]):
+            ino = slot_ino[slot]
+            j = ino - 1
+            mode = modes[j]
+            size = len(os.fsencode(links[ino])) if mode & 0o170000 == stat.S_IFLNK else sizes[j]
+            rdev = rdevs.get(ino, 0) if rdevs else 0
+            blksize = self._block_size(j) if mode & 0o170000 == stat.S_IFDIR else 0
+            yield names[ends[slot - 1] : ends[slot]], ino, mode, (ino, mode, nlinks[j], uids[j], gids[j], size, rdev,
+                                                                  mtimes[j], blksize)  # fmt: skip
 
     def parent(self, directory: int) -> int:
         return self._a["parent"][self._index(directory)]

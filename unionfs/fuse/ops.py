@@ -9,7 +9,10 @@ RELEASE altogether and treats every file as opened with keep_cache and every dir
 cache_readdir (Linux 5.1 and later; an older kernel, which would take ENOSYS for an error, is
 answered with those two flags instead, and still opens and releases). A `find` that has run
 once then runs from the kernel's caches without a single request, and reading a small file
-costs one READ.
+costs one READ. A large file is read in READs of about 1 MiB (the most libfuse can still
+splice from the cached tar, lowlevel.read_size), where the kernel's readahead of 128 KiB would
+ask eight times as often: the mount asks for that size in INIT (max_pages, from max_write) and,
+as root, raises its readahead to four such READs once INIT is answered.
 
 Caveats (what this filesystem does not do, and why):
 - It is read-only: the mount is made with `ro`, so the kernel answers EROFS to writes,
@@ -146,6 +149,8 @@ class MergedFilesystem:
         info.want |= lowlevel.FUSE_CAP_READDIRPLUS | lowlevel.FUSE_CAP_READDIRPLUS_AUTO
         info.want |= info.capable & (lowlevel.FUSE_CAP_CACHE_SYMLINKS | lowlevel.FUSE_CAP_SPLICE_WRITE)
         info.want &= ~lowlevel.FUSE_CAP_AUTO_INVAL_DATA  # nothing to invalidate: bytes never change
+        # A READ as large as can be spliced: libfuse asks the kernel for max_pages from max_write.
+        info.max_write = min(info.max_write, lowlevel.read_size())
         # Kernels before 5.1 take ENOSYS from OPENDIR for an error: those get an OPENDIR answer
         # that asks them to keep the listing (and likewise for OPEN, on much older ones).
         emulate = os.environ.get(OLD_KERNEL_VARIABLE) == "1"
@@ -237,13 +242,11 @@ class MergedFilesystem:
             yield b".", directory, stat.S_IFDIR, None
         if offset <= 1:
             yield b"..", tree.parent(directory), stat.S_IFDIR, None
-        children = tree.children(directory, max(0, offset - 2))
+        start = max(0, offset - 2)
         if plus:
-            for name, child in children:
-                attributes = tree.attributes(child)
-                yield name, child, attributes.mode, attributes
+            yield from tree.listed_children(directory, start)
         else:
-            for name, child in children:
+            for name, child in tree.children(directory, start):
                 yield name, child, tree.mode(child), None
 
     @_replies_on_error
@@ -308,10 +311,22 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(saved)
 
 
+def _ready(mountpoint: str, on_ready: Callable[[], None]) -> None:
+    """In INIT: widens the readahead from another thread, which waits for INIT's answer (see
+    lowlevel.widen_readahead), then says the mount is ready."""
+
+    def widen() -> None:
+        widened = lowlevel.widen_readahead(mountpoint, lowlevel.readahead_size())
+        log.debug("readahead of %d bytes: %s", lowlevel.readahead_size(), "set" if widened else "left at the kernel's")
+
+    threading.Thread(target=widen, name="readahead", daemon=True).start()
+    on_ready()
+
+
 def mount(image: MountedImage, mountpoint: str, options: dict[str, str | bool], on_ready: Callable[[], None]) -> None:
     """Serves `image` at `mountpoint` in the foreground until unmounted or signalled. Options
     libfuse refuses, or a mount it cannot make (fusermount3 says why), raise UsageError."""
-    filesystem = MergedFilesystem(image, on_ready)
+    filesystem = MergedFilesystem(image, lambda: _ready(mountpoint, on_ready))
     try:
         session = lowlevel.Session(filesystem.callbacks(), mount_options(options))
     except lowlevel.SessionError as exc:

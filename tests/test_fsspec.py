@@ -22,7 +22,7 @@ from typing import Any
 import fsspec
 import pytest
 
-from registry.media_types import Compression
+from registry.media_types import TOC_DIGEST_ANNOTATION, Compression
 from tests.conftest import COMMAND, IN_CI, ImageWriter, Mounter, require
 from tests.registry_servers import REGISTRY_BINARY, FaultProxy, estargz_in_registry
 from tests.tarvocab import d, f, sym, tar_of
@@ -30,7 +30,7 @@ from tests.test_mount import RICH_LOWER, RICH_UPPER, UMOCI_CASES
 from unionfs.aio import EventLoopThread
 from unionfs.api import open_image
 from unionfs.entry import Chunk, Entry
-from unionfs.estargz.lazy import SMALL_FILE_MAX, SMALL_FILE_SPAN
+from unionfs.estargz.lazy import SMALL_FILE_MAX, SMALL_FILE_SPAN, TAIL_GUESS
 from unionfs.estargz.toc import FOOTER_SIZE, parse_footer, parse_toc, read_toc_member
 from unionfs.fsspecfs import CrfsFileSystem
 from unionfs.fsspecfs.filesystem import byte_range
@@ -306,7 +306,9 @@ def test_unionfs_api_imports_no_fsspec() -> None:
 # --- lazy: an eStargz image in a registry ------------------------------------------------------
 
 MIB = 1024 * 1024
-LAZY_LOWER = [d("data/"), *(f(f"data/blob{i}", os.urandom(MIB)) for i in range(6)),
+# 10 MiB of data: the 64 KiB that the first request for each layer's footer and TOC takes stay
+# under 1/100 of the blobs.
+LAZY_LOWER = [d("data/"), *(f(f"data/blob{i}", os.urandom(MIB)) for i in range(10)),
               *(f(f"docs/page{i:03}", f"page {i}\n".encode() * (20 + i)) for i in range(50))]  # fmt: skip
 LAZY_UPPER = [f("etc/motd", b"hello\n"), d("srv/"), f("srv/table.csv", b"a,b\n1,2\n")]
 SMALL_FILE = "docs/page025"  # among other small files: the engine reads some of them ahead
@@ -344,7 +346,7 @@ def _blob(layout: Path, digest: str) -> Path:
 
 
 def _layer_tocs(layout: Path) -> list[tuple[int, int, list[Entry]]]:
-    """Per layer of the layout: (blob size, bytes that reading its footer and TOC takes, TOC entries)."""
+    """Per layer of the layout: (blob size, bytes that fetching its footer and TOC takes, TOC entries)."""
     tocs = []
     for number, layer in enumerate(_layout_manifest(layout)[1]["layers"]):
         data = _blob(layout, layer["digest"]).read_bytes()
@@ -352,7 +354,10 @@ def _layer_tocs(layout: Path) -> list[tuple[int, int, list[Entry]]]:
         assert footer is not None, "not eStargz"
         member = data[footer.toc_offset : len(data) - footer.size]
         entries = parse_toc(read_toc_member(member), number, footer.toc_offset).entries
-        tocs.append((len(data), FOOTER_SIZE + len(member), entries))
+        # The engine's first request takes the blob's last TAIL_GUESS bytes of a layer whose
+        # descriptor names its TOC (our converter's do), and the rest of the TOC if it is larger.
+        assert TOC_DIGEST_ANNOTATION in layer.get("annotations", {})
+        tocs.append((len(data), max(min(TAIL_GUESS, len(data)), FOOTER_SIZE + len(member)), entries))
     return tocs
 
 

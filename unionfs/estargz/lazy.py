@@ -77,8 +77,10 @@ DEADLINE_GRACE = 0.5
 # right away; without this, one read() would wait out two deadlines.
 FAILURE_MEMORY = 1.0
 TOC_FORMAT = 2  # CACHE/toc/v2/ALGO-HEX.toc: sealed "offset\nTOC JSON"
-# Bytes asked for at the end of a gzip layer: its footer, and the TOC member of a layer of up
-# to about 1,000 files, in one request (the footer alone, then the TOC, took two round trips).
+# Bytes asked for at the end of a gzip layer whose descriptor names its TOC (so it is eStargz):
+# its footer, and the TOC member of a layer of up to about 1,000 files, in one request (the
+# footer alone, then the TOC, took two round trips). A layer that does not say so may be plain
+# gzip, fetched whole anyway: only its footer is asked for, so the probe wastes no 64 KiB.
 TAIL_GUESS = 64 * 1024
 ChunkDecoder = Callable[[bytes | memoryview, int, Chunk], bytes]  # (fetched range, its blob offset, chunk)
 
@@ -99,7 +101,7 @@ async def fetch_toc(client: RegistryClient, layer: Layer, number: int, toc_dir: 
     toc = _load_cached_toc(cached, layer, number)
     if toc is not None:
         return toc
-    found = await _fetch_toc_json(client, digest, size)
+    found = await _fetch_toc_json(client, digest, size, tail_size(layer))
     if found is None:
         return None
     toc_json, toc_offset = found
@@ -109,15 +111,20 @@ async def fetch_toc(client: RegistryClient, layer: Layer, number: int, toc_dir: 
     return toc
 
 
-async def _fetch_toc_json(client: RegistryClient, digest: Digest, size: int) -> tuple[bytes, int] | None:
-    """The TOC JSON and its offset: the blob's last TAIL_GUESS bytes hold the footer and, for
-    most layers, the whole TOC member (one request); a larger TOC's first part is a second."""
-    tail_start = max(0, size - TAIL_GUESS)
-    tail = await client.read_range(digest, tail_start, size - 1)
-    footer = parse_footer(tail)
+def tail_size(layer: Layer) -> int:
+    """How many bytes at the end of `layer` the first request for its footer asks for."""
+    return TAIL_GUESS if layer.toc_digest is not None else FOOTER_SIZE
+
+
+async def _fetch_toc_json(client: RegistryClient, digest: Digest, size: int, tail: int) -> tuple[bytes, int] | None:
+    """The TOC JSON and its offset: the blob's last `tail` bytes hold the footer and, for
+    most eStargz layers, the whole TOC member (one request); the rest of the TOC is a second."""
+    tail_start = max(0, size - tail)
+    ending = await client.read_range(digest, tail_start, size - 1)
+    footer = parse_footer(ending)
     if footer is None or not 0 < footer.toc_offset < size - footer.size:
         return None
-    in_tail = tail[max(0, footer.toc_offset - tail_start) : size - footer.size - tail_start]
+    in_tail = ending[max(0, footer.toc_offset - tail_start) : size - footer.size - tail_start]
     if footer.toc_offset >= tail_start:
         return read_toc_member(in_tail), footer.toc_offset
     head = await client.read_range(digest, footer.toc_offset, tail_start - 1)

@@ -62,7 +62,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
 from registry.layout_writer import write_layout
-from tests.conftest import COMMAND, require, unmount
+from tests.conftest import COMMAND, IN_CI, require, unmount
 from tests.tarvocab import MTIME, d, dev, f, fifo, hl, opq, sym, tar_of, wh
 
 TARGET = os.environ.get("CRFS_DIFF_TARGET", "crfs-merge")
@@ -834,7 +834,9 @@ class Differential(RuleBasedStateMachine):
 def test_writable_mount_matches_kernel_overlayfs(world: World) -> None:
     run_state_machine_as_test(
         lambda: Differential(world),
-        settings=settings(max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None,
+        # Under CI the same sequences every run (a fixed seed), so that what lands does not hang
+        # on a draw; elsewhere new ones each run, which is how the mismatches were found.
+        settings=settings(max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None, derandomize=IN_CI,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]),
     )  # fmt: skip
 

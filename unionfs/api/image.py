@@ -204,10 +204,7 @@ class ImageView:
         parent, _, name = path.strip("/").rpartition("/")
         if not follow_symlinks and name not in ("", ".", ".."):
             return "/".join(p for p in (self.resolve(parent), name) if p)
-        try:
-            return resolve_in_root(path.strip("/"), self._link_at)[0]
-        except TooManySymlinks:
-            raise _error(errno.ELOOP, path) from None
+        return self._followed(path.strip("/"), path)
 
     def _resolve(self, path: str, follow_last: bool) -> tuple[str, int]:
         """(clean path, inode) of `path`, every parent's symlinks followed inside the image,
@@ -215,22 +212,23 @@ class ImageView:
         parts = [p for p in path.split("/") if p and p != "."]
         if not parts:
             return "", ROOT
-        try:
-            parent, _ = resolve_in_root("/".join(parts[:-1]), self._link_at) if len(parts) > 1 else ("", 0)
-        except TooManySymlinks:
-            raise _error(errno.ELOOP, path) from None
+        parent = self._followed("/".join(parts[:-1]), path)
         name = parts[-1]
         if name == "..":
             return self._resolve(parent.rpartition("/")[0], follow_last=False)
         clean = f"{parent}/{name}" if parent else name
         ino = self._inode_at(clean, path)
         if follow_last and stat.S_ISLNK(self._tree.mode(ino)):
-            try:
-                clean = resolve_in_root(clean, self._link_at)[0]
-            except TooManySymlinks:
-                raise _error(errno.ELOOP, path) from None
+            clean = self._followed(clean, path)
             ino = self._inode_at(clean, path) if clean else ROOT
         return clean, ino
+
+    def _followed(self, relative: str, asked: str) -> str:
+        """`relative` with every symlink in it followed inside the image; ELOOP on a loop."""
+        try:
+            return resolve_in_root(relative, self._link_at)[0] if relative else ""
+        except TooManySymlinks:
+            raise _error(errno.ELOOP, asked) from None
 
     def _inode_at(self, clean: str, asked: str) -> int:
         ino: int | None = ROOT

@@ -45,16 +45,48 @@ class ChunkTable:
 
     def add_file(self, chunks: Iterable[Chunk]) -> int:
         """Appends a file's chunks (in file order); returns its file number."""
-        assert isinstance(self.digests, bytearray), "a loaded table is read-only"
+        if isinstance(chunks, FileChunks):  # rows of another table (a TOC's): copied as rows
+            return self.add_rows(chunks._table, chunks._start, chunks._end)
         for chunk in chunks:
-            row = len(self._file_offset)
-            for name, value in (("file_offset", chunk.file_offset), ("size", chunk.size),
-                                ("blob_offset", chunk.blob_offset), ("blob_end", chunk.blob_end),
-                                ("inner_offset", chunk.inner_offset)):  # fmt: skip
-                self.arrays[name].append(value)
-            self.digests += _raw(chunk.digest, row, self.other_digests)
+            self.add_chunk(chunk.file_offset, chunk.size, chunk.blob_offset, chunk.blob_end, chunk.inner_offset,
+                           chunk.digest)  # fmt: skip
+        return self.end_file()
+
+    def add_chunk(self, file_offset: int, size: int, blob_offset: int, blob_end: int, inner_offset: int,
+                  digest: str) -> None:  # fmt: skip
+        """Appends one chunk of the file being added; end_file() closes that file."""
+        assert isinstance(self.digests, bytearray), "a loaded table is read-only"
+        row = len(self._file_offset)
+        self._file_offset.append(file_offset)
+        self._size.append(size)
+        self._blob_offset.append(blob_offset)
+        self._blob_end.append(blob_end)
+        self._inner.append(inner_offset)
+        self.digests += _raw(digest, row, self.other_digests)
+
+    def end_file(self) -> int:
+        """Closes the file whose chunks were added since the last one; returns its number."""
         self.file_first.append(len(self._file_offset))
         return len(self.file_first) - 2
+
+    def add_rows(self, source: ChunkTable, start: int, end: int) -> int:
+        """Appends rows [start, end) of `source` as one file; returns its file number."""
+        assert isinstance(self.digests, bytearray), "a loaded table is read-only"
+        base = len(self._file_offset)
+        if end - start == 1:  # most files: five appends cost less than five slices
+            self._file_offset.append(source._file_offset[start])
+            self._size.append(source._size[start])
+            self._blob_offset.append(source._blob_offset[start])
+            self._blob_end.append(source._blob_end[start])
+            self._inner.append(source._inner[start])
+        else:
+            for name, values in self.arrays.items():
+                values.extend(source.arrays[name][start:end])
+        self.digests += source.digests[start * DIGEST_SIZE : end * DIGEST_SIZE]
+        other = source.other_digests
+        if other:
+            self.other_digests.update({base + row - start: other[row] for row in range(start, end) if row in other})
+        return self.end_file()
 
     def chunk(self, row: int) -> Chunk:
         raw = self.digests[row * DIGEST_SIZE : (row + 1) * DIGEST_SIZE]

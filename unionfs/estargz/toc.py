@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from registry.errors import LayerFormatError
-from unionfs.chunk_table import FileChunks
+from unionfs.chunk_table import ChunkTable, FileChunks
 from unionfs.entry import NO_XATTRS, Chunk, Entry, sharer
 from whiteout.paths import clean_path
 
@@ -151,22 +151,32 @@ def toc_entries(rows: list[dict[str, Any]], layer: int, ends: Callable[[], dict[
 def _entries(rows: list[dict[str, Any]], layer: int, ends: dict[int, int]) -> LayerToc:
     share = sharer()
     kept: list[tuple[dict[str, Any], str]] = []
-    chunks: dict[str, list[Chunk]] = {}
+    # Per file name, the rows of its chunks: one row (most files) or a list of them. Chunks go
+    # straight into the layer's ChunkTable as its entries are built (no Chunk object each).
+    chunks: dict[str, dict[str, Any] | list[dict[str, Any]]] = {}
     prefetch_end = None
     for row in rows:  # first the chunks of every file (a file's "chunk" rows follow its own)
         name = clean_path(str(row["name"]))
         if name is None:
             continue  # escapes the root: skipped, as the tar path skips it
         if row["type"] == "chunk":
-            chunks.setdefault(name, []).append(_chunk(row, ends))
+            known = chunks.get(name)
+            if known is None:
+                chunks[name] = [row]
+            elif isinstance(known, list):
+                known.append(row)
+            else:
+                chunks[name] = [known, row]
         elif name in ARTIFACTS:
             prefetch_end = int(row.get("offset", 0)) if name == PREFETCH_LANDMARK else prefetch_end
         else:
-            if row["type"] == "reg" and (size := int(row.get("size", 0))):
-                chunks[name] = [_chunk(row, ends, size)]
+            if row["type"] == "reg" and int(row.get("size", 0)):
+                chunks[name] = row
             kept.append((row, name))
     # then each entry, built once with its chunks
-    return LayerToc([_entry(row, name, layer, share, chunks.get(name)) for row, name in kept], prefetch_end)
+    table = ChunkTable()
+    return LayerToc([_entry(row, name, layer, share, _tiled(name, row, chunks.get(name), ends, table))
+                     for row, name in kept], prefetch_end)  # fmt: skip
 
 
 def member_ends(rows: list[dict[str, Any]], toc_offset: int) -> dict[int, int]:
@@ -175,36 +185,49 @@ def member_ends(rows: list[dict[str, Any]], toc_offset: int) -> dict[int, int]:
     return dict(zip(starts, [*starts[1:], toc_offset], strict=True))
 
 
-def _chunk(row: dict[str, Any], ends: dict[int, int], file_size: int = 0) -> Chunk:
+def _tiled(path: str, row: dict[str, Any], chunk_rows: dict[str, Any] | list[dict[str, Any]] | None,
+           ends: dict[int, int], table: ChunkTable) -> Sequence[Chunk]:  # fmt: skip
+    """The chunks of the file of `row` (none unless `chunk_rows` name some), added
+    to `table` in file order, each with its size: a chunk without a chunkSize runs to the
+    next chunk (to the end of the file for the last). Refuses chunks that leave a gap,
+    overlap, or do not add up to the file. `chunk_rows` are its rows: its "reg" row (the
+    first chunk), then its "chunk" rows, or one row alone."""
+    if chunk_rows is None:
+        return ()
+    size = int(row.get("size", 0)) if row["type"] == "reg" else 0
+    if isinstance(chunk_rows, dict):  # most files: one chunk, no sorting, no pairing
+        spans = [_span(chunk_rows, ends, size)]
+    else:
+        spans = [_span(r, ends, size if r["type"] == "reg" else 0) for r in chunk_rows]
+    if len(spans) == 1 and spans[0][0] == 0 and spans[0][1] in (0, size):
+        table.add_chunk(0, size, *spans[0][2:])
+        return table.file(table.end_file())
+    spans.sort(key=lambda span: span[0])
+    sized = [span if span[1] else (span[0], size - span[0], *span[2:]) for span in spans]
+    covered = sum(span[1] for span in sized)
+    gapless = all(a[0] + a[1] == b[0] for a, b in itertools.pairwise(sized))
+    if covered != size or not gapless or sized[0][0] != 0:
+        raise LayerFormatError(f"eStargz TOC: chunks of {path!r} do not tile its {size} bytes")
+    for span in sized:
+        table.add_chunk(*span)
+    return table.file(table.end_file())
+
+
+Span = tuple[int, int, int, int, int, str]  # a Chunk's fields, in its order, before it is a table row
+
+
+def _span(row: dict[str, Any], ends: dict[int, int], file_size: int = 0) -> Span:
     """A chunk row, or the first chunk of a "reg" row (`file_size` known: a chunk without a
     chunkSize runs to the end of the file; for "chunk" rows that is fixed in _tiled)."""
     offset = int(row["offset"])
     file_offset = int(row.get("chunkOffset", 0))
     size = int(row.get("chunkSize", 0)) or max(0, file_size - file_offset)
-    return Chunk(file_offset, size, offset, ends[offset], int(row.get("innerOffset", 0)),
-                 str(row.get("chunkDigest", "")))  # fmt: skip
-
-
-def _tiled(path: str, size: int, chunks: list[Chunk] | None) -> tuple[Chunk, ...]:
-    """The chunks of a file of `size` bytes in file order, each with its size; refuses chunks
-    that leave a gap, overlap, or do not add up to the file."""
-    if not chunks:
-        return ()
-    if len(chunks) == 1:  # most files: no sorting, no pairing
-        only = chunks[0]
-        if only.file_offset == 0 and only.size in (0, size):
-            return (only if only.size else only.with_size(size),)
-    chunks.sort(key=lambda c: c.file_offset)
-    sized = tuple(c if c.size else c.with_size(size - c.file_offset) for c in chunks)
-    covered = sum(c.size for c in sized)
-    gapless = all(a.file_offset + a.size == b.file_offset for a, b in itertools.pairwise(sized))
-    if covered != size or not gapless or sized[0].file_offset != 0:
-        raise LayerFormatError(f"eStargz TOC: chunks of {path!r} do not tile its {size} bytes")
-    return sized
+    return (file_offset, size, offset, ends[offset], int(row.get("innerOffset", 0)),
+            str(row.get("chunkDigest", "")))  # fmt: skip
 
 
 def _entry(row: dict[str, Any], name: str, layer: int, share: Callable[[Any], Any],
-           chunks: list[Chunk] | None) -> Entry:  # fmt: skip
+           chunks: Sequence[Chunk]) -> Entry:  # fmt: skip
     kind = row["type"]
     if kind not in _TYPES:
         raise LayerFormatError(f"eStargz TOC: {name!r} has unknown type {kind!r}")
@@ -226,7 +249,7 @@ def _entry(row: dict[str, Any], name: str, layer: int, share: Callable[[Any], An
         {k: _xattr(v) for k, v in xattrs.items()} if (xattrs := row.get("xattrs")) else NO_XATTRS,
         layer,
         0,
-        _tiled(name, size, chunks),
+        chunks,
     )  # by position: the fields of Entry, in order (a third faster than by keyword, per file)
 
 

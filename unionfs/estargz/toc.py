@@ -23,7 +23,8 @@ import stat
 import struct
 import tarfile
 import zlib
-from collections.abc import Callable, Sequence
+from array import array
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,9 +122,139 @@ class LayerToc:
 
 
 def parse_toc(toc_json: bytes, layer: int, toc_offset: int) -> LayerToc:
-    """Returns the entries of a TOC (landmarks dropped), each regular file with its chunks."""
+    """Returns the entries of a TOC (landmarks dropped), each regular file with its chunks.
+
+    Read one row at a time where it can be (see _OnePass); a TOC it leaves, being unusual or
+    malformed, is read again whole, as the same entries or the error that says what is wrong."""
+    try:
+        return _one_pass(toc_json, layer, toc_offset)
+    except (_NotOnePass, StopIteration, ValueError, KeyError, TypeError, AttributeError, IndexError, OverflowError,
+            LayerFormatError):  # fmt: skip
+        pass
     rows = toc_rows(toc_json, "eStargz")
     return toc_entries(rows, layer, lambda: member_ends(rows, toc_offset), "eStargz")
+
+
+class _NotOnePass(Exception):
+    """A TOC that _one_pass leaves to the whole-document reader."""
+
+
+_DECODER = json.JSONDecoder()
+_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _one_pass(toc_json: bytes, layer: int, toc_offset: int) -> LayerToc:
+    """parse_toc's result, with each row's dict let go once its entry is built: json.loads of
+    the whole document held 74 MiB of dicts for a 100k-entry layer (27 MiB of JSON)."""
+    text = toc_json.decode("utf-8", "surrogatepass")  # as json.loads decodes bytes
+    at, version, reader = _skip(text, 0), None, None
+    if text[at] != "{":
+        raise _NotOnePass
+    at = _skip(text, at + 1)
+    while text[at] != "}":  # the document's members: "version", "entries", any others
+        key, at = json.decoder.scanstring(text, at + 1) if text[at] == '"' else ("", -1)  # type: ignore[attr-defined]
+        at = _skip(text, at)
+        if at < 0 or text[at] != ":" or (key == "entries" and reader is not None):
+            raise _NotOnePass
+        at = _skip(text, at + 1)
+        if key == "entries":
+            reader = _OnePass(layer)
+            at = reader.read_rows(text, at)
+        else:
+            value, at = _DECODER.raw_decode(text, at)
+            version = value if key == "version" else version
+        at = _skip(text, at)
+        if text[at] == ",":
+            at = _skip(text, at + 1)
+            if text[at] != '"':  # a member must follow
+                raise _NotOnePass
+        elif text[at] != "}":
+            raise _NotOnePass
+    if reader is None or version != 1 or _skip(text, at + 1) != len(text):
+        raise _NotOnePass
+    return reader.finish(toc_offset)
+
+
+def _skip(text: str, at: int) -> int:
+    """The index of the first non-blank character of `text` from `at` (Go writes none)."""
+    return at if at >= len(text) or text[at] not in " \t\n\r" else _SPACE.match(text, at).end()  # type: ignore[union-attr]
+
+
+class _EndsLater(dict[int, int]):
+    """Member ends before they are known: 0 for every start, filled in by _OnePass.finish."""
+
+    def __missing__(self, key: int) -> int:
+        return 0
+
+
+class _OnePass:
+    """Builds a layer's entries from its rows in one pass, each as soon as its "chunk" rows
+    (which follow its own) are in. Gives up (_NotOnePass) where _entries, which matches chunk
+    rows to files by name over the whole layer, could differ: a "chunk" row that does not
+    follow its file, or a name kept twice."""
+
+    def __init__(self, layer: int) -> None:
+        self.layer, self.share, self.table = layer, sharer(), ChunkTable()
+        self.entries: list[Entry] = []
+        self.names: set[str] = set()
+        self.starts = array("Q")  # of every member, for member_ends
+        self.pending: list[Any] | None = None  # [row, name, its chunk rows] of the file being read
+        self.prefetch_end: int | None = None
+
+    def read_rows(self, text: str, at: int) -> int:
+        """Reads the entries array at `at`; returns where it ends."""
+        if text[at] != "[":
+            raise _NotOnePass
+        at = _skip(text, at + 1)
+        if text[at] == "]":
+            return at + 1
+        scan = _DECODER.scan_once  # type: ignore[attr-defined]  # the C scanner raw_decode wraps
+        while True:
+            row, at = scan(text, at)
+            self.add(row)
+            at = _skip(text, at)
+            if text[at] == "]":
+                return at + 1
+            if text[at] != ",":
+                raise _NotOnePass
+            at = _skip(text, at + 1)
+
+    def add(self, row: dict[str, Any]) -> None:
+        kind = row["type"]
+        if row.get("offset") and kind in ("reg", "chunk"):
+            self.starts.append(int(row["offset"]))
+        name = clean_path(str(row["name"]))
+        if name is None:
+            return  # escapes the root: skipped, as the tar path skips it
+        pending = self.pending
+        if kind == "chunk":
+            if pending is None or pending[1] != name or pending[2] is None:
+                raise _NotOnePass
+            pending[2] = [pending[2], row] if isinstance(pending[2], dict) else [*pending[2], row]
+            return
+        self._flush()
+        if name in ARTIFACTS:
+            self.prefetch_end = int(row.get("offset", 0)) if name == PREFETCH_LANDMARK else self.prefetch_end
+            return
+        if name in self.names:
+            raise _NotOnePass
+        self.names.add(name)
+        self.pending = [row, name, row if kind == "reg" and int(row.get("size", 0)) else None]
+
+    def _flush(self) -> None:
+        if self.pending is not None:
+            row, name, chunk_rows = self.pending
+            self.pending = None
+            chunks = _tiled(name, row, chunk_rows, _EndsLater(), self.table)
+            self.entries.append(_entry(row, name, self.layer, self.share, chunks))
+
+    def finish(self, toc_offset: int) -> LayerToc:
+        """The entries, their chunks' member ends filled in (member_ends' rule)."""
+        self._flush()
+        starts = sorted(set(self.starts))
+        ends = dict(zip(starts, [*starts[1:], toc_offset], strict=True))
+        self.table.arrays["blob_end"][:] = array("Q", map(ends.__getitem__, self.table.arrays["blob_offset"]))
+        return LayerToc(self.entries, self.prefetch_end)
 
 
 def toc_rows(toc_json: bytes, kind: str) -> list[dict[str, Any]]:
@@ -186,7 +317,7 @@ def member_ends(rows: list[dict[str, Any]], toc_offset: int) -> dict[int, int]:
 
 
 def _tiled(path: str, row: dict[str, Any], chunk_rows: dict[str, Any] | list[dict[str, Any]] | None,
-           ends: dict[int, int], table: ChunkTable) -> Sequence[Chunk]:  # fmt: skip
+           ends: Mapping[int, int], table: ChunkTable) -> Sequence[Chunk]:  # fmt: skip
     """The chunks of the file of `row` (none unless `chunk_rows` name some), added
     to `table` in file order, each with its size: a chunk without a chunkSize runs to the
     next chunk (to the end of the file for the last). Refuses chunks that leave a gap,
@@ -216,7 +347,7 @@ def _tiled(path: str, row: dict[str, Any], chunk_rows: dict[str, Any] | list[dic
 Span = tuple[int, int, int, int, int, str]  # a Chunk's fields, in its order, before it is a table row
 
 
-def _span(row: dict[str, Any], ends: dict[int, int], file_size: int = 0) -> Span:
+def _span(row: dict[str, Any], ends: Mapping[int, int], file_size: int = 0) -> Span:
     """A chunk row, or the first chunk of a "reg" row (`file_size` known: a chunk without a
     chunkSize runs to the end of the file; for "chunk" rows that is fixed in _tiled)."""
     offset = int(row["offset"])

@@ -24,6 +24,7 @@ from array import array
 from collections import Counter, deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from operator import itemgetter
 from types import MappingProxyType
 
 from unionfs.chunk_table import CHUNK_ARRAYS, DIGEST_SIZE, ChunkTable
@@ -390,7 +391,8 @@ def freeze(root: Node[Entry]) -> MergedTree:
     while queue:
         ino, node = queue.popleft()
         assert node.children is not None
-        children = sorted([(name.encode(encoding, errors), child) for name, child in node.children.items()])
+        children = sorted([(name.encode(encoding, errors), child) for name, child in node.children.items()],
+                          key=itemgetter(0))  # names are unique: no tuple comparison needed
         node.children = None
         builder.arrays["first_slot"][ino - 1] = len(builder.arrays["slot_ino"])
         builder.arrays["slot_count"][ino - 1] = len(children)

@@ -29,7 +29,8 @@ def mount_once(image: str, checkout: Path, work: Path) -> tuple[float, int | Non
     argv = [sys.executable, "-m", "unionfs.cli", "--cache-dir", str(cache), "--prefetch", "none", image,
             str(mountpoint)]  # fmt: skip
     started = time.monotonic()
-    subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Run from the checkout: `python3 -m` puts the working directory ahead of PYTHONPATH.
+    subprocess.run(argv, env=env, cwd=checkout, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ready = time.monotonic() - started
     hwm = vm_hwm_kib(server_pid(str(mountpoint)))
     unmount(mountpoint)

@@ -305,13 +305,13 @@ class LazyLayer:
         return got
 
     def _unpack(self, compressed: memoryview, start: int, chunks: tuple[Chunk, ...]) -> dict[Chunk, bytes]:
-        """Inflates, verifies and caches `chunks` out of the compressed range at `start`."""
+        """Inflates, verifies and caches (to disk soon after) `chunks` out of the compressed range at `start`."""
         got = {}
         for chunk in chunks:
             data = self._decode(compressed, start, chunk)
             if chunk.digest and _hex(chunk.digest, data) != chunk.digest.partition(":")[2]:
                 raise DigestMismatchError(f"layer {self._blob}: chunk at {chunk.blob_offset} fails its chunkDigest")
-            self._cache.put(self._key(chunk), data)
+            self._cache.put_behind(self._key(chunk), data)  # on disk soon: the reader need not wait
             got[chunk] = data
         return got
 

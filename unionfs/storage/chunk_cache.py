@@ -95,7 +95,9 @@ class ChunkCache:
         if _digest_of(key) is None:
             return
         with self._lock:
-            behind = self._pending_bytes + len(data) <= PENDING_BYTES and key not in self._pending
+            if key in self._pending:
+                return  # two readers fetched the same chunk: it is on its way to disk already
+            behind = self._pending_bytes + len(data) <= PENDING_BYTES
             if behind:
                 self._pending[key] = data
                 self._pending_bytes += len(data)

@@ -185,11 +185,13 @@ def small_file_rows(table: ChunkTable, files: Iterable[int], max_compressed: int
 
 def _raw(digest: str, row: int, other: dict[int, str]) -> bytes:
     if digest.startswith(SHA256) and len(digest) == len(SHA256) + 2 * DIGEST_SIZE:
+        text = digest[len(SHA256) :]
         try:
-            raw = bytes.fromhex(digest[len(SHA256) :])
+            raw = bytes.fromhex(text)
         except ValueError:
             raw = NO_DIGEST
-        if raw != NO_DIGEST and raw.hex() == digest[len(SHA256) :]:  # lower-case hex only round-trips
+        # Only 64 lower-case hex digits (no blanks, which fromhex skips) round-trip through raw.hex().
+        if raw != NO_DIGEST and len(raw) == DIGEST_SIZE and text == text.lower():
             return raw
     if digest:
         other[row] = digest

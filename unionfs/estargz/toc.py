@@ -187,6 +187,9 @@ class _EndsLater(dict[int, int]):
         return 0
 
 
+_ENDS_LATER = _EndsLater()
+
+
 class _OnePass:
     """Builds a layer's entries from its rows in one pass, each as soon as its "chunk" rows
     (which follow its own) are in. Gives up (_NotOnePass) where _entries, which matches chunk
@@ -245,7 +248,7 @@ class _OnePass:
         if self.pending is not None:
             row, name, chunk_rows = self.pending
             self.pending = None
-            chunks = _tiled(name, row, chunk_rows, _EndsLater(), self.table)
+            chunks = _tiled(name, row, chunk_rows, _ENDS_LATER, self.table)
             self.entries.append(_entry(row, name, self.layer, self.share, chunks))
 
     def finish(self, toc_offset: int) -> LayerToc:
@@ -327,7 +330,11 @@ def _tiled(path: str, row: dict[str, Any], chunk_rows: dict[str, Any] | list[dic
         return ()
     size = int(row.get("size", 0)) if row["type"] == "reg" else 0
     if isinstance(chunk_rows, dict):  # most files: one chunk, no sorting, no pairing
-        spans = [_span(chunk_rows, ends, size)]
+        span = _span(chunk_rows, ends, size)
+        if span[0] == 0 and span[1] in (0, size):
+            table.add_chunk(0, size, span[2], span[3], span[4], span[5])
+            return table.file(table.end_file())
+        spans = [span]
     else:
         spans = [_span(r, ends, size if r["type"] == "reg" else 0) for r in chunk_rows]
     if len(spans) == 1 and spans[0][0] == 0 and spans[0][1] in (0, size):

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from operator import itemgetter
 from types import MappingProxyType
 
-from unionfs.chunk_table import CHUNK_ARRAYS, DIGEST_SIZE, ChunkTable
+from unionfs.chunk_table import CHUNK_ARRAYS, DIGEST_SIZE, ChunkTable, RowGatherer
 from unionfs.entry import IMPLIED_DIRECTORY, NO_XATTRS, Attributes, AttributeValues, Entry
 from whiteout.apply import Node
 
@@ -343,7 +343,7 @@ class _Builder:
         self.arrays = {name: array(typecode) for name, typecode in (*INODE_ARRAYS.items(), *SLOT_ARRAYS.items())}
         self.names = bytearray()
         self.rare: dict[str, dict[int, object]] = {"links": {}, "rdevs": {}, "xattrs": {}}
-        self.chunks = ChunkTable()
+        self.chunks = RowGatherer()
         self.lazy_layers: set[int] = set()
         # Each inode array's append, bound once, in the order add_inode passes the values: a
         # loop of dict lookups per field cost more than the appends (200k inodes).
@@ -411,7 +411,7 @@ def freeze(root: Node[Entry]) -> MergedTree:
                     child_ino = known or builder.add_inode(child.entry, nlink, 0)
                     by_entry[id(child.entry)] = child_ino
             builder.add_slot(name, child_ino)
-    return MergedTree(builder.arrays, bytes(builder.names), builder.rare, builder.chunks,
+    return MergedTree(builder.arrays, bytes(builder.names), builder.rare, builder.chunks.table(),
                       frozenset(builder.lazy_layers))  # fmt: skip
 
 

@@ -7,6 +7,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
+import pytest
+
+from unionfs import chunk_table
 from unionfs.chunk_table import ChunkTable, RowGatherer
 from unionfs.entry import Chunk
 
@@ -31,7 +34,9 @@ def _rows(table: ChunkTable) -> list[tuple[Chunk, ...]]:
     return [tuple(table.file(k)) for k in range(table.files)]
 
 
-def test_gathered_rows_are_the_rows_added_one_by_one() -> None:
+@pytest.mark.parametrize("batch", [2, chunk_table.GATHER_BATCH])
+def test_gathered_rows_are_the_rows_added_one_by_one(batch: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(chunk_table, "GATHER_BATCH", batch)
     first, second = _table(1, [1, 3, 1, 2]), _table(1000, [2, 1, 1])
     loose = (Chunk(0, 5, 7, 9, 0, _digest(5)), Chunk(5, 5, 9, 11, 0, ""))
     picks: list[Sequence[Chunk]] = [second.file(1), first.file(1), loose, first.file(3), second.file(0),

@@ -22,6 +22,7 @@ CHUNK_ARRAYS = {"file_offset": "Q", "size": "Q", "blob_offset": "Q", "blob_end":
 DIGEST_SIZE = 32
 NO_DIGEST = bytes(DIGEST_SIZE)
 SHA256 = "sha256:"
+GATHER_BATCH = 8192  # rows whose digests RowGatherer joins at once
 
 
 class ChunkTable:
@@ -213,9 +214,11 @@ class RowGatherer:
                 joined.extend(table.arrays[name])
             arrays[name] = array(code, map(joined.__getitem__, rows))
         every = b"".join(bytes(table.digests) for table in self._tables)
-        starts = array("Q", map(operator.mul, rows, itertools.repeat(DIGEST_SIZE)))
-        ends = map(operator.add, starts, itertools.repeat(DIGEST_SIZE))
-        digests = bytearray(b"".join(map(every.__getitem__, map(slice, starts, ends))))
+        digests = bytearray()
+        for at in range(0, len(rows), GATHER_BATCH):  # join makes a list of its pieces: a batch at a time
+            starts = array("Q", map(operator.mul, rows[at : at + GATHER_BATCH], itertools.repeat(DIGEST_SIZE)))
+            ends = map(operator.add, starts, itertools.repeat(DIGEST_SIZE))
+            digests += b"".join(map(every.__getitem__, map(slice, starts, ends)))
         texts = {bases[n] + row: text for n, table in enumerate(self._tables)
                  for row, text in table.other_digests.items()}  # fmt: skip
         other = {new: texts[old] for new, old in enumerate(rows) if old in texts} if texts else {}

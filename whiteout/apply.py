@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
-from whiteout.markers import Marker, classify
+from whiteout.markers import WHITEOUT_PREFIX, Marker, classify
 from whiteout.paths import parent_and_name
 from whiteout.resolve import MAX_SYMLINKS, TooManySymlinks, resolve_in_root
 
@@ -118,6 +118,9 @@ def _prefixed(warn: Warn, prefix: str) -> Warn:
 def _apply_layer(root: Node[E], entries: list[E], warn: Warn) -> Node[E]:
     ordinary: list[E] = []
     for entry in entries:
+        if WHITEOUT_PREFIX not in entry.path:  # classify's own first test, less a call per entry
+            ordinary.append(entry)
+            continue
         marker, target = classify(entry.path)
         try:
             if marker is Marker.WHITEOUT:
@@ -218,7 +221,7 @@ def _add(root: Node[E], entry: E, warn: Warn) -> Node[E]:
             warn("a non-directory entry for the root is ignored")
             return root
         return Node(entry, root.children)
-    parent_path, name = parent_and_name(entry.path)
+    parent_path, _, name = entry.path.rpartition("/")  # parent_and_name, less a call per entry
     new = _node_for(root, entry, warn)
     if new is None:
         return root

@@ -232,7 +232,7 @@ def _add(root: Node[E], entry: E, warn: Warn) -> Node[E]:
         return root
     assert parent is not None and parent.children is not None
     existing = parent.children.get(name)
-    if existing is not None and existing.is_dir and new.is_dir:
+    if existing is not None and existing.children is not None and new.children is not None:  # both directories
         new.children = existing.children
     parent.children[name] = new
     return root

@@ -212,9 +212,15 @@ class _OnePass:
         if text[at] == "]":
             return at + 1
         scan = _DECODER.scan_once  # type: ignore[attr-defined]  # the C scanner raw_decode wraps
+        add = self.add
         while True:
             row, at = scan(text, at)
-            self.add(row)
+            add(row)
+            if text[at] == ",":  # what Go writes between rows: no blank to skip
+                at += 1
+                if text[at] in " \t\n\r":
+                    at = _skip(text, at)
+                continue
             at = _skip(text, at)
             if text[at] == "]":
                 return at + 1

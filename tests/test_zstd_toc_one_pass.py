@@ -35,9 +35,14 @@ def _written_toc(chunk_size: int = 1024) -> tuple[bytes, TocPosition]:
     return toc_json, TocPosition(offset, length, uncompressed, "")
 
 
-def _whole(toc_json: bytes, position: TocPosition) -> LayerToc:
+def whole_zstd_toc(toc_json: bytes, layer: int, position: TocPosition) -> LayerToc:
+    """The whole-document reader's entries (parse_toc's before the one-pass reader)."""
     rows = [_with_chunk_digest(row) for row in toc_rows(toc_json, KIND)]
-    return toc_entries(rows, 2, lambda: _frame_ends(rows, position.frame_start), KIND)
+    return toc_entries(rows, layer, lambda: _frame_ends(rows, position.frame_start), KIND)
+
+
+def _whole(toc_json: bytes, position: TocPosition) -> LayerToc:
+    return whole_zstd_toc(toc_json, 2, position)
 
 
 def _one_pass(toc_json: bytes, position: TocPosition) -> LayerToc | None:

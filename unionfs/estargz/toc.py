@@ -278,16 +278,21 @@ class _OnePass:
             if name in self.names:
                 raise _NotOnePass
             self.names.add(name)  # no file takes it: artifacts are never kept
-            self._last_chunk(row, [row])
+            self._last_chunk(row, None)
 
-    def _last_chunk(self, row: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-        """Notes where the last of `rows` (a "reg" row, then its "chunk" rows) starts, and the
-        file's endOffset, for end_at_end_offsets."""
+    def _last_chunk(self, row: dict[str, Any], chunk_rows: list[dict[str, Any]] | None) -> None:
+        """Notes where the last chunk of the file of `row` starts (the last of `chunk_rows`,
+        its "reg" row then its "chunk" rows, if it has several), and the file's endOffset,
+        for end_at_end_offsets."""
         end = int(row.get("endOffset") or 0)
-        starts = [int(r["offset"]) for r in rows if r.get("offset")]
-        if row["type"] == "reg" and end and starts:
-            self.last_starts.append(max(starts))
-            self.last_ends.append(end)
+        if end and row["type"] == "reg":
+            if chunk_rows is None:  # most files: the one row
+                start = int(row["offset"]) if row.get("offset") else None
+            else:
+                start = max((int(r["offset"]) for r in chunk_rows if r.get("offset")), default=None)
+            if start is not None:
+                self.last_starts.append(start)
+                self.last_ends.append(end)
 
     def _flush(self) -> None:
         if self.pending is not None:
@@ -296,7 +301,7 @@ class _OnePass:
             chunks = _tiled(name, row, chunk_rows, _ENDS_LATER, self.table)
             self.entries.append(_entry(row, name, self.layer, self.share, chunks))
             if self.end_offsets:
-                self._last_chunk(row, chunk_rows if isinstance(chunk_rows, list) else [row])
+                self._last_chunk(row, chunk_rows if isinstance(chunk_rows, list) else None)
 
     def finish(self, toc_offset: int) -> LayerToc:
         """The entries, their chunks' member ends filled in (member_ends' rule, then

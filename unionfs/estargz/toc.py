@@ -249,7 +249,7 @@ class _OnePass:
         if row.get("offset") and kind in ("reg", "chunk"):
             self.starts.append(int(row["offset"]))
         if self.end_offsets and (int(row.get("endOffset") or 0) < 0 or not isinstance(row["name"], str)):
-            raise _NotOnePass  # (every row's endOffset is read by the whole-document reader)
+            raise _NotOnePass  # _frame_ends reads every row's endOffset, and keys rows by their names
         name = clean_path(str(row["name"]))
         if name is None:
             if self.end_offsets:

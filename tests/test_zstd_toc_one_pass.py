@@ -132,3 +132,10 @@ def test_every_truncation_is_a_layer_format_error() -> None:
         assert _one_pass(toc_json[:end], position) is None
         with pytest.raises(LayerFormatError, match="malformed zstd:chunked TOC"):
             parse_toc(toc_json[:end], 2, position)
+
+
+@pytest.mark.parametrize("entry", [7, "a", None, ["a"]], ids=["number", "string", "null", "list"])
+def test_an_entry_that_is_not_an_object_is_a_layer_format_error(entry: object) -> None:
+    toc = _rows(REG, CHUNK, entry, OTHER)  # type: ignore[arg-type]
+    with pytest.raises(LayerFormatError, match="malformed zstd:chunked TOC"):
+        parse_toc(toc, 2, POSITION)

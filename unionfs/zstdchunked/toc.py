@@ -159,6 +159,8 @@ def _with_chunk_digest(row: dict[str, Any]) -> dict[str, Any]:
     """A one-chunk file's row carries its payload's digest as `digest`, not `chunkDigest`:
     the chunk is the payload, so that digest is the chunk's. A chunk with neither cannot be
     verified, and is refused."""
+    if not isinstance(row, dict):
+        raise LayerFormatError(f"malformed {KIND} TOC: an entry is {type(row).__name__}, not an object")
     if row.get("type") not in ("reg", "chunk") or not (row.get("size") or row.get("chunkSize")):
         return row
     if not row.get("chunkDigest"):

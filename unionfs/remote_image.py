@@ -21,7 +21,7 @@ from typing import NamedTuple, TypeVar
 from registry.digest import Digest
 from registry.errors import ImageError, LayerFormatError
 from registry.media_types import Compression
-from registry.pull import fetch_blobs, resolve_remote
+from registry.pull import fetch_blobs, resolve_manifest, resolve_remote
 from registry.remote import RegistryClient
 from registry.remote_reference import RemoteReference
 from registry.source import FileWindow, Image, Layer
@@ -102,10 +102,7 @@ async def _resolve_and_fetch(
 
 
 async def _resolve(client: RegistryClient, settings: Settings) -> Image:
-    image = await resolve_remote(client, settings.platform, settings.cache_dir / "blobs")
-    log_resolved(image)
-    note_in_use(settings.cache_dir, image_keys(image))  # before any cache file is looked for
-    return image
+    return _resolved(await resolve_remote(client, settings.platform, settings.cache_dir / "blobs"), settings)
 
 
 async def _fetch(
@@ -114,6 +111,56 @@ async def _fetch(
     """With `lazy`, learns which layers are eStargz (their TOCs); fetches every other layer
     that the cache lacks whole; returns the TOCs."""
     tocs = await _tocs(client, image, store, settings.cache_dir / "toc") if lazy else {}
+    await _fetch_whole(client, image, tocs, store)
+    return tocs
+
+
+async def _resolve_lazily(
+    client: RegistryClient, settings: Settings, store: LayerStore
+) -> tuple[Image, tuple[MergedTree, dict[int, FileWindow]] | None, dict[int, LayerToc]]:
+    """Resolves the image for a lazy mount, and returns it with the tree an earlier mount
+    saved, or else the TOCs of its lazy layers (the others fetched whole). When every layer
+    may be read lazily, neither the saved tree nor the TOCs need more than the manifest: they
+    are loaded or fetched beside the config, one round trip less before the mount is ready."""
+    resolved = await resolve_manifest(client, settings.platform, settings.cache_dir / "blobs")
+    if not all(_may_be_lazy(layer, store) for layer in resolved.layers):  # tars to name: the config's diff_ids first
+        image = _resolved(resolved.image(await client.small_blob(resolved.config_digest)), settings)
+        saved = _saved_lazy_tree(image, store)
+        return image, saved, {} if saved is not None else await _fetch(client, image, settings, store, lazy=True)
+    early = Image(str(resolved.reference), resolved.layers, b"")  # the layers, all but their diff_ids
+    note_in_use(settings.cache_dir, image_keys(early))  # before any cache file is looked for
+    config = asyncio.ensure_future(client.small_blob(resolved.config_digest))
+    found = asyncio.ensure_future(_saved_tree_or_tocs(client, early, store, settings.cache_dir / "toc"))
+    try:
+        await asyncio.gather(config, found)
+    finally:  # one failed: the other stops
+        for task in (config, found):
+            task.cancel()
+        await asyncio.gather(config, found, return_exceptions=True)
+    image = _resolved(resolved.image(config.result()), settings)
+    saved, tocs = found.result()
+    if saved is None:
+        await _fetch_whole(client, image, tocs, store)  # gzip layers that are not eStargz after all
+    return image, saved, tocs
+
+
+async def _saved_tree_or_tocs(
+    client: RegistryClient, image: Image, store: LayerStore, toc_dir: Path
+) -> tuple[tuple[MergedTree, dict[int, FileWindow]] | None, dict[int, LayerToc]]:
+    """The tree saved for `image` (loaded on a worker thread: a big one takes a tenth of a
+    second), or else its layers' TOCs; `image` may lack its config (every layer is lazy)."""
+    saved = await asyncio.to_thread(_saved_lazy_tree, image, store)
+    return (saved, {}) if saved is not None else (None, await _tocs(client, image, store, toc_dir))
+
+
+def _resolved(image: Image, settings: Settings) -> Image:
+    log_resolved(image)
+    note_in_use(settings.cache_dir, image_keys(image))  # before any cache file is looked for
+    return image
+
+
+async def _fetch_whole(client: RegistryClient, image: Image, tocs: dict[int, LayerToc], store: LayerStore) -> None:
+    """Fetches whole each layer with no TOC that the cache lacks."""
     whole = [layer for n, layer in enumerate(image.layers) if n not in tocs and store.needs_blob(layer)]
     _log_layer_plan(image, tocs, whole)
     started = time.monotonic()
@@ -121,7 +168,6 @@ async def _fetch(
     if whole:
         size = sum(layer.window.size for layer in whole)
         log.info("fetched %d layers, %.1f MB, in %.2f s", len(whole), size / 1e6, time.monotonic() - started)
-    return tocs
 
 
 def _log_layer_plan(image: Image, tocs: dict[int, LayerToc], whole: list[Layer]) -> None:
@@ -152,11 +198,7 @@ def _open_remote(
 
     refetch = partial(_refetch, loop, client)
     try:
-        image = loop.run(_resolve(client, settings))
-        saved = _saved_lazy_tree(image, store)
-        tocs: dict[int, LayerToc] = {}
-        if saved is None:
-            tocs = loop.run(_fetch(client, image, settings, store, lazy=True))
+        image, saved, tocs = loop.run(_resolve_lazily(client, settings, store))
         if saved is None and not tocs:  # every layer is now a local tar: the local path, with its saved trees
             whole = refetching(lambda: build(image, store), refetch)
             entries = partial(refetching, partial(indexed_entries, image, store), refetch)

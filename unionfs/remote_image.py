@@ -149,7 +149,11 @@ async def _saved_tree_or_tocs(
 ) -> tuple[tuple[MergedTree, dict[int, FileWindow]] | None, dict[int, LayerToc]]:
     """The tree saved for `image` (loaded on a worker thread: a big one takes a tenth of a
     second), or else its layers' TOCs; `image` may lack its config (every layer is lazy)."""
-    saved = await asyncio.to_thread(_saved_lazy_tree, image, store)
+    # Where none is saved (a first mount), straight to the TOCs: a worker thread's start costs
+    # about as much as the config's round trip, which the TOCs are to overlap.
+    saved = None
+    if store.has_tree(store.lazy_tree_name(image.layers, {})):  # every layer lazy: no tar to name
+        saved = await asyncio.to_thread(_saved_lazy_tree, image, store)
     return (saved, {}) if saved is not None else (None, await _tocs(client, image, store, toc_dir))
 
 

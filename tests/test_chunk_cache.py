@@ -42,3 +42,22 @@ def test_undigested_chunks_stay_in_memory_only(tmp_path: Path) -> None:
     cache.put("sha256:blob@10+0", b"legacy stargz chunk")
     assert cache.get("sha256:blob@10+0") == b"legacy stargz chunk"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_chunks_put_behind_are_served_at_once_and_on_disk_after_close(tmp_path: Path) -> None:
+    chunks = [_chunk(n) for n in range(50)]
+    cache = ChunkCache(tmp_path, memory_bytes=0)  # no LRU: only the writer's queue or the disk has them
+    for key, data in chunks:
+        cache.put_behind(key, data)
+        assert cache.get(key) == data and cache.contains(key)
+    cache.close()
+    fresh = ChunkCache(tmp_path, memory_bytes=0)  # the next mount
+    assert all(fresh.get(key) == data for key, data in chunks)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(key.replace(":", "-") for key, _ in chunks)
+
+
+def test_put_behind_writes_in_the_callers_thread_once_the_writer_is_behind(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr("unionfs.storage.chunk_cache.PENDING_BYTES", 0)  # the writer is always too far behind
+    key, data = _chunk(1)
+    ChunkCache(tmp_path, memory_bytes=0).put_behind(key, data)  # not closed: nothing waits for a writer
+    assert (tmp_path / key.replace(":", "-")).read_bytes() == data

@@ -194,11 +194,14 @@ def _open_remote(
     others fetched whole into the cache and read as local tars."""
     client = RegistryClient(reference, settings.remote, os.environ)
     loop.run(client.__aenter__())
+    also_on_close: list[Callable[[], None]] = []
 
     def close() -> None:
         loop.cancel_pending()  # the read-ahead of lazy layers, before the session it uses goes
         loop.run(client.__aexit__(None, None, None))
         loop.__exit__(None, None, None)
+        for run in also_on_close:
+            run()
 
     refetch = partial(_refetch, loop, client)
     try:
@@ -208,6 +211,7 @@ def _open_remote(
             entries = partial(refetching, partial(indexed_entries, image, store), refetch)
             return MountedImage(whole.tree, whole.content, close=close, source=image, layer_entries=entries)
         factory = LazyLayerFactory(loop, client, settings)
+        also_on_close.append(factory.close)
         if saved is not None:
             tree, readers, lazy = _lazy_readers(image, *saved, factory)
         else:
@@ -232,6 +236,10 @@ class LazyLayerFactory:
         self._cache = ChunkCache(settings.cache_dir / "chunks")
         # A read gets its bytes within this, or EIO; its fetch stops trying there too.
         self._read_deadline = settings.remote.read_deadline
+
+    def close(self) -> None:
+        """Waits for the chunks read to be on disk (written behind the reads)."""
+        self._cache.close()
 
     def __call__(self, blob: Digest, files: SmallFiles, compression: Compression) -> LazyLayer:
         decode = CHUNK_DECODERS[compression]

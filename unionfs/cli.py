@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import getpass
-import importlib
 import logging
 import math
 import os
@@ -54,11 +53,6 @@ USAGE = """crfs-merge [options] IMAGE DIR
        crfs-merge cache [--cache-dir DIR] [prune (--max-size SIZE | --all)]
        crfs-merge --version"""
 
-# What both aiohttp and the mount's own modules import, and the command had not: loaded
-# before the two imports run side by side (see _import_registry_client).
-SHARED_IMPORTS = ("array", "base64", "datetime")
-# The mount's own modules, imported beside aiohttp (with all that they import).
-MOUNT_MODULES = ("unionfs.fuse.ops", "unionfs.build")
 # Commands that read an image without a mount: command name -> its module in unionfs/commands/.
 INSPECTING = {"ls": "browse", "cat": "browse", "stat": "browse", "find": "browse", "explain": "explain",
               "layers": "layers", "diff": "diff"}  # fmt: skip
@@ -99,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _inspect(name: str, argv: list[str]) -> int:
+    import importlib
+
     module = importlib.import_module(f"unionfs.commands.{INSPECTING[name]}")
     status: int = module.command(name, argv)
     return status
@@ -393,8 +389,6 @@ def _preflight(mountpoint: str) -> None:
 def _serve(args: argparse.Namespace, image_text: str, mountpoint: str, options: dict[str, str | bool]) -> int:
     """The server's work, in the foreground or in the background: returns once unmounted."""
     importing = _import_registry_client(image_text)
-    for name in MOUNT_MODULES:  # beside aiohttp's import, if any
-        importlib.import_module(name)
     from unionfs.fuse.ops import check_options, mount
 
     mountpoint = os.path.abspath(mountpoint)  # the server leaves the caller's directory
@@ -413,17 +407,12 @@ def _serve(args: argparse.Namespace, image_text: str, mountpoint: str, options: 
 
 def _import_registry_client(image_text: str) -> threading.Thread | None:
     """For a registry image, starts importing aiohttp on a thread of its own, while this one
-    imports the mount's own modules (FUSE, the image builder, the layer store), and returns
-    the thread: of aiohttp's 0.1-0.2 s, a third is loading the system's CA certificates
-    (twice), which OpenSSL does with the GIL let go. The modules both imports need are loaded
-    first (SHARED_IMPORTS), so that the two load no module in common, and neither waits on
-    the other's import lock (nor, in a circular import, deadlocks with it;
-    tests/test_startup.py checks that the two sets stay apart); the caller joins the thread
-    before it imports anything more."""
+    imports the FUSE side, and returns the thread: of aiohttp's 0.1-0.15 s, a third is loading
+    the system's CA certificates (twice), which OpenSSL does with the GIL let go. The two
+    imports load no module in common, so neither waits on the other's import lock; the
+    caller joins the thread before it imports anything more."""
     if ImageReference.parse(image_text).transport != REGISTRY:
         return None
-    for name in SHARED_IMPORTS:
-        importlib.import_module(name)
 
     def load() -> None:
         with contextlib.suppress(ImportError):  # said where it is needed, by the registry client

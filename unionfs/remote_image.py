@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import functools
 import logging
 import os
 import sys
@@ -324,10 +323,11 @@ def _lazy_readers(
         if number in windows or layer.digest is None:
             readers.append(TarReader(windows[number]))
             continue
-        # A layer's files are listed (a pass over every inode) once the mount is ready, or by
-        # the first read that needs them: a second mount of a 200,000-file image is ready in
-        # the time it takes to load its tree.
-        files = functools.cache(partial(tree.chunk_files, number))
+        # A layer's files are listed (a pass over every inode) once the mount is ready, by its
+        # prefetch, and by the first read that wants its small files, each for itself (kept,
+        # the list would cost 8 bytes a file): a second mount of a 200,000-file image is ready
+        # in the time it takes to load its tree.
+        files = partial(tree.chunk_files, number)
         reader = lazy_layer(layer.digest, SmallFiles.of(table, files), layer.compression)
         readers.append(reader)
         landmark = tree.prefetch_ends.get(number)

@@ -21,7 +21,7 @@ import itertools
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -110,14 +110,16 @@ def atomic_file(final: Path, purpose: str, text: bool = False) -> Iterator[IO[An
             raise
 
 
-def write_atomically(final: Path | str, data: bytes, purpose: str) -> None:
-    """Writes `data` as file `final`, whole or not at all (for many small files: no Python
-    file object, no context manager, one buffer)."""
+def write_atomically(final: Path | str, data: bytes | Sequence[bytes | memoryview], purpose: str) -> None:
+    """Writes `data` (bytes, or pieces of bytes written one after the other) as file
+    `final`, whole or not at all (for many small files: no Python file object, no context
+    manager, one buffer)."""
     fd, temp = -1, ""
     try:
         fd, temp = _create_locked(os.path.dirname(final))
-        if os.write(fd, data) != len(data):
-            raise OSError(errno.ENOSPC, "short write")
+        for piece in [data] if isinstance(data, bytes) else data:
+            if os.write(fd, piece) != len(piece):  # pieces are bytes, or views cast to bytes
+                raise OSError(errno.ENOSPC, "short write")
         os.replace(temp, final)
         os.close(fd)
     except BaseException as exc:

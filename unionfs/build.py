@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,11 +134,21 @@ def indexed_entries(image: Image, store: LayerStore) -> list[list[Entry]]:
     return [store.open(layer, number).entries for number, layer in enumerate(image.layers)]
 
 
-def merged_tree(layers: list[list[Entry]]) -> MergedTree:
-    """Returns the layers' entries (bottom first) merged, whiteouts applied, and frozen."""
+def merged_tree(layers: Iterable[list[Entry]]) -> MergedTree:
+    """Returns the layers' entries (bottom first) merged, whiteouts applied, and frozen. Given
+    an iterator that lets go of each list it yields, only the tree holds the entries, and the
+    freeze frees them as it goes."""
     started = time.monotonic()
-    tree = freeze(merge_layers(layers, warn=log.warning))
-    log.info("merged %d layers: %d inodes in %.2f s", len(layers), tree.inode_count, time.monotonic() - started)
+    count = 0
+
+    def counted() -> Iterator[list[Entry]]:
+        nonlocal count
+        for layer in layers:
+            count += 1
+            yield layer
+
+    tree = freeze(merge_layers(counted(), warn=log.warning))
+    log.info("merged %d layers: %d inodes in %.2f s", count, tree.inode_count, time.monotonic() - started)
     return tree
 
 

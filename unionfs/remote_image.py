@@ -12,7 +12,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple, TypeVar
@@ -26,6 +26,7 @@ from registry.remote_reference import RemoteReference
 from registry.source import FileWindow, Image, Layer
 from unionfs.aio import EventLoopThread
 from unionfs.build import MountedImage, Settings, build, indexed_entries, layer_tars, log_resolved, merged_tree
+from unionfs.bulk import collector_paused
 from unionfs.chunk_table import ChunkTable
 from unionfs.commands.progress import terminal_progress
 from unionfs.content import ContentReader, LayerReader, TarReader
@@ -204,7 +205,8 @@ def _open_remote(
 
     refetch = partial(_refetch, loop, client)
     try:
-        image, saved, tocs = loop.run(_resolve_lazily(client, settings, store))
+        with collector_paused():  # the TOCs are parsed within (a saved tree's load is not hurt by it)
+            image, saved, tocs = loop.run(_resolve_lazily(client, settings, store))
         if saved is None and not tocs:  # every layer is now a local tar: the local path, with its saved trees
             whole = refetching(lambda: build(image, store), refetch)
             entries = partial(refetching, partial(indexed_entries, image, store), refetch)
@@ -214,7 +216,8 @@ def _open_remote(
         if saved is not None:
             tree, readers, lazy = _lazy_readers(image, *saved, factory)
         else:
-            tree, readers, lazy = refetching(lambda: _remote_layers(image, tocs, store, factory), refetch)
+            with collector_paused():
+                tree, readers, lazy = refetching(lambda: _remote_layers(image, tocs, store, factory), refetch)
     except BaseException:
         loop.run(client.__aexit__(None, None, None))
         raise
@@ -293,8 +296,8 @@ def _remote_layers(
 ) -> tuple[MergedTree, list[LayerReader], list[LazyWork]]:
     """Returns the tree (saved in `store`), a reader per layer (lazy where a TOC was found, a
     local tar else), and the lazy readers with the chunks their prefetch mode asks for. The
-    TOCs' entries are let go once the tree holds what it needs of them (an Entry per file is
-    most of a lazy mount's memory otherwise)."""
+    TOCs' entries are let go as the freeze takes them (an Entry per file is most of a lazy
+    mount's memory otherwise): `tocs` is emptied."""
     entries: list[list[Entry]] = []
     windows: dict[int, FileWindow] = {}
     for number, layer in enumerate(image.layers):
@@ -304,12 +307,20 @@ def _remote_layers(
             indexed = store.open(layer, number)  # may ask for a blob again: open no file before
             windows[number] = indexed.tar
             entries.append(indexed.entries)
-    tree = merged_tree(entries)
-    del entries
     landmarks = {n: toc.prefetch_end for n, toc in tocs.items() if toc.prefetch_end is not None}
-    tree.mark_lazy(frozenset(n for n in tocs if n not in windows), landmarks)
+    lazy_layers = frozenset(n for n in tocs if n not in windows)
+    tocs.clear()  # nothing can ask for a blob again from here: the entries are the merge's alone
+    tree = merged_tree(_handed_over(entries))
+    tree.mark_lazy(lazy_layers, landmarks)
     store.save_tree(store.lazy_tree_name(image.layers, windows), tree)
     return _lazy_readers(image, tree, windows, lazy_layer)
+
+
+def _handed_over(lists: list[list[Entry]]) -> Iterator[list[Entry]]:
+    """Yields each of `lists`, leaving an empty list in its place."""
+    for number, taken in enumerate(lists):
+        lists[number] = []
+        yield taken
 
 
 def _lazy_readers(

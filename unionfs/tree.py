@@ -26,9 +26,10 @@ from array import array
 from collections import Counter, deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from operator import itemgetter
 from types import MappingProxyType
 
-from unionfs.chunk_table import CHUNK_ARRAYS, DIGEST_SIZE, ChunkTable
+from unionfs.chunk_table import CHUNK_ARRAYS, DIGEST_SIZE, ChunkTable, RowGatherer
 from unionfs.entry import IMPLIED_DIRECTORY, NO_XATTRS, Attributes, AttributeValues, Entry
 from whiteout.apply import Node
 
@@ -232,6 +233,11 @@ class MergedTree:
 
     def to_bytes(self) -> bytes:
         """The tree as one byte string: a JSON header (lengths, the rare fields), then the raw arrays."""
+        return b"".join(self.to_parts())
+
+    def to_parts(self) -> list[bytes | memoryview]:
+        """to_bytes's pieces, the arrays as views of themselves: saved with no copy of the
+        whole tree (two copies were a fifth of a big lazy mount's peak memory)."""
         table = self.chunk_table
         header = {
             "byteorder": sys.byteorder,
@@ -247,11 +253,11 @@ class MergedTree:
             "other_digests": table.other_digests,
         }
         encoded = json.dumps(header).encode()
-        parts = [FORMAT, len(encoded).to_bytes(8, "little"), encoded]
-        parts += [self._a[name].tobytes() for name in (*INODE_ARRAYS, *SLOT_ARRAYS)]
-        parts += [table.arrays[name].tobytes() for name in CHUNK_ARRAYS]
-        parts += [table.file_first.tobytes(), bytes(table.digests)]
-        return b"".join([*parts, self._names])
+        parts: list[bytes | memoryview] = [FORMAT, len(encoded).to_bytes(8, "little"), encoded]
+        parts += [_raw_view(self._a[name]) for name in (*INODE_ARRAYS, *SLOT_ARRAYS)]
+        parts += [_raw_view(table.arrays[name]) for name in CHUNK_ARRAYS]
+        parts += [_raw_view(table.file_first), memoryview(table.digests), self._names]
+        return parts
 
     @classmethod
     def from_bytes(cls, data: bytes | memoryview) -> MergedTree:
@@ -299,6 +305,10 @@ class MergedTree:
         return tree
 
 
+def _raw_view(values: array) -> memoryview:
+    return memoryview(values).cast("B")
+
+
 def _read_array(data: memoryview, at: int, typecode: str, count: int) -> tuple[array, int]:
     values = array(typecode)
     end = at + count * values.itemsize
@@ -344,27 +354,29 @@ class _Builder:
         self.arrays = {name: array(typecode) for name, typecode in (*INODE_ARRAYS.items(), *SLOT_ARRAYS.items())}
         self.names = bytearray()
         self.rare: dict[str, dict[int, object]] = {"links": {}, "rdevs": {}, "xattrs": {}}
-        self.chunks = ChunkTable()
+        self.chunks = RowGatherer()
         self.lazy_layers: set[int] = set()
+        # Each inode array's append, bound once, in the order add_inode passes the values: a
+        # loop of dict lookups per field cost more than the appends (200k inodes).
+        self._append_inode = [self.arrays[name].append for name in INODE_ARRAYS]
 
     def add_inode(self, entry: Entry, nlink: int, parent: int) -> int:
-        a = self.arrays
-        ino = len(a["mode"]) + 1
+        ino = len(self.arrays["mode"]) + 1
         offset = entry.offset
-        if entry.chunks:  # a lazily read file: its chunks go to the table, `offset` names them
-            offset = self.chunks.add_file(entry.chunks) + 1
+        chunks = entry.chunks
+        if chunks:  # a lazily read file: its chunks go to the table, `offset` names them
+            offset = self.chunks.add_file(chunks) + 1
             self.lazy_layers.add(entry.layer)
-        for name, value in (("mode", entry.mode), ("uid", entry.uid), ("gid", entry.gid), ("size", entry.size),
-                            ("mtime_ns", entry.mtime_ns), ("nlink", nlink), ("layer", entry.layer),
-                            ("offset", offset), ("first_slot", 0), ("slot_count", 0),
-                            ("parent", parent)):  # fmt: skip
-            a[name].append(value)
+        values = (entry.mode, entry.uid, entry.gid, entry.size, entry.mtime_ns, nlink, entry.layer, offset, 0, 0,
+                  parent)  # fmt: skip
+        for append, value in zip(self._append_inode, values, strict=True):
+            append(value)
         if stat.S_ISLNK(entry.mode):
             self.rare["links"][ino] = entry.link
-        extras: tuple[tuple[str, object], ...] = (("rdevs", entry.rdev), ("xattrs", entry.xattrs))
-        for kind, extra in extras:
-            if extra:
-                self.rare[kind][ino] = extra
+        if entry.rdev:
+            self.rare["rdevs"][ino] = entry.rdev
+        if entry.xattrs:
+            self.rare["xattrs"][ino] = entry.xattrs
         return ino
 
     def add_slot(self, name: bytes, ino: int) -> None:
@@ -383,12 +395,15 @@ def freeze(root: Node[Entry]) -> MergedTree:
     builder = _Builder()
     builder.add_inode(root.entry or IMPLIED_DIRECTORY, 2, ROOT)
     builder.add_slot(b"", ROOT)
-    by_entry: dict[int, int] = {}
+    by_entry: dict[int, int] = {}  # the inode of each entry that has several names
     queue: deque[tuple[int, Node[Entry]]] = deque([(ROOT, root)])
+    # os.fsencode, less a Python call per name (a tenth of a 200k-entry freeze)
+    encoding, errors = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
     while queue:
         ino, node = queue.popleft()
         assert node.children is not None
-        children = sorted((os.fsencode(name), child) for name, child in node.children.items())
+        children = sorted([(name.encode(encoding, errors), child) for name, child in node.children.items()],
+                          key=itemgetter(0))  # names are unique: no tuple comparison needed
         node.children = None
         builder.arrays["first_slot"][ino - 1] = len(builder.arrays["slot_ino"])
         builder.arrays["slot_count"][ino - 1] = len(children)
@@ -399,11 +414,15 @@ def freeze(root: Node[Entry]) -> MergedTree:
                 builder.arrays["nlink"][ino - 1] += 1
             else:
                 assert child.entry is not None
-                known = by_entry.get(id(child.entry))  # another name of an inode already numbered
-                child_ino = known or builder.add_inode(child.entry, links.get(id(child.entry), 1), 0)
-                by_entry[id(child.entry)] = child_ino
+                nlink = links.get(id(child.entry), 1)
+                if nlink == 1:
+                    child_ino = builder.add_inode(child.entry, 1, 0)
+                else:  # a hardlink: its other names share the inode numbered first
+                    known = by_entry.get(id(child.entry))
+                    child_ino = known or builder.add_inode(child.entry, nlink, 0)
+                    by_entry[id(child.entry)] = child_ino
             builder.add_slot(name, child_ino)
-    return MergedTree(builder.arrays, bytes(builder.names), builder.rare, builder.chunks,
+    return MergedTree(builder.arrays, bytes(builder.names), builder.rare, builder.chunks.table(),
                       frozenset(builder.lazy_layers))  # fmt: skip
 
 

@@ -27,6 +27,8 @@ def classify(path: str) -> tuple[Marker, str]:
     `.wh..wh.plnk/...` tree) marks the entry as bookkeeping: showing it would leak a
     whiteout name into the mount, which layer.md forbids.
     """
+    if WHITEOUT_PREFIX not in path:  # nearly every path: each marker below has the prefix in it
+        return Marker.NONE, path
     parent, _, name = path.rpartition("/")
     if any(part.startswith(WHITEOUT_PREFIX) for part in parent.split("/")):
         return Marker.HIDDEN, path

@@ -51,7 +51,7 @@ from unionfs.estargz.toc import (
     read_toc_member,
 )
 from unionfs.storage.chunk_cache import ChunkCache
-from unionfs.storage.sealed import DamagedCacheFile, drop_damaged, seal, unseal
+from unionfs.storage.sealed import DamagedCacheFile, drop_damaged, seal_parts, unseal
 
 log = logging.getLogger("crfs-merge")
 READAHEAD_CHUNKS = 4  # on a miss, also start fetching this many following chunks of the file,
@@ -164,8 +164,8 @@ def _write_cached_toc(path: Path, layer: Layer, toc_json: bytes, toc_offset: int
     # Written only once verified (or with nothing to verify against): "offset\nTOC JSON", sealed.
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = seal(layer.key, b"%d\n" % toc_offset + toc_json)
-        write_atomically(path, data, f"the TOC of layer {layer.digest}")
+        pieces = seal_parts(layer.key, [b"%d\n" % toc_offset, toc_json])  # no copy of a TOC of 10s of MB
+        write_atomically(path, pieces, f"the TOC of layer {layer.digest}")
     except OSError as exc:  # a full or read-only cache costs the next mount two requests
         log.warning("cannot save the TOC of layer %s to %s: %s", layer.digest, path, exc.strerror)
 

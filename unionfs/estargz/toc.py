@@ -23,12 +23,13 @@ import stat
 import struct
 import tarfile
 import zlib
-from collections.abc import Callable, Sequence
+from array import array
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from registry.errors import LayerFormatError
-from unionfs.chunk_table import FileChunks
+from unionfs.chunk_table import ChunkTable, FileChunks
 from unionfs.entry import NO_XATTRS, Chunk, Entry, sharer
 from whiteout.paths import clean_path
 
@@ -121,9 +122,142 @@ class LayerToc:
 
 
 def parse_toc(toc_json: bytes, layer: int, toc_offset: int) -> LayerToc:
-    """Returns the entries of a TOC (landmarks dropped), each regular file with its chunks."""
+    """Returns the entries of a TOC (landmarks dropped), each regular file with its chunks.
+
+    Read one row at a time where it can be (see _OnePass); a TOC it leaves, being unusual or
+    malformed, is read again whole, as the same entries or the error that says what is wrong."""
+    try:
+        return _one_pass(toc_json, layer, toc_offset)
+    except (_NotOnePass, StopIteration, ValueError, KeyError, TypeError, AttributeError, IndexError, OverflowError,
+            LayerFormatError):  # fmt: skip
+        pass
     rows = toc_rows(toc_json, "eStargz")
     return toc_entries(rows, layer, lambda: member_ends(rows, toc_offset), "eStargz")
+
+
+class _NotOnePass(Exception):
+    """A TOC that _one_pass leaves to the whole-document reader."""
+
+
+_DECODER = json.JSONDecoder()
+_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _one_pass(toc_json: bytes, layer: int, toc_offset: int) -> LayerToc:
+    """parse_toc's result, with each row's dict let go once its entry is built: json.loads of
+    the whole document held 74 MiB of dicts for a 100k-entry layer (27 MiB of JSON)."""
+    text = toc_json.decode("utf-8", "surrogatepass")  # as json.loads decodes bytes
+    at, version, reader = _skip(text, 0), None, None
+    if text[at] != "{":
+        raise _NotOnePass
+    at = _skip(text, at + 1)
+    while text[at] != "}":  # the document's members: "version", "entries", any others
+        key, at = json.decoder.scanstring(text, at + 1) if text[at] == '"' else ("", -1)  # type: ignore[attr-defined]
+        at = _skip(text, at)
+        if at < 0 or text[at] != ":" or (key == "entries" and reader is not None):
+            raise _NotOnePass
+        at = _skip(text, at + 1)
+        if key == "entries":
+            reader = _OnePass(layer)
+            at = reader.read_rows(text, at)
+        else:
+            value, at = _DECODER.raw_decode(text, at)
+            version = value if key == "version" else version
+        at = _skip(text, at)
+        if text[at] == ",":
+            at = _skip(text, at + 1)
+            if text[at] != '"':  # a member must follow
+                raise _NotOnePass
+        elif text[at] != "}":
+            raise _NotOnePass
+    if reader is None or version != 1 or _skip(text, at + 1) != len(text):
+        raise _NotOnePass
+    return reader.finish(toc_offset)
+
+
+def _skip(text: str, at: int) -> int:
+    """The index of the first non-blank character of `text` from `at` (Go writes none)."""
+    return at if at >= len(text) or text[at] not in " \t\n\r" else _SPACE.match(text, at).end()  # type: ignore[union-attr]
+
+
+class _EndsLater(dict[int, int]):
+    """Member ends before they are known: 0 for every start, filled in by _OnePass.finish."""
+
+    def __missing__(self, key: int) -> int:
+        return 0
+
+
+_ENDS_LATER = _EndsLater()
+
+
+class _OnePass:
+    """Builds a layer's entries from its rows in one pass, each as soon as its "chunk" rows
+    (which follow its own) are in. Gives up (_NotOnePass) where _entries, which matches chunk
+    rows to files by name over the whole layer, could differ: a "chunk" row that does not
+    follow its file, or a name kept twice."""
+
+    def __init__(self, layer: int) -> None:
+        self.layer, self.share, self.table = layer, sharer(), ChunkTable()
+        self.entries: list[Entry] = []
+        self.names: set[str] = set()
+        self.starts = array("Q")  # of every member, for member_ends
+        self.pending: list[Any] | None = None  # [row, name, its chunk rows] of the file being read
+        self.prefetch_end: int | None = None
+
+    def read_rows(self, text: str, at: int) -> int:
+        """Reads the entries array at `at`; returns where it ends."""
+        if text[at] != "[":
+            raise _NotOnePass
+        at = _skip(text, at + 1)
+        if text[at] == "]":
+            return at + 1
+        scan = _DECODER.scan_once  # type: ignore[attr-defined]  # the C scanner raw_decode wraps
+        while True:
+            row, at = scan(text, at)
+            self.add(row)
+            at = _skip(text, at)
+            if text[at] == "]":
+                return at + 1
+            if text[at] != ",":
+                raise _NotOnePass
+            at = _skip(text, at + 1)
+
+    def add(self, row: dict[str, Any]) -> None:
+        kind = row["type"]
+        if row.get("offset") and kind in ("reg", "chunk"):
+            self.starts.append(int(row["offset"]))
+        name = clean_path(str(row["name"]))
+        if name is None:
+            return  # escapes the root: skipped, as the tar path skips it
+        pending = self.pending
+        if kind == "chunk":
+            if pending is None or pending[1] != name or pending[2] is None:
+                raise _NotOnePass
+            pending[2] = [pending[2], row] if isinstance(pending[2], dict) else [*pending[2], row]
+            return
+        self._flush()
+        if name in ARTIFACTS:
+            self.prefetch_end = int(row.get("offset", 0)) if name == PREFETCH_LANDMARK else self.prefetch_end
+            return
+        if name in self.names:
+            raise _NotOnePass
+        self.names.add(name)
+        self.pending = [row, name, row if kind == "reg" and int(row.get("size", 0)) else None]
+
+    def _flush(self) -> None:
+        if self.pending is not None:
+            row, name, chunk_rows = self.pending
+            self.pending = None
+            chunks = _tiled(name, row, chunk_rows, _ENDS_LATER, self.table)
+            self.entries.append(_entry(row, name, self.layer, self.share, chunks))
+
+    def finish(self, toc_offset: int) -> LayerToc:
+        """The entries, their chunks' member ends filled in (member_ends' rule)."""
+        self._flush()
+        starts = sorted(set(self.starts))
+        ends = dict(zip(starts, [*starts[1:], toc_offset], strict=True))
+        self.table.arrays["blob_end"][:] = array("Q", map(ends.__getitem__, self.table.arrays["blob_offset"]))
+        return LayerToc(self.entries, self.prefetch_end)
 
 
 def toc_rows(toc_json: bytes, kind: str) -> list[dict[str, Any]]:
@@ -151,22 +285,32 @@ def toc_entries(rows: list[dict[str, Any]], layer: int, ends: Callable[[], dict[
 def _entries(rows: list[dict[str, Any]], layer: int, ends: dict[int, int]) -> LayerToc:
     share = sharer()
     kept: list[tuple[dict[str, Any], str]] = []
-    chunks: dict[str, list[Chunk]] = {}
+    # Per file name, the rows of its chunks: one row (most files) or a list of them. Chunks go
+    # straight into the layer's ChunkTable as its entries are built (no Chunk object each).
+    chunks: dict[str, dict[str, Any] | list[dict[str, Any]]] = {}
     prefetch_end = None
     for row in rows:  # first the chunks of every file (a file's "chunk" rows follow its own)
         name = clean_path(str(row["name"]))
         if name is None:
             continue  # escapes the root: skipped, as the tar path skips it
         if row["type"] == "chunk":
-            chunks.setdefault(name, []).append(_chunk(row, ends))
+            known = chunks.get(name)
+            if known is None:
+                chunks[name] = [row]
+            elif isinstance(known, list):
+                known.append(row)
+            else:
+                chunks[name] = [known, row]
         elif name in ARTIFACTS:
             prefetch_end = int(row.get("offset", 0)) if name == PREFETCH_LANDMARK else prefetch_end
         else:
-            if row["type"] == "reg" and (size := int(row.get("size", 0))):
-                chunks[name] = [_chunk(row, ends, size)]
+            if row["type"] == "reg" and int(row.get("size", 0)):
+                chunks[name] = row
             kept.append((row, name))
     # then each entry, built once with its chunks
-    return LayerToc([_entry(row, name, layer, share, chunks.get(name)) for row, name in kept], prefetch_end)
+    table = ChunkTable()
+    return LayerToc([_entry(row, name, layer, share, _tiled(name, row, chunks.get(name), ends, table))
+                     for row, name in kept], prefetch_end)  # fmt: skip
 
 
 def member_ends(rows: list[dict[str, Any]], toc_offset: int) -> dict[int, int]:
@@ -175,36 +319,53 @@ def member_ends(rows: list[dict[str, Any]], toc_offset: int) -> dict[int, int]:
     return dict(zip(starts, [*starts[1:], toc_offset], strict=True))
 
 
-def _chunk(row: dict[str, Any], ends: dict[int, int], file_size: int = 0) -> Chunk:
+def _tiled(path: str, row: dict[str, Any], chunk_rows: dict[str, Any] | list[dict[str, Any]] | None,
+           ends: Mapping[int, int], table: ChunkTable) -> Sequence[Chunk]:  # fmt: skip
+    """The chunks of the file of `row` (none unless `chunk_rows` name some), added
+    to `table` in file order, each with its size: a chunk without a chunkSize runs to the
+    next chunk (to the end of the file for the last). Refuses chunks that leave a gap,
+    overlap, or do not add up to the file. `chunk_rows` are its rows: its "reg" row (the
+    first chunk), then its "chunk" rows, or one row alone."""
+    if chunk_rows is None:
+        return ()
+    size = int(row.get("size", 0)) if row["type"] == "reg" else 0
+    if isinstance(chunk_rows, dict):  # most files: one chunk, no sorting, no pairing
+        span = _span(chunk_rows, ends, size)
+        if span[0] == 0 and span[1] in (0, size):
+            table.add_chunk(0, size, span[2], span[3], span[4], span[5])
+            return table.file(table.end_file())
+        spans = [span]
+    else:
+        spans = [_span(r, ends, size if r["type"] == "reg" else 0) for r in chunk_rows]
+    if len(spans) == 1 and spans[0][0] == 0 and spans[0][1] in (0, size):
+        table.add_chunk(0, size, *spans[0][2:])
+        return table.file(table.end_file())
+    spans.sort(key=lambda span: span[0])
+    sized = [span if span[1] else (span[0], size - span[0], *span[2:]) for span in spans]
+    covered = sum(span[1] for span in sized)
+    gapless = all(a[0] + a[1] == b[0] for a, b in itertools.pairwise(sized))
+    if covered != size or not gapless or sized[0][0] != 0:
+        raise LayerFormatError(f"eStargz TOC: chunks of {path!r} do not tile its {size} bytes")
+    for span in sized:
+        table.add_chunk(*span)
+    return table.file(table.end_file())
+
+
+Span = tuple[int, int, int, int, int, str]  # a Chunk's fields, in its order, before it is a table row
+
+
+def _span(row: dict[str, Any], ends: Mapping[int, int], file_size: int = 0) -> Span:
     """A chunk row, or the first chunk of a "reg" row (`file_size` known: a chunk without a
     chunkSize runs to the end of the file; for "chunk" rows that is fixed in _tiled)."""
     offset = int(row["offset"])
     file_offset = int(row.get("chunkOffset", 0))
     size = int(row.get("chunkSize", 0)) or max(0, file_size - file_offset)
-    return Chunk(file_offset, size, offset, ends[offset], int(row.get("innerOffset", 0)),
-                 str(row.get("chunkDigest", "")))  # fmt: skip
-
-
-def _tiled(path: str, size: int, chunks: list[Chunk] | None) -> tuple[Chunk, ...]:
-    """The chunks of a file of `size` bytes in file order, each with its size; refuses chunks
-    that leave a gap, overlap, or do not add up to the file."""
-    if not chunks:
-        return ()
-    if len(chunks) == 1:  # most files: no sorting, no pairing
-        only = chunks[0]
-        if only.file_offset == 0 and only.size in (0, size):
-            return (only if only.size else only.with_size(size),)
-    chunks.sort(key=lambda c: c.file_offset)
-    sized = tuple(c if c.size else c.with_size(size - c.file_offset) for c in chunks)
-    covered = sum(c.size for c in sized)
-    gapless = all(a.file_offset + a.size == b.file_offset for a, b in itertools.pairwise(sized))
-    if covered != size or not gapless or sized[0].file_offset != 0:
-        raise LayerFormatError(f"eStargz TOC: chunks of {path!r} do not tile its {size} bytes")
-    return sized
+    return (file_offset, size, offset, ends[offset], int(row.get("innerOffset", 0)),
+            str(row.get("chunkDigest", "")))  # fmt: skip
 
 
 def _entry(row: dict[str, Any], name: str, layer: int, share: Callable[[Any], Any],
-           chunks: list[Chunk] | None) -> Entry:  # fmt: skip
+           chunks: Sequence[Chunk]) -> Entry:  # fmt: skip
     kind = row["type"]
     if kind not in _TYPES:
         raise LayerFormatError(f"eStargz TOC: {name!r} has unknown type {kind!r}")
@@ -226,7 +387,7 @@ def _entry(row: dict[str, Any], name: str, layer: int, share: Callable[[Any], An
         {k: _xattr(v) for k, v in xattrs.items()} if (xattrs := row.get("xattrs")) else NO_XATTRS,
         layer,
         0,
-        _tiled(name, size, chunks),
+        chunks,
     )  # by position: the fields of Entry, in order (a third faster than by keyword, per file)
 
 

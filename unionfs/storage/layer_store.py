@@ -45,7 +45,7 @@ from registry.errors import DigestMismatchError, ImageError, LayerFormatError
 from registry.media_types import Compression
 from registry.source import FileWindow, Layer
 from unionfs.entry import NO_XATTRS, Entry, sharer
-from unionfs.storage.sealed import DamagedCacheFile, drop_damaged, seal, unseal
+from unionfs.storage.sealed import DamagedCacheFile, drop_damaged, seal, seal_parts, unseal
 from unionfs.storage.tar_index import index_tar
 from unionfs.tree import CorruptTreeError, MergedTree
 
@@ -163,7 +163,7 @@ class LayerStore:
         next mount a merge, not this one its mount: one warning."""
         path = self._trees / f"{name}.tree"
         try:
-            write_atomically(path, seal(name, tree.to_bytes()), "the merged tree of the image")
+            write_atomically(path, seal_parts(name, tree.to_parts()), "the merged tree of the image")
         except OSError as exc:
             self._warn(f"cannot save the merged tree to {path}: {exc.strerror}; mounting without it")
 

@@ -10,7 +10,7 @@ rebuilt, never served.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 MAGIC = b"crfs-merge sealed sha256\n"
@@ -25,6 +25,16 @@ def seal(label: str, payload: bytes) -> bytes:
     """Returns `payload` behind a header naming `label` and a digest over both."""
     head = _head(label)
     return head + _digest(head, payload) + payload
+
+
+def seal_parts(label: str, parts: Sequence[bytes | memoryview]) -> list[bytes | memoryview]:
+    """seal(label, b"".join(parts)) as pieces to write one after the other: a large payload
+    (a merged tree) is not copied whole to be sealed."""
+    head = _head(label)
+    hashed = hashlib.sha256(head)
+    for part in parts:
+        hashed.update(part)
+    return [head, hashed.digest(), *parts]
 
 
 def unseal(label: str, data: bytes) -> memoryview:

@@ -16,7 +16,6 @@ import base64
 import binascii
 import json
 import os
-import subprocess
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -94,6 +93,8 @@ def _decode_auth(value: str, path: Path) -> Credentials:
 
 def _from_helper(helper: str, registry: str) -> Credentials | None:
     """Asks `docker-credential-HELPER get` (docker's credential-helper protocol)."""
+    import subprocess  # only for a configured helper: a mount's start-up need not load it
+
     program = f"docker-credential-{helper}"
     server = "https://index.docker.io/v1/" if registry == DOCKER_HUB else registry
     try:

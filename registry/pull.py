@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from registry.cache_files import NoSpaceError, remove_if_abandoned, resumable_partial, space_errors_named
@@ -34,19 +35,47 @@ MAX_INDEX_DEPTH = 4  # an index may point at an index; deeper than this is a loo
 async def resolve_remote(client: RegistryClient, platform: Platform, blob_dir: Path) -> Image:
     """Returns the client's image for `platform`, its layers windows on (not yet fetched)
     blob files under `blob_dir`."""
+    resolved = await resolve_manifest(client, platform, blob_dir)
+    return resolved.image(await client.small_blob(resolved.config_digest))
+
+
+@dataclass(frozen=True)
+class ResolvedManifest:
+    """A registry image's manifest for a platform, before its config is fetched: `layers`
+    already say where each blob is and how to read it, all but what it uncompresses to
+    (diff_id None), which is what the config adds."""
+
+    reference: RemoteReference  # the one that served the manifest (a short name's candidate)
+    manifest: Manifest
+    by_platform: bool  # an image index chose it by platform
+    platform: Platform
+    layers: tuple[Layer, ...]
+
+    @property
+    def config_digest(self) -> Digest:
+        return self.manifest.config.digest
+
+    def image(self, config: bytes) -> Image:
+        """The image, given its config (checked against the platform and the layer count)."""
+        if not self.by_platform:  # no index chose it by platform: its config must say
+            check_platform(config, self.platform, str(self.reference))
+        diffs = diff_ids(config, f"{self.reference}: config {self.config_digest}")
+        if len(diffs) != len(self.layers):
+            raise ManifestError(f"{self.reference}: {len(self.layers)} layers but config lists {len(diffs)} diff_ids")
+        layers = tuple(replace(layer, diff_id=diff) for layer, diff in zip(self.layers, diffs, strict=True))
+        return Image(str(self.reference), layers, config)
+
+
+async def resolve_manifest(client: RegistryClient, platform: Platform, blob_dir: Path) -> ResolvedManifest:
+    """Returns the client's manifest for `platform`, its layers windows on (not yet fetched)
+    blob files under `blob_dir`."""
     manifest, by_platform = await _manifest(client, client.reference, platform)
     reference = client.reference  # a short name's candidate is known once one served the manifest
-    config = await client.small_blob(manifest.config.digest)
-    if not by_platform:  # no index chose it by platform: its config must say
-        check_platform(config, platform, str(reference))
-    diffs = diff_ids(config, f"{reference}: config {manifest.config.digest}")
-    if len(diffs) != len(manifest.layers):
-        raise ManifestError(f"{reference}: {len(manifest.layers)} layers but config lists {len(diffs)} diff_ids")
-    layers = [_layer(d, diff, blob_dir, str(reference)) for d, diff in zip(manifest.layers, diffs, strict=True)]
-    return Image(str(reference), tuple(layers), config)
+    layers = tuple(_layer(d, None, blob_dir, str(reference)) for d in manifest.layers)
+    return ResolvedManifest(reference, manifest, by_platform, platform, layers)
 
 
-def _layer(descriptor: Descriptor, diff_id: Digest, blob_dir: Path, image: str) -> Layer:
+def _layer(descriptor: Descriptor, diff_id: Digest | None, blob_dir: Path, image: str) -> Layer:
     window = FileWindow(str(_blob_path(blob_dir, descriptor)), 0, descriptor.size)
     compression = layer_compression(descriptor.media_type, f"{image}: layer {descriptor.digest}")
     return Layer(descriptor.digest, diff_id, compression, window, descriptor.annotation(TOC_DIGEST_ANNOTATION),

@@ -266,12 +266,13 @@ def _kind(request: web.Request) -> str:
 class Fault:
     """What the proxy does to the next `count` requests whose path contains `path_part`."""
 
-    kind: str  # reset | status | stall | truncate | corrupt | redirect | ignore_range
+    kind: str  # reset | status | stall | hold | truncate | corrupt | redirect | ignore_range
     count: int = 1
     path_part: str = "/blobs/"
     status: int = 503
     retry_after: float = 0  # what a `status` answer's Retry-After asks for, in seconds
     retry_after_as_date: bool = False  # sent as the HTTP-date that many seconds from now
+    until: str = "range"  # `hold`: answered once a request of this kind (see _kind) arrives
 
     def retry_after_header(self) -> str:
         if self.retry_after_as_date:
@@ -293,6 +294,10 @@ class FaultProxy:
     stall_seconds: float = 30.0
     redirect_to: str | None = None  # base URL of a BlobStorage
     bytes_per_second: float | None = None  # a slow link: bodies are sent at this rate
+    # Per request a `hold` fault held: the kind whose arrival let it go, or "timeout" (after
+    # stall_seconds): what a client asked for while it waited for the held answer.
+    released_by: list[str] = field(default_factory=list)
+    _arrived: dict[str, asyncio.Event] = field(default_factory=dict)
 
     def start(self) -> None:
         self.port = free_port()
@@ -316,6 +321,7 @@ class FaultProxy:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.requests[_kind(request)] += 1
         self.paths[request.path] += 1
+        self._arrived.setdefault(_kind(request), asyncio.Event()).set()
         fault = self._take(request.path)
         if fault and fault.kind == "reset":
             assert request.transport is not None
@@ -325,6 +331,8 @@ class FaultProxy:
             return web.Response(status=fault.status, headers={"Retry-After": fault.retry_after_header()})
         if fault and fault.kind == "stall":
             await asyncio.sleep(self.stall_seconds)
+        if fault and fault.kind == "hold":
+            self.released_by.append(await self._first_arrival(fault.until))
         if fault and fault.kind == "redirect":
             return web.Response(status=307, headers={"Location": f"{self.redirect_to}{request.path_qs}"})
         # A list, not a dict: clients repeat headers (skopeo sends one Accept per media type).
@@ -335,6 +343,14 @@ class FaultProxy:
             return await self._forward(request, headers, fault.kind if fault else None)
         except ConnectionResetError:  # the client went away (a command that ended, a read given up)
             return web.StreamResponse(status=499)
+
+    async def _first_arrival(self, kind: str) -> str:
+        """Returns `kind` once a request of that kind has arrived, or "timeout" after stall_seconds."""
+        try:
+            await asyncio.wait_for(self._arrived.setdefault(kind, asyncio.Event()).wait(), self.stall_seconds)
+        except asyncio.TimeoutError:
+            return "timeout"
+        return kind
 
     async def _forward(
         self, request: web.Request, headers: list[tuple[str, str]], fault: str | None

@@ -174,6 +174,23 @@ def test_a_second_mount_loads_the_saved_tree_and_makes_no_range_request(
     assert proxy.requests["range"] > 0
 
 
+def test_a_first_mount_asks_for_the_tocs_before_the_config_is_answered(
+    images: dict[str, str], proxy: FaultProxy, mount: Mounter
+) -> None:
+    """Every layer of the image may be read lazily, so the TOCs need only the manifest: the
+    proxy holds the config's answer until a range request arrives, which it does (the mount
+    fetches them side by side, one round trip less before it is ready), not after a timeout."""
+    image = images["upstream-64k"]
+    manifest = json.loads(subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false",
+                                          f"docker://{proxy.host}/{image}"], capture_output=True, text=True,
+                                         check=True, timeout=60).stdout)  # fmt: skip
+    proxy.stall_seconds = 10
+    proxy.faults.append(Fault("hold", path_part=f"/blobs/{manifest['config']['digest']}", until="range"))
+    root = mount(f"{proxy.host}/{image}", "--prefetch", "none")
+    assert proxy.released_by == ["range"]
+    assert (root / "etc/config").read_bytes() == b"key=value\n" * 100
+
+
 def test_reading_one_file_fetches_about_that_file(images: dict[str, str], proxy: FaultProxy, mount: Mounter) -> None:
     root = mount(f"{proxy.host}/{images['upstream-64k']}", "--prefetch", "none")
     before = proxy.served_bytes

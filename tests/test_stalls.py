@@ -24,11 +24,12 @@ from tests.conftest import COMMAND, MOUNT_TIMEOUT, Mounter, require, unmount
 from tests.registry_servers import REGISTRY_BINARY, Fault, FaultProxy, Registry, skopeo_copy
 from tests.tarvocab import d, f, tar_of
 from unionfs.aio import EventLoopThread
-from unionfs.estargz.lazy import FAILURE_MEMORY
+from unionfs.estargz.lazy import FAILURE_MEMORY, SMALL_FILE_MAX
 
 T = TypeVar("T")
-KIB = 1024
-CHUNK = 64 * KIB
+# Each file twice what counts as small, so that reading one never fetches the next as its
+# neighbour: a read of data/file3 must need the registry.
+CHUNK = SMALL_FILE_MAX // 2
 STALLED = {f"data/file{i}": os.urandom(4 * CHUNK) for i in range(4)}  # incompressible, four chunks each
 LAYER = [d("data/"), *(f(name, data) for name, data in STALLED.items()), f("etc/motd", b"hello\n")]
 TIMEOUT = 2.0

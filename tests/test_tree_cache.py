@@ -76,6 +76,28 @@ def test_out_of_range_numbers_in_saved_bytes_are_refused() -> None:
             MergedTree.from_bytes(damaged)
 
 
+@pytest.mark.parametrize("lazy", [{0}, {0, 1}])
+def test_a_saved_tree_whose_lazy_files_are_not_in_its_chunk_table_is_refused(lazy: set[int]) -> None:
+    """Marked lazy, the layers' files name chunk-table files by their offsets (tar offsets
+    here, the table empty): refused whether every inode is in a lazy layer or only some."""
+    tree, _ = merge_tars(RICH, [f("usr/extra", b"x" * 100)])
+    tree.mark_lazy(frozenset(lazy), {})
+    with pytest.raises(CorruptTreeError, match="chunk file out of range"):
+        MergedTree.from_bytes(tree.to_bytes())
+
+
+def test_a_saved_tree_whose_directory_slots_run_past_the_end_is_refused() -> None:
+    data = merge_tars(RICH)[0].to_bytes()
+    header_end = len(FORMAT) + 8 + int.from_bytes(data[len(FORMAT) : len(FORMAT) + 8], "little")
+    header = json.loads(data[len(FORMAT) + 8 : header_end])
+    before = list(INODE_ARRAYS)[: list(INODE_ARRAYS).index("first_slot")]  # the arrays saved ahead of it
+    first_slot_at = header_end + sum(header["arrays"][n] * array(INODE_ARRAYS[n]).itemsize for n in before)
+    bad = bytearray(data)
+    bad[first_slot_at : first_slot_at + 4] = (10**6).to_bytes(4, sys.byteorder)  # the root's names start past the end
+    with pytest.raises(CorruptTreeError, match="slot out of range"):
+        MergedTree.from_bytes(bytes(bad))
+
+
 def test_lookups_at_the_edges() -> None:
     tree, _ = merge_tars(RICH, [wh("etc/hosts")])
     etc = tree.child(ROOT, b"etc")

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from registry.digest import Digest
 from tests.conftest import COMMAND, Mounter, require
@@ -23,8 +24,12 @@ from tests.podman import Podman
 from tests.registry_servers import REGISTRY_BINARY, Fault, FaultProxy, Registry, skopeo_copy
 from tests.tarvocab import d, dev, f, fifo, hl, sym, tar_of
 from tests.test_mount import umoci_unpack, umoci_view
+from tests.test_toc_one_pass import _facts
+from tests.test_zstd_toc_one_pass import whole_zstd_toc
 from unionfs.aio import EventLoopThread
+from unionfs.estargz.toc import read_one_pass
 from unionfs.storage.layer_store import missing_tar_padding
+from unionfs.zstdchunked.toc import TocPosition, _with_chunk_digest
 
 MIB = 1024 * 1024
 BIG = os.urandom(4 * MIB)  # incompressible, so that bytes on the wire are real; many chunks
@@ -123,6 +128,19 @@ def test_podman_wrote_zstd_chunked_with_its_annotations(images: dict[str, object
     for layer in layers:
         assert layer["mediaType"] == "application/vnd.oci.image.layer.v1.tar+zstd"
         assert {POSITION, CHECKSUM} <= set(layer["annotations"])
+
+
+def test_podmans_tocs_are_read_in_one_pass_as_the_whole_document_reads_them(images: dict[str, object]) -> None:
+    for layer in _layers(images):
+        annotations = layer["annotations"]
+        assert isinstance(annotations, dict)
+        offset, length, uncompressed, _ = (int(part) for part in annotations[POSITION].split(":"))
+        blob = _blob(str(images["host"]), "zstd-chunked", str(layer["digest"]))
+        toc_json = zstandard.ZstdDecompressor().decompress(blob[offset : offset + length])
+        position = TocPosition(offset, length, uncompressed, "")
+        one_pass = read_one_pass(toc_json, 1, position.frame_start, _with_chunk_digest, end_offsets=True)
+        assert one_pass is not None  # taken, not left to the whole-document reader
+        assert _facts(one_pass) == _facts(whole_zstd_toc(toc_json, 1, position))
 
 
 def test_the_oracles_agree(images: dict[str, object]) -> None:

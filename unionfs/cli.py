@@ -35,7 +35,6 @@ from unionfs.commands import server
 from unionfs.commands.mount_lock import MountpointError, check_directory, check_mountpoint, lock_mountpoint
 from unionfs.commands.server_log import configure_terminal
 from unionfs.commands.usage import UsageError
-from unionfs.estargz.writer import DEFAULT_CHUNK_SIZE
 
 if TYPE_CHECKING:
     from unionfs.build import MountedImage, Settings
@@ -132,6 +131,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _convert_parser() -> argparse.ArgumentParser:
+    from unionfs.estargz.writer import DEFAULT_CHUNK_SIZE  # the writer is convert's alone
+
     parser = argparse.ArgumentParser(
         prog="crfs-merge convert",
         description="Rewrite an image's layers as eStargz (lazily pullable) into an OCI layout.",

@@ -10,16 +10,17 @@ import ctypes
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from registry.digest import Digest
 from registry.errors import ImageError, LayerFormatError
 from registry.media_types import Compression
-from registry.pull import fetch_blobs, resolve_remote
+from registry.pull import fetch_blobs, resolve_manifest, resolve_remote
 from registry.remote import RegistryClient
 from registry.remote_reference import RemoteReference
 from registry.source import FileWindow, Image, Layer
@@ -101,10 +102,7 @@ async def _resolve_and_fetch(
 
 
 async def _resolve(client: RegistryClient, settings: Settings) -> Image:
-    image = await resolve_remote(client, settings.platform, settings.cache_dir / "blobs")
-    log_resolved(image)
-    note_in_use(settings.cache_dir, image_keys(image))  # before any cache file is looked for
-    return image
+    return _resolved(await resolve_remote(client, settings.platform, settings.cache_dir / "blobs"), settings)
 
 
 async def _fetch(
@@ -113,6 +111,60 @@ async def _fetch(
     """With `lazy`, learns which layers are eStargz (their TOCs); fetches every other layer
     that the cache lacks whole; returns the TOCs."""
     tocs = await _tocs(client, image, store, settings.cache_dir / "toc") if lazy else {}
+    await _fetch_whole(client, image, tocs, store)
+    return tocs
+
+
+async def _resolve_lazily(
+    client: RegistryClient, settings: Settings, store: LayerStore
+) -> tuple[Image, tuple[MergedTree, dict[int, FileWindow]] | None, dict[int, LayerToc]]:
+    """Resolves the image for a lazy mount, and returns it with the tree an earlier mount
+    saved, or else the TOCs of its lazy layers (the others fetched whole). When every layer
+    may be read lazily, neither the saved tree nor the TOCs need more than the manifest: they
+    are loaded or fetched beside the config, one round trip less before the mount is ready."""
+    resolved = await resolve_manifest(client, settings.platform, settings.cache_dir / "blobs")
+    if not all(_may_be_lazy(layer, store) for layer in resolved.layers):  # tars to name: the config's diff_ids first
+        image = _resolved(resolved.image(await client.small_blob(resolved.config_digest)), settings)
+        saved = _saved_lazy_tree(image, store)
+        return image, saved, {} if saved is not None else await _fetch(client, image, settings, store, lazy=True)
+    early = Image(str(resolved.reference), resolved.layers, b"")  # the layers, all but their diff_ids
+    note_in_use(settings.cache_dir, image_keys(early))  # before any cache file is looked for
+    config = asyncio.ensure_future(client.small_blob(resolved.config_digest))
+    found = asyncio.ensure_future(_saved_tree_or_tocs(client, early, store, settings.cache_dir / "toc"))
+    try:
+        await asyncio.gather(config, found)
+    finally:  # one failed: the other stops
+        for task in (config, found):
+            task.cancel()
+        await asyncio.gather(config, found, return_exceptions=True)
+    image = _resolved(resolved.image(config.result()), settings)
+    saved, tocs = found.result()
+    if saved is None:
+        await _fetch_whole(client, image, tocs, store)  # gzip layers that are not eStargz after all
+    return image, saved, tocs
+
+
+async def _saved_tree_or_tocs(
+    client: RegistryClient, image: Image, store: LayerStore, toc_dir: Path
+) -> tuple[tuple[MergedTree, dict[int, FileWindow]] | None, dict[int, LayerToc]]:
+    """The tree saved for `image` (loaded on a worker thread: a big one takes a tenth of a
+    second), or else its layers' TOCs; `image` may lack its config (every layer is lazy)."""
+    # Where none is saved (a first mount), straight to the TOCs: a worker thread's start costs
+    # about as much as the config's round trip, which the TOCs are to overlap.
+    saved = None
+    if store.has_tree(store.lazy_tree_name(image.layers, {})):  # every layer lazy: no tar to name
+        saved = await asyncio.to_thread(_saved_lazy_tree, image, store)
+    return (saved, {}) if saved is not None else (None, await _tocs(client, image, store, toc_dir))
+
+
+def _resolved(image: Image, settings: Settings) -> Image:
+    log_resolved(image)
+    note_in_use(settings.cache_dir, image_keys(image))  # before any cache file is looked for
+    return image
+
+
+async def _fetch_whole(client: RegistryClient, image: Image, tocs: dict[int, LayerToc], store: LayerStore) -> None:
+    """Fetches whole each layer with no TOC that the cache lacks."""
     whole = [layer for n, layer in enumerate(image.layers) if n not in tocs and store.needs_blob(layer)]
     _log_layer_plan(image, tocs, whole)
     started = time.monotonic()
@@ -120,7 +172,6 @@ async def _fetch(
     if whole:
         size = sum(layer.window.size for layer in whole)
         log.info("fetched %d layers, %.1f MB, in %.2f s", len(whole), size / 1e6, time.monotonic() - started)
-    return tocs
 
 
 def _log_layer_plan(image: Image, tocs: dict[int, LayerToc], whole: list[Layer]) -> None:
@@ -154,12 +205,8 @@ def _open_remote(
 
     refetch = partial(_refetch, loop, client)
     try:
-        image = loop.run(_resolve(client, settings))
-        saved = _saved_lazy_tree(image, store)
-        tocs: dict[int, LayerToc] = {}
-        if saved is None:
-            with collector_paused():
-                tocs = loop.run(_fetch(client, image, settings, store, lazy=True))
+        with collector_paused():  # the TOCs are parsed within (a saved tree's load is not hurt by it)
+            image, saved, tocs = loop.run(_resolve_lazily(client, settings, store))
         if saved is None and not tocs:  # every layer is now a local tar: the local path, with its saved trees
             whole = refetching(lambda: build(image, store), refetch)
             entries = partial(refetching, partial(indexed_entries, image, store), refetch)
@@ -174,7 +221,7 @@ def _open_remote(
     except BaseException:
         loop.run(client.__aexit__(None, None, None))
         raise
-    prefetch = partial(_prefetch, lazy)
+    prefetch = partial(_prefetch, lazy, settings.prefetch)
     entries = partial(_entries_again, loop, client, image, set(tree.lazy_layers), store, settings.cache_dir / "toc",
                       refetch)  # fmt: skip
     return MountedImage(tree, ContentReader(readers), prefetch, close, waits_on_network=bool(lazy),
@@ -246,7 +293,7 @@ def _lazy_format(layer: Layer) -> bool:
 
 def _remote_layers(
     image: Image, tocs: dict[int, LayerToc], store: LayerStore, lazy_layer: LazyLayerFactory
-) -> tuple[MergedTree, list[LayerReader], list[tuple[LazyLayer, list[Chunk]]]]:
+) -> tuple[MergedTree, list[LayerReader], list[LazyWork]]:
     """Returns the tree (saved in `store`), a reader per layer (lazy where a TOC was found, a
     local tar else), and the lazy readers with the chunks their prefetch mode asks for. The
     TOCs' entries are let go as the freeze takes them (an Entry per file is most of a lazy
@@ -278,20 +325,25 @@ def _handed_over(lists: list[list[Entry]]) -> Iterator[list[Entry]]:
 
 def _lazy_readers(
     image: Image, tree: MergedTree, windows: dict[int, FileWindow], lazy_layer: LazyLayerFactory
-) -> tuple[MergedTree, list[LayerReader], list[tuple[LazyLayer, list[Chunk]]]]:
+) -> tuple[MergedTree, list[LayerReader], list[LazyWork]]:
     """A reader per layer of `tree`: a lazy one for its lazy layers, one of its tar else."""
     readers: list[LayerReader] = []
-    lazy: list[tuple[LazyLayer, list[Chunk]]] = []
+    lazy: list[LazyWork] = []
     table = tree.chunk_table
     for number, layer in enumerate(image.layers):
         if number in windows or layer.digest is None:
             readers.append(TarReader(windows[number]))
             continue
-        files = tree.chunk_files(number)
+        # A layer's files are listed (a pass over every inode) once the mount is ready, by its
+        # prefetch, and by the first read that wants its small files, each for itself (kept,
+        # the list would cost 8 bytes a file): a second mount of a 200,000-file image is ready
+        # in the time it takes to load its tree.
+        files = partial(tree.chunk_files, number)
         reader = lazy_layer(layer.digest, SmallFiles.of(table, files), layer.compression)
         readers.append(reader)
         landmark = tree.prefetch_ends.get(number)
-        lazy.append((reader, _prefetched(table, files, landmark, lazy_layer.prefetch_mode)))
+        prefetched = partial(_prefetched, table, files, landmark, lazy_layer.prefetch_mode)
+        lazy.append(LazyWork(reader, prefetched))
     return tree, readers, lazy
 
 
@@ -316,14 +368,15 @@ def _entries_again(loop: EventLoopThread, client: RegistryClient, image: Image, 
     return refetching(attempt, refetch)
 
 
-def _prefetched(table: ChunkTable, files: Iterable[int], landmark_end: int | None, mode: str) -> list[Chunk]:
+def _prefetched(table: ChunkTable, files: Callable[[], Iterable[int]], landmark_end: int | None,
+                mode: str) -> list[Chunk]:  # fmt: skip
     """The chunks a prefetch mode fetches in the background: all of them, those before the
     landmark (the image's prioritized files), or none."""
     if mode == "all":
-        return [c for k in files for c in table.file(k)]
+        return [c for k in files() for c in table.file(k)]
     if mode == "landmark" and landmark_end is not None:
         first = table.file_first
-        rows = (row for k in files for row in range(first[k], first[k + 1]))
+        rows = (row for k in files() for row in range(first[k], first[k + 1]))
         return [table.chunk(row) for row in rows if table.blob_span(row)[0] < landmark_end]
     return []
 
@@ -345,7 +398,25 @@ async def fetch_toc(client: RegistryClient, layer: Layer, number: int, toc_dir: 
     return await estargz.fetch_toc(client, layer, number, toc_dir)
 
 
-def _prefetch(lazy: list[tuple[LazyLayer, list[Chunk]]]) -> None:
-    for reader, chunks in lazy:
-        if chunks:
-            reader.prefetch(chunks)
+class LazyWork(NamedTuple):
+    """A lazy layer's reader, and the chunks its prefetch mode asks for once the mount is ready."""
+
+    reader: LazyLayer
+    prefetched: Callable[[], list[Chunk]]
+
+
+def _prefetch(lazy: list[LazyWork], mode: str) -> None:
+    """Starts the prefetch of the lazy layers. Listing the chunks means a pass over the tree
+    (a tenth of a second for 200,000 files), so it runs on a thread of its own: this is called
+    while the kernel waits for the answer to INIT. (A layer's small files are listed by the
+    first read that wants its neighbours, not here: every CPU-second spent right after ready
+    holds back the first requests, and a mount that is stat'ed and unmounted at once found
+    itself busy.)"""
+
+    def work() -> None:
+        for layer in lazy:
+            if chunks := layer.prefetched():
+                layer.reader.prefetch(chunks)
+
+    if lazy and mode != "none":
+        threading.Thread(target=work, name="crfs-merge-prefetch", daemon=True).start()

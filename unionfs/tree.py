@@ -16,8 +16,10 @@ Being immutable, the tree is shared by libfuse's worker threads without locks.
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import json
+import operator
 import os
 import stat
 import sys
@@ -90,8 +92,13 @@ class MergedTree:
         self.lazy_layers = lazy_layers  # layers whose files' bytes are chunks (offset: file number + 1)
         self.prefetch_ends: dict[int, int] = {}  # per lazy layer: where its prioritized files end
         self.inode_count = len(self._mode)
-        sizes, modes = arrays["size"], self._mode
-        self.total_bytes = sum(sizes[i] for i in range(self.inode_count) if stat.S_ISREG(modes[i]))
+
+    @functools.cached_property
+    def total_bytes(self) -> int:
+        """The regular files' bytes (statfs, export's progress): counted when first asked for,
+        not at load, where it was 15-30 ms of a 200,000-file mount's start."""
+        sizes, modes = self._size, self._mode
+        return sum(sizes[i] for i in range(self.inode_count) if stat.S_ISREG(modes[i]))
 
     # ------------------------------------------------------------ by inode number (FUSE)
 
@@ -316,7 +323,12 @@ def _check_chunks(arrays: dict[str, array], table: ChunkTable, lazy_layers: froz
     """Refuses chunk rows that disagree, and lazily read files whose file number is not in the table."""
     table.check()
     layers, offsets = arrays["layer"], arrays["offset"]
-    if any(offset > table.files for layer, offset in zip(layers, offsets, strict=True) if layer in lazy_layers):
+    if lazy_layers.issuperset(set(layers)):  # every inode's bytes are chunks (an all-eStargz image): max() in C
+        largest = max(offsets, default=0)
+    else:
+        lazy_offsets = (offset for layer, offset in zip(layers, offsets, strict=True) if layer in lazy_layers)
+        largest = max(lazy_offsets, default=0)
+    if largest > table.files:
         raise ValueError("chunk file out of range")
 
 
@@ -331,9 +343,8 @@ def _check_shape(arrays: dict[str, array], names_length: int, expected_names: in
         raise ValueError("inode arrays disagree")
     if max(arrays["slot_ino"]) > inodes or min(arrays["slot_ino"]) < 1 or max(arrays["parent"]) > inodes:
         raise ValueError("inode number out of range")
-    if arrays["name_end"][-1] != names_length or any(
-        f + c > slots for f, c in zip(arrays["first_slot"], arrays["slot_count"], strict=True)
-    ):
+    slot_ends = map(operator.add, arrays["first_slot"], arrays["slot_count"])  # in C: a 200,000-inode tree
+    if arrays["name_end"][-1] != names_length or max(slot_ends) > slots:
         raise ValueError("slot out of range")
 
 

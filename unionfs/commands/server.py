@@ -19,7 +19,6 @@ import argparse
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -62,6 +61,8 @@ def start(args: argparse.Namespace, argv: list[str], image_text: str, mountpoint
 
 def _spawn_server(args: argparse.Namespace, argv: list[str], lock_fd: int | None) -> int:
     """Starts `crfs-merge -f` in its own session, the secret through a pipe, and waits."""
+    import subprocess  # only here: a forked server (no --creds) never needs it
+
     read_end, write_end = os.pipe()
     secret_read, secret_write = os.pipe()
     os.write(secret_write, args.creds.encode())  # a few bytes: the pipe's buffer takes them

@@ -353,19 +353,33 @@ def _inflate_pool() -> ThreadPoolExecutor:
 
 class SmallFiles:
     """The chunks of the layer's small files, as rows of the tree's chunk table in blob order
-    (an array, not a Chunk each: a layer may have hundreds of thousands)."""
+    (an array, not a Chunk each: a layer may have hundreds of thousands). Found when first
+    needed (a read's neighbours, or the work a mount starts once ready), not while the mount
+    waits: on a 200,000-file image, listing them took longer than loading the tree."""
 
-    def __init__(self, table: ChunkTable, rows: array) -> None:
-        self._table, self._rows = table, rows
+    def __init__(self, table: ChunkTable, rows: array | Callable[[], array]) -> None:
+        self._table = table
+        self._rows: array | None = rows if isinstance(rows, array) else None
+        self._find: Callable[[], array] | None = None if isinstance(rows, array) else rows
+        self._finding = threading.Lock()
 
     @classmethod
-    def of(cls, table: ChunkTable, files: Iterable[int]) -> SmallFiles:
-        """Those among `files` (file numbers in `table`) that are small."""
-        return cls(table, small_file_rows(table, files, SMALL_FILE_MAX))
+    def of(cls, table: ChunkTable, files: Callable[[], Iterable[int]]) -> SmallFiles:
+        """Those among files() (file numbers in `table`) that are small."""
+        return cls(table, lambda: small_file_rows(table, files(), SMALL_FILE_MAX))
+
+    def rows(self) -> array:
+        """The rows, found on the first call (one thread finds them, the others wait)."""
+        if self._rows is None:
+            with self._finding:
+                if self._rows is None and self._find is not None:
+                    self._rows = self._find()
+        assert self._rows is not None
+        return self._rows
 
     def following(self, last: Chunk, span: int) -> list[Chunk]:
         """The small files after `last` in the blob whose members end within `span` bytes of its end."""
-        table, rows = self._table, self._rows
+        table, rows = self._table, self.rows()
         start = bisect.bisect_right(rows, last.blob_offset, key=lambda row: table.blob_span(row)[0])
         after = []
         for row in rows[start:]:

@@ -24,7 +24,7 @@ import struct
 import tarfile
 import zlib
 from array import array
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,13 +126,26 @@ def parse_toc(toc_json: bytes, layer: int, toc_offset: int) -> LayerToc:
 
     Read one row at a time where it can be (see _OnePass); a TOC it leaves, being unusual or
     malformed, is read again whole, as the same entries or the error that says what is wrong."""
-    try:
-        return _one_pass(toc_json, layer, toc_offset)
-    except (_NotOnePass, StopIteration, ValueError, KeyError, TypeError, AttributeError, IndexError, OverflowError,
-            LayerFormatError):  # fmt: skip
-        pass
+    one_pass = read_one_pass(toc_json, layer, toc_offset)
+    if one_pass is not None:
+        return one_pass
     rows = toc_rows(toc_json, "eStargz")
     return toc_entries(rows, layer, lambda: member_ends(rows, toc_offset), "eStargz")
+
+
+RowHook = Callable[[dict[str, Any]], dict[str, Any]]  # a format's change to each row, before it is read
+
+
+def read_one_pass(toc_json: bytes, layer: int, toc_end: int, row_hook: RowHook | None = None,
+                  end_offsets: bool = False) -> LayerToc | None:  # fmt: skip
+    """_one_pass's entries, or None for a TOC it leaves to the whole-document reader. For
+    zstd:chunked, `row_hook` is applied to each row first, and `end_offsets` ends each file's
+    last chunk as end_at_end_offsets does."""
+    try:
+        return _one_pass(toc_json, layer, toc_end, row_hook, end_offsets)
+    except (_NotOnePass, StopIteration, ValueError, KeyError, TypeError, AttributeError, IndexError, OverflowError,
+            LayerFormatError):  # fmt: skip
+        return None
 
 
 class _NotOnePass(Exception):
@@ -143,7 +156,8 @@ _DECODER = json.JSONDecoder()
 _SPACE = re.compile(r"[ \t\n\r]*")
 
 
-def _one_pass(toc_json: bytes, layer: int, toc_offset: int) -> LayerToc:
+def _one_pass(toc_json: bytes, layer: int, toc_offset: int,
+              row_hook: RowHook | None = None, end_offsets: bool = False) -> LayerToc:  # fmt: skip
     """parse_toc's result, with each row's dict let go once its entry is built: json.loads of
     the whole document held 74 MiB of dicts for a 100k-entry layer (27 MiB of JSON)."""
     text = toc_json.decode("utf-8", "surrogatepass")  # as json.loads decodes bytes
@@ -158,7 +172,7 @@ def _one_pass(toc_json: bytes, layer: int, toc_offset: int) -> LayerToc:
             raise _NotOnePass
         at = _skip(text, at + 1)
         if key == "entries":
-            reader = _OnePass(layer)
+            reader = _OnePass(layer, row_hook, end_offsets)
             at = reader.read_rows(text, at)
         else:
             value, at = _DECODER.raw_decode(text, at)
@@ -194,13 +208,19 @@ class _OnePass:
     """Builds a layer's entries from its rows in one pass, each as soon as its "chunk" rows
     (which follow its own) are in. Gives up (_NotOnePass) where _entries, which matches chunk
     rows to files by name over the whole layer, could differ: a "chunk" row that does not
-    follow its file, or a name kept twice."""
+    follow its file, or a name kept twice. With `end_offsets` (zstd:chunked), where the
+    whole-document reader pairs rows by their names as written: also a "chunk" row whose
+    name is not written as its file's, a name that escapes the root or is not a string, or
+    an artifact's name twice."""
 
-    def __init__(self, layer: int) -> None:
+    def __init__(self, layer: int, row_hook: RowHook | None = None, end_offsets: bool = False) -> None:
         self.layer, self.attributes, self.table = layer, RowAttributes(), ChunkTable()
+        self.row_hook, self.end_offsets = row_hook, end_offsets
         self.entries: list[Entry] = []
         self.names: set[str] = set()
         self.starts = array("Q")  # of every member, for member_ends
+        # (start of a file's last chunk, the file's endOffset), for end_at_end_offsets
+        self.last_starts, self.last_ends = array("Q"), array("Q")
         self.pending: list[Any] | None = None  # [row, name, its chunk rows] of the file being read
         self.prefetch_end: int | None = None
 
@@ -229,26 +249,56 @@ class _OnePass:
             at = _skip(text, at + 1)
 
     def add(self, row: dict[str, Any]) -> None:
+        if self.row_hook is not None:
+            row = self.row_hook(row)
         kind = row["type"]
         if row.get("offset") and kind in ("reg", "chunk"):
             self.starts.append(int(row["offset"]))
+        if self.end_offsets and (int(row.get("endOffset") or 0) < 0 or not isinstance(row["name"], str)):
+            raise _NotOnePass  # _frame_ends reads every row's endOffset, and keys rows by their names
         name = clean_path(str(row["name"]))
         if name is None:
+            if self.end_offsets:
+                raise _NotOnePass
             return  # escapes the root: skipped, as the tar path skips it
         pending = self.pending
         if kind == "chunk":
             if pending is None or pending[1] != name or pending[2] is None:
                 raise _NotOnePass
+            if self.end_offsets and row["name"] != pending[0]["name"]:
+                raise _NotOnePass
             pending[2] = [pending[2], row] if isinstance(pending[2], dict) else [*pending[2], row]
             return
         self._flush()
         if name in ARTIFACTS:
-            self.prefetch_end = int(row.get("offset", 0)) if name == PREFETCH_LANDMARK else self.prefetch_end
+            self._artifact(row, name)
             return
         if name in self.names:
             raise _NotOnePass
         self.names.add(name)
         self.pending = [row, name, row if kind == "reg" and int(row.get("size", 0)) else None]
+
+    def _artifact(self, row: dict[str, Any], name: str) -> None:
+        self.prefetch_end = int(row.get("offset", 0)) if name == PREFETCH_LANDMARK else self.prefetch_end
+        if self.end_offsets:
+            if name in self.names:
+                raise _NotOnePass
+            self.names.add(name)  # no file takes it: artifacts are never kept
+            self._last_chunk(row, None)
+
+    def _last_chunk(self, row: dict[str, Any], chunk_rows: list[dict[str, Any]] | None) -> None:
+        """Notes where the last chunk of the file of `row` starts (the last of `chunk_rows`,
+        its "reg" row then its "chunk" rows, if it has several), and the file's endOffset,
+        for end_at_end_offsets."""
+        end = int(row.get("endOffset") or 0)
+        if end and row["type"] == "reg":
+            if chunk_rows is None:  # most files: the one row
+                start = int(row["offset"]) if row.get("offset") else None
+            else:
+                start = max((int(r["offset"]) for r in chunk_rows if r.get("offset")), default=None)
+            if start is not None:
+                self.last_starts.append(start)
+                self.last_ends.append(end)
 
     def _flush(self) -> None:
         if self.pending is not None:
@@ -258,12 +308,16 @@ class _OnePass:
             if chunks is None:
                 chunks = _tiled(name, row, chunk_rows, _ENDS_LATER, self.table)
             self.entries.append(_entry(row, name, self.layer, self.attributes, chunks))
+            if self.end_offsets:
+                self._last_chunk(row, chunk_rows if isinstance(chunk_rows, list) else None)
 
     def finish(self, toc_offset: int) -> LayerToc:
-        """The entries, their chunks' member ends filled in (member_ends' rule)."""
+        """The entries, their chunks' member ends filled in (member_ends' rule, then
+        end_at_end_offsets' where asked)."""
         self._flush()
         starts = sorted(set(self.starts))
         ends = dict(zip(starts, [*starts[1:], toc_offset], strict=True))
+        end_at_end_offsets(ends, zip(self.last_starts, self.last_ends, strict=True))
         self.table.arrays["blob_end"][:] = array("Q", map(ends.__getitem__, self.table.arrays["blob_offset"]))
         return LayerToc(self.entries, self.prefetch_end)
 
@@ -325,6 +379,16 @@ def member_ends(rows: list[dict[str, Any]], toc_offset: int) -> dict[int, int]:
     """Maps each member's start offset to the start of the next member (or the TOC)."""
     starts = sorted({int(r["offset"]) for r in rows if r.get("offset") and r["type"] in ("reg", "chunk")})
     return dict(zip(starts, [*starts[1:], toc_offset], strict=True))
+
+
+def end_at_end_offsets(ends: dict[int, int], last_chunks: Iterable[tuple[int, int]]) -> dict[int, int]:
+    """Ends each file's last chunk at the file's endOffset where that lies within what `ends`
+    gives it (zstd:chunked: see its _frame_ends). `last_chunks`: (the start of a file's last
+    chunk, the file's endOffset), in the order of the files' rows."""
+    for start, end in last_chunks:
+        if start < end <= ends[start]:
+            ends[start] = end
+    return ends
 
 
 def _tiled(path: str, row: dict[str, Any], chunk_rows: dict[str, Any] | list[dict[str, Any]] | None,

@@ -139,6 +139,10 @@ class LayerStore:
                  for n, layer in enumerate(layers)]  # fmt: skip
         return hashlib.sha256(json.dumps([TREE_FORMAT, parts]).encode()).hexdigest()
 
+    def has_tree(self, name: str) -> bool:
+        """True if a tree `name` is saved (it may still turn out damaged when loaded)."""
+        return (self._trees / f"{name}.tree").exists()
+
     def load_tree(self, name: str) -> MergedTree | None:
         """Returns the saved tree `name`, or None if there is none (or it is damaged: then
         it is removed, with a warning)."""

@@ -30,7 +30,15 @@ import zstandard
 from registry.errors import LayerFormatError
 from registry.source import Layer
 from unionfs.entry import Chunk
-from unionfs.estargz.toc import MAX_TOC_SIZE, LayerToc, member_ends, toc_entries, toc_rows
+from unionfs.estargz.toc import (
+    MAX_TOC_SIZE,
+    LayerToc,
+    end_at_end_offsets,
+    member_ends,
+    read_one_pass,
+    toc_entries,
+    toc_rows,
+)
 
 PREFIXES = ("io.github.containers.zstd-chunked.", "io.containers.zstd-chunked.")
 POSITION, CHECKSUM = "manifest-position", "manifest-checksum"
@@ -137,7 +145,12 @@ def decompress_toc(compressed: bytes, position: TocPosition) -> bytes:
 
 def parse_toc(toc_json: bytes, layer: int, position: TocPosition) -> LayerToc:
     """Returns the entries of a zstd:chunked TOC, each regular file with its chunks (one
-    zstd frame each), every chunk with the digest it is verified by."""
+    zstd frame each), every chunk with the digest it is verified by. Read one row at a time
+    where it can be, as eStargz's are (unionfs.estargz.toc.parse_toc); a TOC that reader
+    leaves is read again whole, as the same entries or the error that says what is wrong."""
+    one_pass = read_one_pass(toc_json, layer, position.frame_start, _with_chunk_digest, end_offsets=True)
+    if one_pass is not None:
+        return one_pass
     rows = [_with_chunk_digest(row) for row in toc_rows(toc_json, KIND)]
     return toc_entries(rows, layer, lambda: _frame_ends(rows, position.frame_start), KIND)
 
@@ -146,12 +159,14 @@ def _with_chunk_digest(row: dict[str, Any]) -> dict[str, Any]:
     """A one-chunk file's row carries its payload's digest as `digest`, not `chunkDigest`:
     the chunk is the payload, so that digest is the chunk's. A chunk with neither cannot be
     verified, and is refused."""
+    if not isinstance(row, dict):
+        raise LayerFormatError(f"malformed {KIND} TOC: an entry is {type(row).__name__}, not an object")
     if row.get("type") not in ("reg", "chunk") or not (row.get("size") or row.get("chunkSize")):
         return row
     if not row.get("chunkDigest"):
         if not row.get("digest") or row.get("chunkSize"):
             raise LayerFormatError(f"zstd:chunked TOC: a chunk of {row.get('name')!r} has no digest")
-        return {**row, "chunkDigest": row["digest"]}
+        row["chunkDigest"] = row["digest"]  # in place: the row is this reader's own
     return row
 
 
@@ -160,17 +175,17 @@ def _frame_ends(rows: list[dict[str, Any]], toc_frame_start: int) -> dict[int, i
     rule; what follows a chunk's frame holds only tar headers), but the file's `endOffset`
     for its last chunk where the writer gives it (containers/storage), so that a read does
     not fetch the next file's headers."""
-    ends = member_ends(rows, toc_frame_start)
     last_start: dict[str, int] = {}
     for row in rows:
         if row["type"] in ("reg", "chunk") and row.get("offset"):
             last_start[row["name"]] = max(last_start.get(row["name"], 0), int(row["offset"]))
+    last_chunks = []
     for row in rows:
         end = int(row.get("endOffset") or 0)
         start = last_start.get(row["name"]) if row["type"] == "reg" else None
-        if start is not None and start < end <= ends[start]:
-            ends[start] = end
-    return ends
+        if start is not None:
+            last_chunks.append((start, end))
+    return end_at_end_offsets(member_ends(rows, toc_frame_start), last_chunks)
 
 
 def chunk_data(compressed: bytes | memoryview, fetch_start: int, chunk: Chunk) -> bytes:

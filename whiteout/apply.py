@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
-from whiteout.markers import Marker, classify
+from whiteout.markers import WHITEOUT_PREFIX, Marker, classify
 from whiteout.paths import parent_and_name
 from whiteout.resolve import MAX_SYMLINKS, TooManySymlinks, resolve_in_root
 
@@ -118,6 +118,9 @@ def _prefixed(warn: Warn, prefix: str) -> Warn:
 def _apply_layer(root: Node[E], entries: list[E], warn: Warn) -> Node[E]:
     ordinary: list[E] = []
     for entry in entries:
+        if WHITEOUT_PREFIX not in entry.path:  # classify's own first test, less a call per entry
+            ordinary.append(entry)
+            continue
         marker, target = classify(entry.path)
         try:
             if marker is Marker.WHITEOUT:
@@ -218,7 +221,7 @@ def _add(root: Node[E], entry: E, warn: Warn) -> Node[E]:
             warn("a non-directory entry for the root is ignored")
             return root
         return Node(entry, root.children)
-    parent_path, name = parent_and_name(entry.path)
+    parent_path, _, name = entry.path.rpartition("/")  # parent_and_name, less a call per entry
     new = _node_for(root, entry, warn)
     if new is None:
         return root
@@ -229,7 +232,7 @@ def _add(root: Node[E], entry: E, warn: Warn) -> Node[E]:
         return root
     assert parent is not None and parent.children is not None
     existing = parent.children.get(name)
-    if existing is not None and existing.is_dir and new.is_dir:
+    if existing is not None and existing.children is not None and new.children is not None:  # both directories
         new.children = existing.children
     parent.children[name] = new
     return root

@@ -214,7 +214,7 @@ class _OnePass:
     an artifact's name twice."""
 
     def __init__(self, layer: int, row_hook: RowHook | None = None, end_offsets: bool = False) -> None:
-        self.layer, self.share, self.table = layer, sharer(), ChunkTable()
+        self.layer, self.attributes, self.table = layer, RowAttributes(), ChunkTable()
         self.row_hook, self.end_offsets = row_hook, end_offsets
         self.entries: list[Entry] = []
         self.names: set[str] = set()
@@ -232,9 +232,15 @@ class _OnePass:
         if text[at] == "]":
             return at + 1
         scan = _DECODER.scan_once  # type: ignore[attr-defined]  # the C scanner raw_decode wraps
+        add = self.add
         while True:
             row, at = scan(text, at)
-            self.add(row)
+            add(row)
+            if text[at] == ",":  # what Go writes between rows: no blank to skip
+                at += 1
+                if text[at] in " \t\n\r":
+                    at = _skip(text, at)
+                continue
             at = _skip(text, at)
             if text[at] == "]":
                 return at + 1
@@ -298,8 +304,10 @@ class _OnePass:
         if self.pending is not None:
             row, name, chunk_rows = self.pending
             self.pending = None
-            chunks = _tiled(name, row, chunk_rows, _ENDS_LATER, self.table)
-            self.entries.append(_entry(row, name, self.layer, self.share, chunks))
+            chunks: Sequence[Chunk] | None = _one_chunk(row, self.table) if chunk_rows is row else None
+            if chunks is None:
+                chunks = _tiled(name, row, chunk_rows, _ENDS_LATER, self.table)
+            self.entries.append(_entry(row, name, self.layer, self.attributes, chunks))
             if self.end_offsets:
                 self._last_chunk(row, chunk_rows if isinstance(chunk_rows, list) else None)
 
@@ -337,7 +345,7 @@ def toc_entries(rows: list[dict[str, Any]], layer: int, ends: Callable[[], dict[
 
 
 def _entries(rows: list[dict[str, Any]], layer: int, ends: dict[int, int]) -> LayerToc:
-    share = sharer()
+    attributes = RowAttributes()
     kept: list[tuple[dict[str, Any], str]] = []
     # Per file name, the rows of its chunks: one row (most files) or a list of them. Chunks go
     # straight into the layer's ChunkTable as its entries are built (no Chunk object each).
@@ -363,7 +371,7 @@ def _entries(rows: list[dict[str, Any]], layer: int, ends: dict[int, int]) -> La
             kept.append((row, name))
     # then each entry, built once with its chunks
     table = ChunkTable()
-    return LayerToc([_entry(row, name, layer, share, _tiled(name, row, chunks.get(name), ends, table))
+    return LayerToc([_entry(row, name, layer, attributes, _tiled(name, row, chunks.get(name), ends, table))
                      for row, name in kept], prefetch_end)  # fmt: skip
 
 
@@ -415,6 +423,18 @@ def _tiled(path: str, row: dict[str, Any], chunk_rows: dict[str, Any] | list[dic
     return table.file(table.end_file())
 
 
+def _one_chunk(row: dict[str, Any], table: ChunkTable) -> FileChunks | None:
+    """_tiled of a "reg" row that is its file's only chunk (most files) with its member's end
+    left for _OnePass.finish, in fewer steps; None if the row is not that simple case."""
+    size = int(row.get("size", 0))
+    file_offset = row.get("chunkOffset", 0)
+    chunk_size = int(row.get("chunkSize", 0))
+    if file_offset != 0 or chunk_size not in (0, size):
+        return None
+    table.add_chunk(0, size, int(row["offset"]), 0, int(row.get("innerOffset", 0)), str(row.get("chunkDigest", "")))
+    return table.file(table.end_file())
+
+
 Span = tuple[int, int, int, int, int, str]  # a Chunk's fields, in its order, before it is a table row
 
 
@@ -428,27 +448,46 @@ def _span(row: dict[str, Any], ends: Mapping[int, int], file_size: int = 0) -> S
             str(row.get("chunkDigest", "")))  # fmt: skip
 
 
-def _entry(row: dict[str, Any], name: str, layer: int, share: Callable[[Any], Any],
-           chunks: Sequence[Chunk]) -> Entry:  # fmt: skip
+class RowAttributes(dict[tuple[Any, ...], tuple[int, int, int, int]]):
+    """(st_mode, uid, gid, mtime_ns) per distinct (type, mode, uid, gid, modtime) of a layer's
+    rows, as they are in the JSON: most rows repeat a few, so a row costs one lookup, not three
+    int()s, a time parse and four sharings. Keys equal as numbers give equal int()s; a modtime
+    that is no string fails to parse, so no two equal keys can mean different attributes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.share = sharer()
+
+    def __missing__(self, key: tuple[Any, ...]) -> tuple[int, int, int, int]:
+        kind, mode, uid, gid, modtime = key
+        share = self.share
+        found = (share(_TYPES[kind] | (int(mode) & 0o7777)), share(int(uid)), share(int(gid)),
+                 share(_modtime_ns(str(modtime))))  # fmt: skip
+        self[key] = found
+        return found
+
+
+def _entry(row: dict[str, Any], name: str, layer: int, attributes: RowAttributes, chunks: Sequence[Chunk]) -> Entry:
     kind = row["type"]
     if kind not in _TYPES:
         raise LayerFormatError(f"eStargz TOC: {name!r} has unknown type {kind!r}")
+    get = row.get
+    mode, uid, gid, mtime_ns = attributes[kind, get("mode", 0), get("uid", 0), get("gid", 0), get("modtime", "")]
     hardlink = kind == "hardlink"
-    link = str(row.get("linkName", ""))
+    link = str(get("linkName", ""))
     if hardlink:
         link = clean_path(link) or ""
-    size = int(row.get("size", 0)) if kind == "reg" else 0
     return Entry(
         name,
-        share(_TYPES[kind] | (int(row.get("mode", 0)) & 0o7777)),
-        share(int(row.get("uid", 0))),
-        share(int(row.get("gid", 0))),
-        size,
-        share(_modtime_ns(str(row.get("modtime", "")))),
+        mode,
+        uid,
+        gid,
+        int(get("size", 0)) if kind == "reg" else 0,
+        mtime_ns,
         link,
         hardlink,
         _rdev(row) if kind in ("char", "block") else 0,
-        {k: _xattr(v) for k, v in xattrs.items()} if (xattrs := row.get("xattrs")) else NO_XATTRS,
+        {k: _xattr(v) for k, v in xattrs.items()} if (xattrs := get("xattrs")) else NO_XATTRS,
         layer,
         0,
         chunks,

@@ -57,7 +57,7 @@ def _resolve_legacy(files: TarFiles, ref: str | None, platform: Platform) -> Ima
         layer_names = [str(name) for name in entry["Layers"]]
         config_name = str(entry["Config"])
         config = files.window(config_name).read_all()
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise ManifestError(f"{files.path}: malformed manifest.json: {exc}") from exc
     diffs = diff_ids(config, f"{files.path}: {config_name}")
     check_platform(config, platform, files.path)

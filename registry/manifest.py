@@ -159,7 +159,7 @@ def diff_ids(config: bytes, name: str = "image config") -> tuple[Digest, ...]:
 def _json_object(data: bytes) -> dict[str, Any]:
     try:
         doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: arrays nested beyond the parser's depth
         raise ManifestError(f"not valid JSON: {exc}") from exc
     if not isinstance(doc, dict):
         raise ManifestError("not a JSON object")

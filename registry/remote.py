@@ -508,7 +508,7 @@ class RegistryClient:
                 reply = json.loads(await _read_bounded(response, MAX_DOCUMENT_SIZE))
         except NETWORK_ERRORS as exc:
             raise _Retryable(f"token server {_safe(realm)}: {type(exc).__name__}: {exc}") from None
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested beyond the parser's depth
             raise AuthenticationError(f"token server {_safe(realm)} answered with malformed JSON") from None
         token = reply.get("token") or reply.get("access_token") if isinstance(reply, dict) else None
         if not isinstance(token, str) or not token:

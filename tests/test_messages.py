@@ -71,6 +71,9 @@ def test_missing_index_json_names_the_layout(tmp_path: Path, fuse_works: None) -
 @pytest.mark.parametrize(("content", "problem"), [
     ("{nope", "not valid JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
     ("[]", "not a JSON object"),
+    pytest.param("[" * 100_000 + "]" * 100_000,  # nested past the parser's depth: a RecursionError inside json
+                 "not valid JSON: maximum recursion depth exceeded while decoding a JSON array from a unicode string",
+                 id="nested-past-the-parsers-depth"),  # a short id: pytest puts it in the environment
     ('{"manifests": 3}', "manifest field 'manifests' is missing or not a list"),
     ('{"manifests": [{"digest": "sha256:00"}]}',
      "descriptor lacks a valid mediaType, digest or size: 'size'"),

@@ -127,3 +127,10 @@ def test_damaged_tocs_are_refused_with_the_whole_document_message(old: bytes, ne
     with pytest.raises(LayerFormatError) as got:
         parse_toc(damaged, 2, toc_offset)
     assert str(got.value) == str(whole.value)
+
+
+def test_a_toc_nested_past_the_parsers_depth_is_a_layer_format_error() -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000
+    toc = b'{"version": 1, "entries": [{"name": "a", "type": "dir", "x": ' + deep + b"}]}"
+    with pytest.raises(LayerFormatError, match="malformed eStargz TOC: RecursionError"):
+        parse_toc(toc, 0, 100)

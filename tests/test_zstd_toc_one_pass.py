@@ -139,3 +139,10 @@ def test_an_entry_that_is_not_an_object_is_a_layer_format_error(entry: object) -
     toc = _rows(REG, CHUNK, entry, OTHER)  # type: ignore[arg-type]
     with pytest.raises(LayerFormatError, match="malformed zstd:chunked TOC"):
         parse_toc(toc, 2, POSITION)
+
+
+def test_a_toc_nested_past_the_parsers_depth_is_a_layer_format_error() -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000
+    toc = b'{"version": 1, "entries": [{"name": "a", "type": "dir", "x": ' + deep + b"}]}"
+    with pytest.raises(LayerFormatError, match="malformed zstd:chunked TOC: RecursionError"):
+        parse_toc(toc, 2, POSITION)

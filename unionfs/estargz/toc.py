@@ -144,7 +144,7 @@ def read_one_pass(toc_json: bytes, layer: int, toc_end: int, row_hook: RowHook |
     try:
         return _one_pass(toc_json, layer, toc_end, row_hook, end_offsets)
     except (_NotOnePass, StopIteration, ValueError, KeyError, TypeError, AttributeError, IndexError, OverflowError,
-            LayerFormatError):  # fmt: skip
+            RecursionError, LayerFormatError):  # fmt: skip
         return None
 
 
@@ -331,7 +331,7 @@ def toc_rows(toc_json: bytes, kind: str) -> list[dict[str, Any]]:
         if document.get("version") != 1 or not isinstance(rows, list):
             raise LayerFormatError(f"unsupported {kind} TOC version {document.get('version')!r}")
         return rows
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:  # nested past the parser's depth
         raise LayerFormatError(f"malformed {kind} TOC: {exc!r}") from exc
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from unionfs.storage.chunk_cache import ChunkCache
@@ -61,3 +62,39 @@ def test_put_behind_writes_in_the_callers_thread_once_the_writer_is_behind(tmp_p
     key, data = _chunk(1)
     ChunkCache(tmp_path, memory_bytes=0).put_behind(key, data)  # not closed: nothing waits for a writer
     assert (tmp_path / key.replace(":", "-")).read_bytes() == data
+
+
+def test_concurrent_readers_of_a_chunk_on_disk_read_and_verify_it_once(tmp_path: Path, monkeypatch) -> None:
+    # The kernel sends several READs of one chunk at once: each used to read and hash the
+    # whole chunk file (about 4 times per chunk on a cold sequential read).
+    key, data = _chunk(1)
+    ChunkCache(tmp_path).put(key, data)
+    reads: list[str] = []
+    read_bytes = Path.read_bytes
+
+    def slow_counted_read(path: Path) -> bytes:
+        reads.append(path.name)
+        time.sleep(0.2)  # long enough for every reader below to arrive while it is under way
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", slow_counted_read)
+    cache = ChunkCache(tmp_path)  # a new mount: the chunk is on disk only
+    with ThreadPoolExecutor(8) as readers:
+        got = list(readers.map(lambda _: cache.get(key), range(8)))
+    assert got == [data] * 8
+    assert reads == [key.replace(":", "-")]
+
+
+def test_load_ahead_brings_chunks_on_disk_into_memory_verified(tmp_path: Path) -> None:
+    on_disk, damaged, absent = _chunk(1), _chunk(2), _chunk(3)
+    writer = ChunkCache(tmp_path)
+    writer.put(*on_disk)
+    writer.put(*damaged)
+    damaged_path = tmp_path / damaged[0].replace(":", "-")
+    damaged_path.write_bytes(b"x" * len(damaged[1]))
+    cache = ChunkCache(tmp_path)  # a new mount
+    with ThreadPoolExecutor(2) as pool:
+        assert cache.load_ahead([on_disk[0], damaged[0], absent[0]], pool) == [absent[0]]
+    (tmp_path / on_disk[0].replace(":", "-")).unlink()
+    assert cache.get(on_disk[0]) == on_disk[1]  # loaded into memory ahead of the reader
+    assert cache.get(damaged[0]) is None and not damaged_path.exists()  # noticed and removed, to be fetched again

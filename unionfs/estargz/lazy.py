@@ -235,7 +235,10 @@ class LazyLayer:
         reach = last.file_offset + last.size + READAHEAD_BYTES
         following = chunks_after(entry, last, READAHEAD_MAX_CHUNKS)
         after = [c for n, c in enumerate(following) if n < READAHEAD_CHUNKS or c.file_offset + c.size <= reach]
-        wanted = [c for c in after if not self._cache.contains(self._key(c))]
+        # Chunks on disk are read and verified on the worker pool meanwhile, as fetched ones are
+        # inflated there: the reader then finds them in memory.
+        absent = set(self._cache.load_ahead([self._key(c) for c in after], _inflate_pool()))
+        wanted = [c for c in after if self._key(c) in absent]
         if wanted:
             self._loop.submit(self._readahead_fetch(wanted))
 

@@ -18,7 +18,7 @@ import hashlib
 import logging
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
 
 from cachetools import LRUCache
@@ -55,18 +55,57 @@ class ChunkCache:
         self._pending: dict[str, bytes] = {}  # handed to the writer thread, not yet on disk
         self._pending_bytes = 0
         self._writer: ThreadPoolExecutor | None = None  # made on the first put_behind
+        # Chunks being read from disk and verified: a reader of one waits for that load rather
+        # than reading and hashing the file again (the kernel sends several READs of a chunk at
+        # once: each read every chunk file about 4 times).
+        self._loading: dict[str, Future[bytes | None]] = {}
 
     def get(self, key: str) -> bytes | None:
         """Returns the chunk, or None if it is in neither cache (or was found damaged)."""
         with self._lock:
             data = self._memory.get(key)
             data = self._pending.get(key) if data is None else data
-        if data is not None:
-            return data
-        data = self._read_disk(key)
-        if data is not None:
-            self._remember(key, data)
-        return data
+            if data is not None:
+                return data
+            loading = self._loading.get(key)
+            mine = loading is None
+            if loading is None:
+                loading = self._loading[key] = Future()
+        if mine:
+            self._load(key, loading)
+        return loading.result()
+
+    def load_ahead(self, keys: list[str], pool: Executor) -> list[str]:
+        """Starts reading and verifying, on `pool`, those of `keys` that are on disk but not
+        in memory, so that a sequential reader finds them there; returns the keys that are
+        in neither (to be fetched)."""
+        absent = []
+        for key in keys:
+            with self._lock:
+                if key in self._memory or key in self._pending or key in self._loading:
+                    continue
+            if _digest_of(key) is None or not self._path(key).exists():
+                absent.append(key)
+                continue
+            with self._lock:
+                if key in self._loading:
+                    continue
+                loading = self._loading[key] = Future()
+            pool.submit(self._load, key, loading)
+        return absent
+
+    def _load(self, key: str, loading: Future[bytes | None]) -> None:
+        """Reads and verifies `key` from disk into memory, and tells its waiters."""
+        try:
+            data = self._read_disk(key)
+            if data is not None:
+                self._remember(key, data)
+            loading.set_result(data)
+        except BaseException as exc:
+            loading.set_exception(exc)
+        finally:
+            with self._lock:
+                del self._loading[key]
 
     def get_recent(self, key: str) -> bytes | None:
         """Returns the chunk if it is in the memory cache; never reads the disk (for the event

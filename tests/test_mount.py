@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -9,6 +10,7 @@ import signal
 import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -213,15 +215,8 @@ def test_a_warm_walk_and_reread_are_served_by_the_kernel_alone(
     still opens and releases, but lists and reads nothing again."""
     image = oci_image([d("etc"), f("etc/hosts", b"127.0.0.1 localhost\n"), d("usr/bin"), f("usr/bin/sh", b"#!")],
                       [f("usr/bin/ls", b"ls"), wh("etc/hosts"), sym("etc/mtab", "/proc/mounts")])  # fmt: skip
-    mountpoint = tmp_path / "mnt"
-    mountpoint.mkdir()
-    log_path = tmp_path / "debug.log"
-    with log_path.open("wb") as log:
-        env = {**os.environ, OLD_KERNEL_VARIABLE: "1" if old_kernel else "0"}
-        server = subprocess.Popen([*_command(tmp_path), "-f", "-o", "debug", image, str(mountpoint)], stderr=log,
-                                  env=env)  # fmt: skip
-    try:
-        _wait_for(lambda: os.path.ismount(mountpoint))
+    env = {**os.environ, OLD_KERNEL_VARIABLE: "1" if old_kernel else "0"}
+    with _debug_mount(image, tmp_path, env) as (mountpoint, log_path):
 
         def walk_and_read() -> list[str]:
             seen = sorted(str(p.relative_to(mountpoint)) for p in mountpoint.rglob("*"))
@@ -240,9 +235,6 @@ def test_a_warm_walk_and_reread_are_served_by_the_kernel_alone(
         opening = {"OPEN", "OPENDIR", "FLUSH", "RELEASE", "RELEASEDIR"} if old_kernel else set()
         assert asked <= opening, f"requests on a warm walk: {asked - opening}"
         assert ("OPENDIR" in asked) == old_kernel
-    finally:
-        server.send_signal(15)
-        assert server.wait(timeout=20) == 0
 
 
 def test_a_cold_sequential_read_goes_out_in_reads_as_large_as_can_be_spliced(
@@ -257,13 +249,7 @@ def test_a_cold_sequential_read_goes_out_in_reads_as_large_as_can_be_spliced(
 
     content = bytes(range(256)) * (12 * 1024)  # 3 MiB
     image = oci_image([f("big", content)])
-    mountpoint = tmp_path / "mnt"
-    mountpoint.mkdir()
-    log_path = tmp_path / "debug.log"
-    with log_path.open("wb") as log:
-        server = subprocess.Popen([*_command(tmp_path), "-f", "-o", "debug", image, str(mountpoint)], stderr=log)
-    try:
-        _wait_for(lambda: os.path.ismount(mountpoint))
+    with _debug_mount(image, tmp_path) as (mountpoint, log_path):
         device = os.stat(mountpoint).st_dev
         setting = Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb")
         root = os.geteuid() == 0
@@ -275,9 +261,6 @@ def test_a_cold_sequential_read_goes_out_in_reads_as_large_as_can_be_spliced(
                    if "success, outsize: " in line]  # fmt: skip
         spliced = [int(reply.split()[0]) - 16 for reply in replies if reply.endswith("(splice)")]
         assert sum(spliced) == len(content) and max(spliced) == (read_size() if root else readahead)
-    finally:
-        server.send_signal(15)
-        assert server.wait(timeout=20) == 0
 
 
 def test_a_large_directory_is_listed_in_one_request_that_links_every_name(
@@ -289,13 +272,7 @@ def test_a_large_directory_is_listed_in_one_request_that_links_every_name(
     all, as `ls -l` does, sends no LOOKUP."""
     names = [f"file-{i:04d}" for i in range(1000)]
     image = oci_image([d("big"), *(f(f"big/{n}", n.encode()) for n in names)])
-    mountpoint = tmp_path / "mnt"
-    mountpoint.mkdir()
-    log_path = tmp_path / "debug.log"
-    with log_path.open("wb") as log:
-        server = subprocess.Popen([*_command(tmp_path), "-f", "-o", "debug", image, str(mountpoint)], stderr=log)
-    try:
-        _wait_for(lambda: os.path.ismount(mountpoint))
+    with _debug_mount(image, tmp_path) as (mountpoint, log_path):
         directory = os.stat(mountpoint / "big")
         assert directory.st_blksize == 256 * 1024
         with os.scandir(mountpoint / "big") as listing:
@@ -306,9 +283,6 @@ def test_a_large_directory_is_listed_in_one_request_that_links_every_name(
         listed = [op for op in asked if op in ("READDIRPLUS", "READDIR", "LOOKUP")]  # (not the one OPENDIR: ENOSYS)
         # The ending request is a READDIRPLUS too where the kernel saw the names used in between.
         assert listed in (["READDIRPLUS", "READDIR"], ["READDIRPLUS", "READDIRPLUS"]), asked
-    finally:
-        server.send_signal(15)
-        assert server.wait(timeout=20) == 0
 
 
 def test_a_worker_thread_keeps_its_python_state_from_one_request_to_the_next(fuse_works: None,
@@ -356,6 +330,25 @@ def test_a_worker_thread_keeps_its_python_state_from_one_request_to_the_next(fus
         session.close()
         client.join()
     assert counts == [1, 2, 3, 4, 5]
+
+
+@contextlib.contextmanager
+def _debug_mount(image: str, tmp_path: Path, env: dict[str, str] | None = None) -> Iterator[tuple[Path, Path]]:
+    """Mounts `image` in the foreground with libfuse's debug log (every request it receives)
+    in a file; yields (mountpoint, log path); stops the server with SIGTERM, which must end
+    it cleanly."""
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    log_path = tmp_path / "debug.log"
+    with log_path.open("wb") as log:
+        server = subprocess.Popen([*_command(tmp_path), "-f", "-o", "debug", image, str(mountpoint)], stderr=log,
+                                  env=env)  # fmt: skip
+    try:
+        _wait_for(lambda: os.path.ismount(mountpoint))
+        yield mountpoint, log_path
+    finally:
+        server.send_signal(15)
+        assert server.wait(timeout=20) == 0
 
 
 def _command(tmp_path: Path) -> list[str]:

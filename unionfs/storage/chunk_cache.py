@@ -63,8 +63,7 @@ class ChunkCache:
     def get(self, key: str) -> bytes | None:
         """Returns the chunk, or None if it is in neither cache (or was found damaged)."""
         with self._lock:
-            data = self._memory.get(key)
-            data = self._pending.get(key) if data is None else data
+            data = self._held(key)
             if data is not None:
                 return data
             loading = self._loading.get(key)
@@ -111,8 +110,12 @@ class ChunkCache:
         """Returns the chunk if it is in the memory cache; never reads the disk (for the event
         loop, which must not wait on files)."""
         with self._lock:
-            data = self._memory.get(key)
-            return self._pending.get(key) if data is None else data
+            return self._held(key)
+
+    def _held(self, key: str) -> bytes | None:
+        """The chunk if memory holds it (the LRU, or waiting for the writer); the lock is held."""
+        data = self._memory.get(key)
+        return self._pending.get(key) if data is None else data
 
     def contains(self, key: str) -> bool:
         """True if the chunk is probably cached (for prefetch: no read, no hashing)."""

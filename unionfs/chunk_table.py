@@ -47,8 +47,6 @@ class ChunkTable:
 
     def add_file(self, chunks: Iterable[Chunk]) -> int:
         """Appends a file's chunks (in file order); returns its file number."""
-        if isinstance(chunks, FileChunks):  # rows of another table (a TOC's): copied as rows
-            return self.add_rows(chunks._table, chunks._start, chunks._end)
         for chunk in chunks:
             self.add_chunk(chunk.file_offset, chunk.size, chunk.blob_offset, chunk.blob_end, chunk.inner_offset,
                            chunk.digest)  # fmt: skip
@@ -70,25 +68,6 @@ class ChunkTable:
         """Closes the file whose chunks were added since the last one; returns its number."""
         self.file_first.append(len(self._file_offset))
         return len(self.file_first) - 2
-
-    def add_rows(self, source: ChunkTable, start: int, end: int) -> int:
-        """Appends rows [start, end) of `source` as one file; returns its file number."""
-        assert isinstance(self.digests, bytearray), "a loaded table is read-only"
-        base = len(self._file_offset)
-        if end - start == 1:  # most files: five appends cost less than five slices
-            self._file_offset.append(source._file_offset[start])
-            self._size.append(source._size[start])
-            self._blob_offset.append(source._blob_offset[start])
-            self._blob_end.append(source._blob_end[start])
-            self._inner.append(source._inner[start])
-        else:
-            for name, values in self.arrays.items():
-                values.extend(source.arrays[name][start:end])
-        self.digests += source.digests[start * DIGEST_SIZE : end * DIGEST_SIZE]
-        other = source.other_digests
-        if other:
-            self.other_digests.update({base + row - start: other[row] for row in range(start, end) if row in other})
-        return self.end_file()
 
     def chunk(self, row: int) -> Chunk:
         raw = self.digests[row * DIGEST_SIZE : (row + 1) * DIGEST_SIZE]

@@ -401,15 +401,11 @@ def _tiled(path: str, row: dict[str, Any], chunk_rows: dict[str, Any] | list[dic
     if chunk_rows is None:
         return ()
     size = int(row.get("size", 0)) if row["type"] == "reg" else 0
-    if isinstance(chunk_rows, dict):  # most files: one chunk, no sorting, no pairing
-        span = _span(chunk_rows, ends, size)
-        if span[0] == 0 and span[1] in (0, size):
-            table.add_chunk(0, size, span[2], span[3], span[4], span[5])
-            return table.file(table.end_file())
-        spans = [span]
+    if isinstance(chunk_rows, dict):
+        spans = [_span(chunk_rows, ends, size)]
     else:
         spans = [_span(r, ends, size if r["type"] == "reg" else 0) for r in chunk_rows]
-    if len(spans) == 1 and spans[0][0] == 0 and spans[0][1] in (0, size):
+    if len(spans) == 1 and spans[0][0] == 0 and spans[0][1] in (0, size):  # most files: no sorting, no pairing
         table.add_chunk(0, size, *spans[0][2:])
         return table.file(table.end_file())
     spans.sort(key=lambda span: span[0])

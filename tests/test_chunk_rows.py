@@ -49,3 +49,15 @@ def test_gathered_rows_are_the_rows_added_one_by_one(batch: int, monkeypatch: py
     assert _rows(gathered) == _rows(expected)
     assert bytes(gathered.digests) == bytes(expected.digests) and gathered.other_digests == expected.other_digests
     assert list(gathered.file_first) == list(expected.file_first)
+
+
+@pytest.mark.parametrize("swap", [0, 1, 2])
+def test_file_rows_out_of_order_are_refused(swap: int) -> None:
+    """A damaged saved tree whose files' first rows go backwards anywhere would hand a file
+    another's chunks: check() refuses it, wherever the fault is."""
+    table = _table(1, [1, 3, 1, 2])
+    table.check()
+    first = table.file_first
+    first[swap + 1], first[swap + 2] = first[swap + 2], first[swap + 1]
+    with pytest.raises(ValueError, match="chunk rows out of range"):
+        table.check()

@@ -4,7 +4,7 @@ image-index.md, config.md). Bytes in, frozen values out: no I/O here."""
 from __future__ import annotations
 
 import json
-import platform as host_platform
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +36,7 @@ class Platform:
     @classmethod
     def host(cls) -> Platform:
         """Returns the platform of this machine, named as Go (and so docker) names it."""
-        machine = host_platform.machine().lower()
+        machine = os.uname().machine.lower()  # what platform.machine() says, without its 5-10 ms import
         arch, variant = _GO_ARCH.get(machine, (machine, ""))
         return cls("linux", arch, variant, requested=False)
 

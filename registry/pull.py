@@ -17,15 +17,19 @@ import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from registry.cache_files import NoSpaceError, remove_if_abandoned, resumable_partial, space_errors_named
+from registry.deferred_client import BlobReader
 from registry.digest import Digest
 from registry.errors import DigestMismatchError, ManifestError
 from registry.manifest import Descriptor, Manifest, Platform, check_platform, decode, diff_ids, select_platform
 from registry.media_types import TOC_DIGEST_ANNOTATION, layer_compression
-from registry.remote import Progress, RegistryClient
 from registry.remote_reference import RemoteReference
 from registry.source import FileWindow, Image, Layer
+
+if TYPE_CHECKING:  # aiohttp is imported only where a client is made: a mount from the cache needs none
+    from registry.remote import Progress, RegistryClient
 
 log = logging.getLogger("crfs-merge")
 LOCK_POLL_SECONDS = 0.1
@@ -50,6 +54,8 @@ class ResolvedManifest:
     by_platform: bool  # an image index chose it by platform
     platform: Platform
     layers: tuple[Layer, ...]
+    data: bytes  # the manifest as served, kept with the config for the next mount (--pull missing)
+    media_type: str | None
 
     @property
     def config_digest(self) -> Digest:
@@ -69,10 +75,16 @@ class ResolvedManifest:
 async def resolve_manifest(client: RegistryClient, platform: Platform, blob_dir: Path) -> ResolvedManifest:
     """Returns the client's manifest for `platform`, its layers windows on (not yet fetched)
     blob files under `blob_dir`."""
-    manifest, by_platform = await _manifest(client, client.reference, platform)
+    manifest, by_platform, data, media_type = await _manifest(client, client.reference, platform)
     reference = client.reference  # a short name's candidate is known once one served the manifest
+    return resolved_from(reference, manifest, by_platform, platform, blob_dir, data, media_type)
+
+
+def resolved_from(reference: RemoteReference, manifest: Manifest, by_platform: bool, platform: Platform,
+                  blob_dir: Path, data: bytes, media_type: str | None) -> ResolvedManifest:  # fmt: skip
+    """The resolution of `manifest` (served as `data`), its layers windows on blob files under `blob_dir`."""
     layers = tuple(_layer(d, None, blob_dir, str(reference)) for d in manifest.layers)
-    return ResolvedManifest(reference, manifest, by_platform, platform, layers)
+    return ResolvedManifest(reference, manifest, by_platform, platform, layers, data, media_type)
 
 
 def _layer(descriptor: Descriptor, diff_id: Digest | None, blob_dir: Path, image: str) -> Layer:
@@ -83,7 +95,7 @@ def _layer(descriptor: Descriptor, diff_id: Digest | None, blob_dir: Path, image
 
 
 async def fetch_blobs(
-    client: RegistryClient, layers: list[Layer], start_progress: Callable[[int], Progress] | None = None,
+    client: BlobReader, layers: list[Layer], start_progress: Callable[[int], Progress] | None = None,
     needed: Callable[[Layer], bool] = lambda layer: True,
 ) -> None:
     """Downloads the blobs of `layers` into their windows' files (verified, shared), except
@@ -112,22 +124,26 @@ def _blob_path(blob_dir: Path, descriptor: Descriptor) -> Path:
     return blob_dir / f"{descriptor.digest.algorithm}-{descriptor.digest.hex}"
 
 
-async def _manifest(client: RegistryClient, reference: RemoteReference, platform: Platform) -> tuple[Manifest, bool]:
-    """Returns the manifest of `reference` for `platform`, and whether an image index chose it
-    by platform."""
+async def _manifest(
+    client: RegistryClient, reference: RemoteReference, platform: Platform
+) -> tuple[Manifest, bool, bytes, str | None]:
+    """Returns the manifest of `reference` for `platform`, whether an image index chose it by
+    platform, and the manifest's bytes and media type as served."""
     data, content_type = await client.manifest(reference.version)
     reference = client.reference  # the candidate that answered, for a short name
     if reference.digest is not None:
         reference.digest.check_bytes(data, f"manifest of {reference}")
-    document = decode(data, _bare_media_type(content_type), f"{reference}: manifest")
+    media_type = _bare_media_type(content_type)
+    document = decode(data, media_type, f"{reference}: manifest")
     for depth in range(MAX_INDEX_DEPTH):
         if isinstance(document, Manifest):
             log.info("%s: manifest sha256:%s", reference, hashlib.sha256(data).hexdigest())
-            return document, depth > 0
+            return document, depth > 0, data, media_type
         chosen = select_platform(document, platform, str(reference))
         data, _ = await client.manifest(str(chosen.digest))
         where = f"{reference}: manifest {chosen.digest}"
-        document = decode(chosen.digest.check_bytes(data, where), chosen.media_type, where)
+        media_type = chosen.media_type
+        document = decode(chosen.digest.check_bytes(data, where), media_type, where)
     raise ManifestError(f"{reference}: image index nesting too deep")
 
 
@@ -136,7 +152,7 @@ def _bare_media_type(content_type: str | None) -> str | None:
     return media_type if media_type and media_type not in ("application/json", "text/plain") else None
 
 
-async def _fetch(client: RegistryClient, layer: Layer, progress: Progress | None,
+async def _fetch(client: BlobReader, layer: Layer, progress: Progress | None,
                  needed: Callable[[Layer], bool]) -> None:  # fmt: skip
     path = Path(layer.window.path)
     if path.exists():

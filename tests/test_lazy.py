@@ -139,15 +139,17 @@ def test_estargz_mounts_after_fetching_only_tocs_and_equals_the_tar_path(
     assert describe_tree(root) == source_tree
 
 
+@pytest.mark.parametrize("pull", ["missing", "always"])
 @pytest.mark.parametrize("damage", ["none", "byte-flipped"])
 def test_a_second_mount_loads_the_saved_tree_and_makes_no_range_request(
-    damage: str, images: dict[str, str], proxy: FaultProxy, mount: Mounter, tmp_path: Path,
+    damage: str, pull: str, images: dict[str, str], proxy: FaultProxy, mount: Mounter, tmp_path: Path,
     source_tree: dict[str, tuple[object, ...]],
 ) -> None:  # fmt: skip
     """The first mount saves the merged tree with its chunk tables; the second loads it and
-    fetches only the manifest and config (its TOCs are not needed: they are removed first). A
-    saved tree damaged in between is refused with one warning and made again from the cached
-    TOCs, again without a range request."""
+    asks the registry nothing (--pull missing: the reference's record names the image) or
+    only for the manifest and config (--pull always); its TOCs are not needed: they are
+    removed first. A saved tree damaged in between is refused with one warning and made again
+    from the cached TOCs, again without a range request."""
     image, cache = f"{proxy.host}/{images['upstream-64k']}", tmp_path / "cache"
     unmount(mount(image, "--prefetch", "none", cache=cache))
     [saved] = (cache / "trees").rglob("*.tree")
@@ -159,11 +161,14 @@ def test_a_second_mount_loads_the_saved_tree_and_makes_no_range_request(
         saved.write_bytes(data)
     proxy.requests.clear()
     (tmp_path / "m").mkdir()
-    run = subprocess.run([*COMMAND, "--cache-dir", str(cache), "--prefetch", "none", "-v", image,
+    run = subprocess.run([*COMMAND, "--cache-dir", str(cache), "--prefetch", "none", "--pull", pull, "-v", image,
                           str(tmp_path / "m")], capture_output=True, text=True, timeout=120)  # fmt: skip
     try:
         assert run.returncode == 0, run.stderr
-        assert proxy.requests["range"] == 0 and proxy.requests["blob"] == 1  # the config
+        if pull == "missing":
+            assert sum(proxy.requests.values()) == 0, proxy.requests
+        else:
+            assert proxy.requests["range"] == 0 and proxy.requests["blob"] == 1  # the config
         loaded = "merged tree loaded from the cache" in run.stderr
         assert loaded == (damage == "none"), run.stderr
         if damage != "none":

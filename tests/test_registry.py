@@ -390,7 +390,9 @@ def test_concurrent_mounts_share_one_download(proxy: FaultProxy, tmp_path: Path,
     mountpoints = [tmp_path / "a", tmp_path / "b"]
     for mountpoint in mountpoints:
         mountpoint.mkdir()
-    runs = [subprocess.Popen([*COMMAND, "--cache-dir", str(tmp_path / "shared"), image, str(m)]) for m in mountpoints]
+    # --pull always: each resolves the image itself (the second might find the first's record)
+    runs = [subprocess.Popen([*COMMAND, "--pull", "always", "--cache-dir", str(tmp_path / "shared"), image, str(m)])
+            for m in mountpoints]  # fmt: skip
     try:
         assert [r.wait(timeout=120) for r in runs] == [0, 0]
         assert (mountpoints[0] / "big").read_bytes() == (mountpoints[1] / "big").read_bytes()

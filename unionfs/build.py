@@ -65,6 +65,9 @@ class Settings:
     remote: RemoteOptions = field(default_factory=RemoteOptions)
     prefetch: str = "landmark"  # eStargz: none | landmark (prioritized files) | all (whole layers)
     cache_max_bytes: int = DEFAULT_MAX_BYTES  # pruned to this once a mount is ready (unused files only)
+    # Registry images: "missing" mounts what an earlier mount resolved the reference to, if
+    # recorded (as docker run and podman run's default); "always" asks the registry each time.
+    pull: str = "missing"
 
 
 def open_image(text: str, settings: Settings) -> MountedImage:

@@ -37,6 +37,7 @@ from unionfs.commands.server_log import configure_terminal
 from unionfs.commands.usage import UsageError
 
 if TYPE_CHECKING:
+    from registry.manifest import Platform
     from unionfs.build import MountedImage, Settings
 
 # The command that mounts only parses its arguments and starts the server, which then
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("crfs-merge")
 PREFETCH_MODES = ("none", "landmark", "all")
+PULL_POLICIES = ("missing", "always")
 USAGE = """crfs-merge [options] IMAGE DIR
        crfs-merge --export DEST [options] IMAGE
        crfs-merge convert [options] SRC DST
@@ -121,6 +123,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefetch", choices=PREFETCH_MODES, default="landmark",
                         help="eStargz layers: fetch in the background none, the prioritized files (landmark, "
                         "the default), or all")  # fmt: skip
+    parser.add_argument("--pull", choices=PULL_POLICIES, default="missing",
+                        help="registry images: missing (the default) mounts what the reference resolved to when "
+                        "last mounted with this cache, asking the registry nothing before ready if the image is "
+                        "cached; always looks the reference up again")  # fmt: skip
     parser.add_argument("--log-file", type=Path, default=None, metavar="FILE",
                         help="the background server's log (default: $XDG_STATE_HOME/crfs-merge/"
                         "crfs-merge.log)")  # fmt: skip
@@ -273,19 +279,30 @@ def credentials(args: argparse.Namespace) -> str | None:
 
 def settings_from(args: argparse.Namespace) -> Settings:
     from registry.auth import Credentials
-    from registry.manifest import Platform
     from registry.options import RemoteOptions
     from unionfs.build import Settings
-    from unionfs.storage.layer_store import default_cache_dir
 
     return Settings(
-        cache_dir=server.absolute(args.cache_dir or default_cache_dir()),  # the server leaves its cwd
-        platform=Platform.parse(args.platform) if args.platform else Platform.host(),
+        cache_dir=_cache_dir(args),
+        platform=_platform_of(args),
         remote=RemoteOptions(Credentials.parse(args.creds) if args.creds else None, args.tls_verify, args.timeout,
                              registries_conf=server.absolute(args.registries_conf) if args.registries_conf else None),
         prefetch=getattr(args, "prefetch", "landmark"),
+        pull=getattr(args, "pull", "missing"),
         **({"cache_max_bytes": args.cache_max_size} if args.cache_max_size is not None else {}),
     )
+
+
+def _cache_dir(args: argparse.Namespace) -> Path:
+    from unionfs.storage import default_cache_dir
+
+    return server.absolute(args.cache_dir or default_cache_dir())  # the server leaves its cwd
+
+
+def _platform_of(args: argparse.Namespace) -> Platform:
+    from registry.manifest import Platform
+
+    return Platform.parse(args.platform) if args.platform else Platform.host()
 
 
 def _open_image(args: argparse.Namespace, image_text: str) -> MountedImage:
@@ -388,7 +405,7 @@ def _preflight(mountpoint: str) -> None:
 
 def _serve(args: argparse.Namespace, image_text: str, mountpoint: str, options: dict[str, str | bool]) -> int:
     """The server's work, in the foreground or in the background: returns once unmounted."""
-    importing = _import_registry_client(image_text)
+    importing = _import_registry_client(args, image_text)
     from unionfs.fuse.ops import check_options, mount
 
     mountpoint = os.path.abspath(mountpoint)  # the server leaves the caller's directory
@@ -405,13 +422,16 @@ def _serve(args: argparse.Namespace, image_text: str, mountpoint: str, options: 
     return 0
 
 
-def _import_registry_client(image_text: str) -> threading.Thread | None:
+def _import_registry_client(args: argparse.Namespace, image_text: str) -> threading.Thread | None:
     """For a registry image, starts importing aiohttp on a thread of its own, while this one
     imports the FUSE side, and returns the thread: of aiohttp's 0.1-0.15 s, a third is loading
     the system's CA certificates (twice), which OpenSSL does with the GIL let go. The two
     imports load no module in common, so neither waits on the other's import lock; the
-    caller joins the thread before it imports anything more."""
-    if ImageReference.parse(image_text).transport != REGISTRY:
+    caller joins the thread before it imports anything more. Not when --pull missing finds
+    the image recorded: then the mount may need no registry before it is ready, and aiohttp's
+    import, on the same GIL, would only hold up the rest."""
+    reference = ImageReference.parse(image_text)
+    if reference.transport != REGISTRY or _recorded(args, reference):
         return None
 
     def load() -> None:
@@ -421,6 +441,12 @@ def _import_registry_client(image_text: str) -> threading.Thread | None:
     thread = threading.Thread(target=load, name="crfs-merge-import", daemon=True)
     thread.start()
     return thread
+
+
+def _recorded(args: argparse.Namespace, reference: ImageReference) -> bool:
+    from unionfs.storage.resolutions import record_path
+
+    return args.pull == "missing" and record_path(_cache_dir(args), reference.remote(), _platform_of(args)).exists()
 
 
 def _serve_writable(args: argparse.Namespace, image: MountedImage, image_text: str, mountpoint: str,

@@ -15,13 +15,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from pathlib import Path
-from typing import NamedTuple, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
+from registry.deferred_client import BlobReader, DeferredClient
 from registry.digest import Digest
 from registry.errors import ImageError, LayerFormatError
 from registry.media_types import Compression
-from registry.pull import fetch_blobs, resolve_manifest, resolve_remote
-from registry.remote import RegistryClient
+from registry.pull import ResolvedManifest, fetch_blobs, resolve_manifest, resolve_remote
 from registry.remote_reference import RemoteReference
 from registry.source import FileWindow, Image, Layer
 from unionfs.aio import EventLoopThread
@@ -34,6 +34,7 @@ from unionfs.entry import Chunk, Entry
 from unionfs.estargz import lazy as estargz
 from unionfs.estargz.lazy import ChunkDecoder, LazyLayer, SmallFiles
 from unionfs.estargz.toc import LayerToc, chunk_data
+from unionfs.storage import resolutions
 from unionfs.storage.cache_admin import image_keys, note_in_use
 from unionfs.storage.chunk_cache import ChunkCache
 from unionfs.storage.layer_store import LayerStore, RefetchNeeded
@@ -41,6 +42,9 @@ from unionfs.tree import MergedTree
 from unionfs.zstdchunked import fetch as zstdchunked
 from unionfs.zstdchunked.toc import POSITION, PREFIXES
 from unionfs.zstdchunked.toc import chunk_data as zstd_chunk_data
+
+if TYPE_CHECKING:  # aiohttp: imported where a client is made, after ready for a mount from the cache
+    from registry.remote import RegistryClient
 
 log = logging.getLogger("crfs-merge")
 M_MMAP_THRESHOLD = -3  # mallopt parameter, malloc.h
@@ -64,7 +68,7 @@ def pull_whole(reference: RemoteReference, settings: Settings, store: LayerStore
     """Resolves a registry image, fetches whatever of it the cache lacks, whole, and returns
     it with the uncompressed tar of each layer."""
     with EventLoopThread() as loop:
-        client = RegistryClient(reference, settings.remote, os.environ)
+        client = _new_client(reference, settings)
         loop.run(client.__aenter__())
         try:
             image, _ = loop.run(_resolve_and_fetch(client, settings, store, lazy=False))
@@ -88,7 +92,13 @@ def refetching(attempt: Callable[[], T], refetch: Callable[[Layer], None]) -> T:
             refetch(needed.layer)
 
 
-def _refetch(loop: EventLoopThread, client: RegistryClient, layer: Layer) -> None:
+def _new_client(reference: RemoteReference, settings: Settings) -> RegistryClient:
+    from registry.remote import RegistryClient  # aiohttp's import: a tenth of a second
+
+    return RegistryClient(reference, settings.remote, os.environ)
+
+
+def _refetch(loop: EventLoopThread, client: BlobReader, layer: Layer) -> None:
     loop.run(fetch_blobs(client, [layer], terminal_progress(sys.stderr, "pulling layers")))
 
 
@@ -106,7 +116,7 @@ async def _resolve(client: RegistryClient, settings: Settings) -> Image:
 
 
 async def _fetch(
-    client: RegistryClient, image: Image, settings: Settings, store: LayerStore, lazy: bool
+    client: BlobReader, image: Image, settings: Settings, store: LayerStore, lazy: bool
 ) -> dict[int, LayerToc]:
     """With `lazy`, learns which layers are eStargz (their TOCs); fetches every other layer
     that the cache lacks whole; returns the TOCs."""
@@ -115,8 +125,22 @@ async def _fetch(
     return tocs
 
 
+async def _resolve_for_mount(
+    client: DeferredClient, asked: RemoteReference, settings: Settings, store: LayerStore
+) -> tuple[Image, tuple[MergedTree, dict[int, FileWindow]] | None, dict[int, LayerToc]]:
+    """_resolve_lazily's answer; with --pull missing, from what an earlier mount recorded
+    when there is a record: then the registry is asked only for what the cache lacks (by
+    digest), and with the merged tree cached, nothing before the mount is ready."""
+    recorded = resolutions.load(settings.cache_dir, asked, settings.platform) if settings.pull == "missing" else None
+    if recorded is None:
+        return await _resolve_lazily(await client.client(), asked, settings, store)
+    image = _resolved(recorded, settings)
+    saved = _saved_lazy_tree(image, store)
+    return image, saved, {} if saved is not None else await _fetch(client, image, settings, store, lazy=True)
+
+
 async def _resolve_lazily(
-    client: RegistryClient, settings: Settings, store: LayerStore
+    client: RegistryClient, asked: RemoteReference, settings: Settings, store: LayerStore
 ) -> tuple[Image, tuple[MergedTree, dict[int, FileWindow]] | None, dict[int, LayerToc]]:
     """Resolves the image for a lazy mount, and returns it with the tree an earlier mount
     saved, or else the TOCs of its lazy layers (the others fetched whole). When every layer
@@ -124,7 +148,7 @@ async def _resolve_lazily(
     are loaded or fetched beside the config, one round trip less before the mount is ready."""
     resolved = await resolve_manifest(client, settings.platform, settings.cache_dir / "blobs")
     if not all(_may_be_lazy(layer, store) for layer in resolved.layers):  # tars to name: the config's diff_ids first
-        image = _resolved(resolved.image(await client.small_blob(resolved.config_digest)), settings)
+        image = _recorded(asked, resolved, await client.small_blob(resolved.config_digest), settings)
         saved = _saved_lazy_tree(image, store)
         return image, saved, {} if saved is not None else await _fetch(client, image, settings, store, lazy=True)
     early = Image(str(resolved.reference), resolved.layers, b"")  # the layers, all but their diff_ids
@@ -137,7 +161,7 @@ async def _resolve_lazily(
         for task in (config, found):
             task.cancel()
         await asyncio.gather(config, found, return_exceptions=True)
-    image = _resolved(resolved.image(config.result()), settings)
+    image = _recorded(asked, resolved, config.result(), settings)
     saved, tocs = found.result()
     if saved is None:
         await _fetch_whole(client, image, tocs, store)  # gzip layers that are not eStargz after all
@@ -145,7 +169,7 @@ async def _resolve_lazily(
 
 
 async def _saved_tree_or_tocs(
-    client: RegistryClient, image: Image, store: LayerStore, toc_dir: Path
+    client: BlobReader, image: Image, store: LayerStore, toc_dir: Path
 ) -> tuple[tuple[MergedTree, dict[int, FileWindow]] | None, dict[int, LayerToc]]:
     """The tree saved for `image` (loaded on a worker thread: a big one takes a tenth of a
     second), or else its layers' TOCs; `image` may lack its config (every layer is lazy)."""
@@ -157,13 +181,20 @@ async def _saved_tree_or_tocs(
     return (saved, {}) if saved is not None else (None, await _tocs(client, image, store, toc_dir))
 
 
+def _recorded(asked: RemoteReference, resolved: ResolvedManifest, config: bytes, settings: Settings) -> Image:
+    """The image `resolved` with its `config`, recorded as what `asked` resolves to."""
+    image = _resolved(resolved.image(config), settings)
+    resolutions.save(settings.cache_dir, asked, resolved, config)
+    return image
+
+
 def _resolved(image: Image, settings: Settings) -> Image:
     log_resolved(image)
     note_in_use(settings.cache_dir, image_keys(image))  # before any cache file is looked for
     return image
 
 
-async def _fetch_whole(client: RegistryClient, image: Image, tocs: dict[int, LayerToc], store: LayerStore) -> None:
+async def _fetch_whole(client: BlobReader, image: Image, tocs: dict[int, LayerToc], store: LayerStore) -> None:
     """Fetches whole each layer with no TOC that the cache lacks."""
     whole = [layer for n, layer in enumerate(image.layers) if n not in tocs and store.needs_blob(layer)]
     _log_layer_plan(image, tocs, whole)
@@ -192,13 +223,12 @@ def _open_remote(
 ) -> MountedImage:
     """Mounts a registry image: eStargz layers lazily (footer and TOC now, chunks on read),
     others fetched whole into the cache and read as local tars."""
-    client = RegistryClient(reference, settings.remote, os.environ)
-    loop.run(client.__aenter__())
+    client = DeferredClient(partial(_new_client, reference, settings))
     also_on_close: list[Callable[[], None]] = []
 
     def close() -> None:
         loop.cancel_pending()  # the read-ahead of lazy layers, before the session it uses goes
-        loop.run(client.__aexit__(None, None, None))
+        loop.run(client.close())
         loop.__exit__(None, None, None)
         for run in also_on_close:
             run()
@@ -206,7 +236,7 @@ def _open_remote(
     refetch = partial(_refetch, loop, client)
     try:
         with collector_paused():  # the TOCs are parsed within (a saved tree's load is not hurt by it)
-            image, saved, tocs = loop.run(_resolve_lazily(client, settings, store))
+            image, saved, tocs = loop.run(_resolve_for_mount(client, reference, settings, store))
         if saved is None and not tocs:  # every layer is now a local tar: the local path, with its saved trees
             whole = refetching(lambda: build(image, store), refetch)
             entries = partial(refetching, partial(indexed_entries, image, store), refetch)
@@ -219,7 +249,7 @@ def _open_remote(
             with collector_paused():
                 tree, readers, lazy = refetching(lambda: _remote_layers(image, tocs, store, factory), refetch)
     except BaseException:
-        loop.run(client.__aexit__(None, None, None))
+        loop.run(client.close())
         raise
     prefetch = partial(_prefetch, lazy, settings.prefetch)
     entries = partial(_entries_again, loop, client, image, set(tree.lazy_layers), store, settings.cache_dir / "toc",
@@ -231,7 +261,7 @@ def _open_remote(
 class LazyLayerFactory:
     """Makes the lazy readers of one mount: they share its loop, client and chunk cache."""
 
-    def __init__(self, loop: EventLoopThread, client: RegistryClient, settings: Settings) -> None:
+    def __init__(self, loop: EventLoopThread, client: BlobReader, settings: Settings) -> None:
         self._loop, self._client = loop, client
         self.prefetch_mode = settings.prefetch
         _return_big_buffers_to_the_system()
@@ -347,7 +377,7 @@ def _lazy_readers(
     return tree, readers, lazy
 
 
-def _entries_again(loop: EventLoopThread, client: RegistryClient, image: Image, lazy: set[int], store: LayerStore,
+def _entries_again(loop: EventLoopThread, client: BlobReader, image: Image, lazy: set[int], store: LayerStore,
                    toc_dir: Path, refetch: Callable[[Layer], None]) -> list[list[Entry]]:  # fmt: skip
     """Returns each layer's entries as _remote_layers had them (which let them go): a lazy
     layer's from its TOC (the copy the mount saved in `toc_dir`, else fetched again), the
@@ -381,7 +411,7 @@ def _prefetched(table: ChunkTable, files: Callable[[], Iterable[int]], landmark_
     return []
 
 
-async def _tocs(client: RegistryClient, image: Image, store: LayerStore, toc_dir: Path) -> dict[int, LayerToc]:
+async def _tocs(client: BlobReader, image: Image, store: LayerStore, toc_dir: Path) -> dict[int, LayerToc]:
     """Returns the TOCs of the layers to read lazily: eStargz and zstd:chunked layers not yet
     in the cache whole."""
     wanted = [(n, layer) for n, layer in enumerate(image.layers)
@@ -390,7 +420,7 @@ async def _tocs(client: RegistryClient, image: Image, store: LayerStore, toc_dir
     return {n: toc for (n, _), toc in zip(wanted, found, strict=True) if toc is not None}
 
 
-async def fetch_toc(client: RegistryClient, layer: Layer, number: int, toc_dir: Path) -> LayerToc | None:
+async def fetch_toc(client: BlobReader, layer: Layer, number: int, toc_dir: Path) -> LayerToc | None:
     """Returns the TOC of a gzip layer that is eStargz, or of a zstd layer that is
     zstd:chunked; None for the others (read whole)."""
     if layer.compression is Compression.ZSTD:

@@ -318,31 +318,38 @@ def _error(number: int, path: str) -> OSError:
 
 def open_image(image: str, *, cache_dir: str | os.PathLike[str] | None = None, platform: str | None = None,
                creds: str | None = None, tls_verify: bool = True, timeout: float = 30.0,
-               prefetch: str = "none", registries_conf: str | os.PathLike[str] | None = None) -> ImageView:  # fmt: skip
+               prefetch: str = "none", registries_conf: str | os.PathLike[str] | None = None,
+               pull: str = "missing") -> ImageView:  # fmt: skip
     """Opens `image` (`oci:PATH[:TAG]`, `docker-archive:FILE`, a skopeo `dir:`, a path, or
     `[docker://]REGISTRY/REPO[:TAG][@DIGEST]`) as a merged tree, with no mount.
 
     eStargz layers in a registry are read lazily: their TOCs now, the bytes of a file when it
     is read. Other layers are fetched whole into the cache (`cache_dir`, default
     ~/.cache/crfs-merge) and indexed, as a mount does; the next open reuses them. Registries,
-    mirrors and short names follow podman's registries.conf files, or `registries_conf` alone."""
-    chosen = settings(cache_dir, platform, creds, tls_verify, timeout, prefetch, registries_conf)
+    mirrors and short names follow podman's registries.conf files, or `registries_conf` alone.
+    `pull="missing"` opens what the reference resolved to when last opened with this cache, if
+    that was recorded (no registry asked before the tree is there, when it is cached too);
+    "always" resolves it anew."""
+    chosen = settings(cache_dir, platform, creds, tls_verify, timeout, prefetch, registries_conf, pull)
     return ImageView(open_mounted(image, chosen), image)
 
 
 def settings(cache_dir: str | os.PathLike[str] | None = None, platform: str | None = None, creds: str | None = None,
              tls_verify: bool = True, timeout: float = 30.0, prefetch: str = "none",
-             registries_conf: str | os.PathLike[str] | None = None) -> Settings:  # fmt: skip
+             registries_conf: str | os.PathLike[str] | None = None, pull: str = "missing") -> Settings:  # fmt: skip
     """The engine's Settings from open_image's keywords."""
     from registry.auth import Credentials
     from registry.manifest import Platform
     from registry.options import RemoteOptions
-    from unionfs.storage.layer_store import default_cache_dir
+    from unionfs.storage import default_cache_dir
 
+    if pull not in ("missing", "always"):
+        raise ValueError(f"pull={pull!r}: expected 'missing' or 'always'")
     return Settings(
         cache_dir=Path(cache_dir).absolute() if cache_dir is not None else default_cache_dir(),
         platform=Platform.parse(platform) if platform else Platform.host(),
         remote=RemoteOptions(Credentials.parse(creds) if creds else None, tls_verify, timeout,
                              registries_conf=Path(registries_conf).absolute() if registries_conf else None),
         prefetch=prefetch,
+        pull=pull,
     )

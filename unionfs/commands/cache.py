@@ -55,6 +55,6 @@ def size_argument(text: str) -> int:
 
 
 def _default_cache_dir() -> Path:
-    from unionfs.storage.layer_store import default_cache_dir
+    from unionfs.storage import default_cache_dir
 
     return default_cache_dir()

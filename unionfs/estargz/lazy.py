@@ -29,10 +29,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from registry.cache_files import write_atomically
+from registry.deferred_client import BlobReader
 from registry.digest import Digest
 from registry.errors import DigestMismatchError, ImageError, LayerFormatError, RegistryError
 from registry.media_types import TOC_DIGEST_ANNOTATION
-from registry.remote import RegistryClient
 from registry.retry import Patience
 from registry.source import Layer
 from unionfs.aio import EventLoopThread
@@ -89,7 +89,7 @@ TAIL_GUESS = 64 * 1024
 ChunkDecoder = Callable[[bytes | memoryview, int, Chunk], bytes]  # (fetched range, its blob offset, chunk)
 
 
-async def fetch_toc(client: RegistryClient, layer: Layer, number: int, toc_dir: Path) -> LayerToc | None:
+async def fetch_toc(client: BlobReader, layer: Layer, number: int, toc_dir: Path) -> LayerToc | None:
     """Returns the layer's TOC if it is (e)stargz, else None (it is then read whole).
 
     One closed-range request for the blob's tail, footer and TOC (a second one for the rest of
@@ -120,7 +120,7 @@ def tail_size(layer: Layer) -> int:
     return TAIL_GUESS if layer.toc_digest is not None else FOOTER_SIZE
 
 
-async def _fetch_toc_json(client: RegistryClient, digest: Digest, size: int, tail: int) -> tuple[bytes, int] | None:
+async def _fetch_toc_json(client: BlobReader, digest: Digest, size: int, tail: int) -> tuple[bytes, int] | None:
     """The TOC JSON and its offset: the blob's last `tail` bytes hold the footer and, for
     most eStargz layers, the whole TOC member (one request); the rest of the TOC is a second."""
     tail_start = max(0, size - tail)
@@ -173,7 +173,7 @@ def _write_cached_toc(path: Path, layer: Layer, toc_json: bytes, toc_offset: int
 class LazyLayer:
     """Reads file bytes of one eStargz layer through the registry and the chunk cache."""
 
-    def __init__(self, loop: EventLoopThread, client: RegistryClient, blob: Digest, cache: ChunkCache,
+    def __init__(self, loop: EventLoopThread, client: BlobReader, blob: Digest, cache: ChunkCache,
                  deadline: float, files: SmallFiles | None = None,
                  decode: ChunkDecoder = chunk_data) -> None:  # fmt: skip
         self._loop, self._client, self._blob, self._cache = loop, client, blob, cache

@@ -77,12 +77,6 @@ class RefetchNeeded(ImageError):
         self.layer, self.cause = layer, cause
 
 
-def default_cache_dir() -> Path:
-    """Returns $XDG_CACHE_HOME/crfs-merge, or ~/.cache/crfs-merge."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "crfs-merge"
-
-
 class LayerStore:
     """Indexes layers into a cache directory and hands back IndexedLayers."""
 

@@ -8,9 +8,9 @@ import logging
 from pathlib import Path
 
 from registry.cache_files import write_atomically
+from registry.deferred_client import BlobReader
 from registry.digest import Digest
 from registry.errors import ImageError, LayerFormatError
-from registry.remote import RegistryClient
 from registry.source import Layer
 from unionfs.estargz.toc import LayerToc
 from unionfs.storage.sealed import DamagedCacheFile, drop_damaged, seal, unseal
@@ -30,7 +30,7 @@ log = logging.getLogger("crfs-merge")
 TOC_FORMAT = 1  # CACHE/toc/zstd-chunked/v1/ALGO-HEX.toc: the compressed TOC, sealed
 
 
-async def fetch_toc(client: RegistryClient, layer: Layer, number: int, toc_dir: Path) -> LayerToc | None:
+async def fetch_toc(client: BlobReader, layer: Layer, number: int, toc_dir: Path) -> LayerToc | None:
     """Returns the layer's TOC if its annotations say it is zstd:chunked, else None (it is
     then read whole).
 
@@ -54,7 +54,7 @@ async def fetch_toc(client: RegistryClient, layer: Layer, number: int, toc_dir: 
         raise LayerFormatError(f"{what}: {exc}") from None
 
 
-async def _fetch_compressed_toc(client: RegistryClient, blob: Digest, size: int, position: TocPosition) -> bytes:
+async def _fetch_compressed_toc(client: BlobReader, blob: Digest, size: int, position: TocPosition) -> bytes:
     if footer_follows_toc(position, size):
         both = await client.read_range(blob, position.frame_start, size - 1)
         check_footer(both, position)

@@ -40,7 +40,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.bench_lazy import convert, layer_bytes, push  # noqa: E402
-from benchmarks.bench_registry import counting_proxy, crfs_code, crfs_env  # noqa: E402
+from benchmarks.bench_registry import counting_proxy, crfs_code, crfs_env, keep_bytecode  # noqa: E402
 from benchmarks.measure import (  # noqa: E402
     MIB,
     ancestors,
@@ -294,16 +294,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="where the debootstrapped Debian base tar is kept between runs")  # fmt: skip
     common_options(parser, keep_help="keep the images, registry storage, caches and rootfs")
     return parser.parse_args(argv)
-
-
-def keep_bytecode(work: Path) -> str:
-    """Lets the commands keep their compiled modules (under WORK/pycache, not in the checkout), as an
-    installed package has them: with PYTHONDONTWRITEBYTECODE every start compiles ~50 modules again."""
-    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
-    os.environ["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
-    packages = [str(REPO_ROOT / name) for name in ("unionfs", "registry", "whiteout")]
-    subprocess.run([sys.executable, "-m", "compileall", "-q", *packages], env=crfs_env(), check=True)
-    return os.environ["PYTHONPYCACHEPREFIX"]
 
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:

@@ -85,7 +85,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.bench_lazy import BIG_PATH, CRFS, build_big, read_file  # noqa: E402
 from benchmarks.bench_local import build_image  # noqa: E402
-from benchmarks.bench_registry import crfs_code, crfs_env  # noqa: E402
+from benchmarks.bench_registry import crfs_code, crfs_env, keep_bytecode  # noqa: E402
 from benchmarks.measure import (  # noqa: E402
     KIB,
     MIB,
@@ -851,6 +851,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "workdir": str(work),
         "caches_dropped": drop_caches(),
         "crfs_code": crfs_code(),
+        "bytecode": keep_bytecode(work),
     }
     registry: Registry | None = None
     try:
@@ -871,7 +872,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    scratch = ("image", "big-src", "tiny", "layers", "caches", "lists", "registry", "umoci", "debian-rootfs",
+    scratch = ("image", "big-src", "tiny", "pycache", "layers", "caches", "lists", "registry", "umoci", "debian-rootfs",
                "debootstrap", *MOUNTPOINTS.values())  # fmt: skip
     return run_benchmark(args, "crfs-bench-overlay-", scratch, run, (table, summary), args.methods)
 

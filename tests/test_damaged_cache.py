@@ -396,7 +396,7 @@ def test_a_damaged_registry_blob_is_fetched_again(
     tree, stderr = mounted_tree(mount, image, cache)
     assert tree == remote_fresh
     assert "is damaged" in one_line_naming(stderr, blob)
-    assert proxy.requests["blob"] == 1 and layer_blobs(cache) == []  # that layer (the config: the record)
+    assert proxy.requests["blob"] == 2 and layer_blobs(cache) == []  # no tar: resolved anew, config and layer
 
 
 def test_a_damaged_uncompressed_registry_blob_is_fetched_again(
@@ -439,7 +439,7 @@ def test_a_layer_that_fails_when_fetched_fresh_is_the_images_error(
     same on every mount, and not fetched again to find that out."""
     image, mountpoint = f"{proxy.host}/{registry['bad-diff-id']}", tmp_path / "mnt"
     mountpoint.mkdir()
-    for blob_requests in (3, 0):  # the config and both layers; then none (the config: the reference's record)
+    for blob_requests in (3, 1):  # the config and both layers; then the config only (no tar: resolved anew)
         proxy.requests.clear()
         run = subprocess.run([*COMMAND, "--cache-dir", str(tmp_path / "cache"), image, str(mountpoint)],
                              capture_output=True, text=True, timeout=MOUNT_TIMEOUT)  # fmt: skip

@@ -138,3 +138,23 @@ def test_a_damaged_record_is_dropped_and_the_registry_asked(registry: Registry, 
     finally:
         unmount(tmp_path / "m2")
     assert record.read_bytes() != bytes(data)  # recorded again, whole
+
+
+def test_a_recorded_image_no_longer_cached_is_resolved_anew(registry: Registry, tmp_path: Path) -> None:
+    """As podman's "missing": an image whose tree and tars were pruned is not all there, so its
+    tag is looked up again (the recorded digest's blobs may be gone from the registry)."""
+    image = _push(tmp_path, registry, FIRST, "first", estargz=True)
+    cache = tmp_path / "cache"
+    assert _mount(image, tmp_path / "m1", cache).returncode == 0
+    unmount(tmp_path / "m1")
+    _push(tmp_path, registry, SECOND, "second", estargz=True)
+    prune = subprocess.run([*COMMAND, "cache", "prune", "--all", "--cache-dir", str(cache)], capture_output=True,
+                           text=True, timeout=60)  # fmt: skip
+    assert prune.returncode == 0, prune.stderr
+    run = _mount(image, tmp_path / "m2", cache)
+    try:
+        assert run.returncode == 0, run.stderr
+        assert "not all in the cache: asking the registry" in run.stderr
+        assert (tmp_path / "m2/etc/release").read_bytes() == b"two\n"
+    finally:
+        unmount(tmp_path / "m2")

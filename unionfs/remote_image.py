@@ -128,15 +128,33 @@ async def _fetch(
 async def _resolve_for_mount(
     client: DeferredClient, asked: RemoteReference, settings: Settings, store: LayerStore
 ) -> tuple[Image, tuple[MergedTree, dict[int, FileWindow]] | None, dict[int, LayerToc]]:
-    """_resolve_lazily's answer; with --pull missing, from what an earlier mount recorded
-    when there is a record: then the registry is asked only for what the cache lacks (by
-    digest), and with the merged tree cached, nothing before the mount is ready."""
+    """_resolve_lazily's answer; with --pull missing, the image an earlier mount recorded, if
+    the cache holds all the mount needs before it is ready (the merged tree, or each layer's
+    tar or TOC): then the registry is asked nothing. As podman's "missing", an image not all
+    there is resolved anew (its tag may have moved, and the old blobs be gone)."""
     recorded = resolutions.load(settings.cache_dir, asked, settings.platform) if settings.pull == "missing" else None
-    if recorded is None:
-        return await _resolve_lazily(await client.client(), asked, settings, store)
-    image = _resolved(recorded, settings)
-    saved = _saved_lazy_tree(image, store)
-    return image, saved, {} if saved is not None else await _fetch(client, image, settings, store, lazy=True)
+    if recorded is not None:
+        image, age = recorded
+        note_in_use(settings.cache_dir, image_keys(image))  # before any cache file is looked for
+        saved = _saved_lazy_tree(image, store)
+        if saved is not None or _all_cached(image, store, settings.cache_dir / "toc"):
+            log.info("%s: taken from the cache, as resolved %s ago (--pull always asks the registry again)",
+                     asked, age)  # fmt: skip
+            log_resolved(image)
+            return image, saved, {} if saved is not None else await _fetch(client, image, settings, store, lazy=True)
+        log.info("%s: recorded, but not all in the cache: asking the registry", asked)
+    return await _resolve_lazily(await client.client(), asked, settings, store)
+
+
+def _all_cached(image: Image, store: LayerStore, toc_dir: Path) -> bool:
+    """True if each layer's tar, or its TOC (a lazy layer), is in the cache."""
+    return all(not store.needs_blob(layer) or _cached_toc(layer, toc_dir).exists() for layer in image.layers)
+
+
+def _cached_toc(layer: Layer, toc_dir: Path) -> Path:
+    if layer.compression is Compression.ZSTD:
+        return zstdchunked.cached_toc_path(layer, toc_dir)
+    return estargz.cached_toc_path(layer, toc_dir)
 
 
 async def _resolve_lazily(

@@ -89,6 +89,10 @@ TAIL_GUESS = 64 * 1024
 ChunkDecoder = Callable[[bytes | memoryview, int, Chunk], bytes]  # (fetched range, its blob offset, chunk)
 
 
+def cached_toc_path(layer: Layer, toc_dir: Path) -> Path:
+    return toc_dir / f"v{TOC_FORMAT}" / f"{layer.key}.toc"
+
+
 async def fetch_toc(client: BlobReader, layer: Layer, number: int, toc_dir: Path) -> LayerToc | None:
     """Returns the layer's TOC if it is (e)stargz, else None (it is then read whole).
 
@@ -101,7 +105,7 @@ async def fetch_toc(client: BlobReader, layer: Layer, number: int, toc_dir: Path
     digest, size = layer.digest, layer.window.size
     if digest is None or size < FOOTER_SIZE:
         return None
-    cached = toc_dir / f"v{TOC_FORMAT}" / f"{layer.key}.toc"
+    cached = cached_toc_path(layer, toc_dir)
     toc = _load_cached_toc(cached, layer, number)
     if toc is not None:
         return toc

@@ -51,10 +51,10 @@ def save(cache_dir: Path, asked: RemoteReference, resolved: ResolvedManifest, co
         log.warning("cache: cannot record what %s resolved to in %s: %s", asked, path, exc.strerror)
 
 
-def load(cache_dir: Path, asked: RemoteReference, platform: Platform) -> Image | None:
+def load(cache_dir: Path, asked: RemoteReference, platform: Platform) -> tuple[Image, str] | None:
     """The image `asked` resolved to for `platform` when last recorded, its layers windows on
-    blob files under CACHE/blobs; None if there is no record (or a damaged one: then it is
-    removed, with a warning)."""
+    blob files under CACHE/blobs, and how long ago that was ("3 h"); None if there is no record
+    (or a damaged one: then it is removed, with a warning)."""
     path = record_path(cache_dir, asked, platform)
     try:
         payload = unseal(_label(asked, platform), path.read_bytes())
@@ -69,7 +69,7 @@ def load(cache_dir: Path, asked: RemoteReference, platform: Platform) -> Image |
         return None
 
 
-def _image(payload: memoryview, platform: Platform, blob_dir: Path, asked: str) -> Image:
+def _image(payload: memoryview, platform: Platform, blob_dir: Path, asked: str) -> tuple[Image, str]:
     newline = bytes(payload[:65536]).index(b"\n")
     header = json.loads(bytes(payload[:newline]))
     body = bytes(payload[newline + 1 :])
@@ -83,9 +83,7 @@ def _image(payload: memoryview, platform: Platform, blob_dir: Path, asked: str) 
     resolved = resolved_from(reference, manifest, bool(header["by_platform"]), platform, blob_dir, data,
                              header["media_type"])  # fmt: skip
     age = max(0.0, time.time() - float(header["resolved_at"]))
-    log.info("%s: taken from the cache, as resolved %s ago (--pull always asks the registry again)",
-             asked, _duration(age))  # fmt: skip
-    return resolved.image(config)
+    return resolved.image(config), _duration(age)
 
 
 def _label(reference: RemoteReference, platform: Platform) -> str:

@@ -30,6 +30,10 @@ log = logging.getLogger("crfs-merge")
 TOC_FORMAT = 1  # CACHE/toc/zstd-chunked/v1/ALGO-HEX.toc: the compressed TOC, sealed
 
 
+def cached_toc_path(layer: Layer, toc_dir: Path) -> Path:
+    return toc_dir / "zstd-chunked" / f"v{TOC_FORMAT}" / f"{layer.key}.toc"
+
+
 async def fetch_toc(client: BlobReader, layer: Layer, number: int, toc_dir: Path) -> LayerToc | None:
     """Returns the layer's TOC if its annotations say it is zstd:chunked, else None (it is
     then read whole).
@@ -42,7 +46,7 @@ async def fetch_toc(client: BlobReader, layer: Layer, number: int, toc_dir: Path
     if position is None or layer.digest is None:
         return None
     what = f"TOC of zstd:chunked layer {layer.digest}"
-    cached = toc_dir / "zstd-chunked" / f"v{TOC_FORMAT}" / f"{layer.key}.toc"
+    cached = cached_toc_path(layer, toc_dir)
     compressed = _load_cached(cached, layer, position, what)
     if compressed is None:
         compressed = await _fetch_compressed_toc(client, layer.digest, layer.window.size, position)

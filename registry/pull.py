@@ -36,13 +36,6 @@ LOCK_POLL_SECONDS = 0.1
 MAX_INDEX_DEPTH = 4  # an index may point at an index; deeper than this is a loop
 
 
-async def resolve_remote(client: RegistryClient, platform: Platform, blob_dir: Path) -> Image:
-    """Returns the client's image for `platform`, its layers windows on (not yet fetched)
-    blob files under `blob_dir`."""
-    resolved = await resolve_manifest(client, platform, blob_dir)
-    return resolved.image(await client.small_blob(resolved.config_digest))
-
-
 @dataclass(frozen=True)
 class ResolvedManifest:
     """A registry image's manifest for a platform, before its config is fetched: `layers`

@@ -123,10 +123,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefetch", choices=PREFETCH_MODES, default="landmark",
                         help="eStargz layers: fetch in the background none, the prioritized files (landmark, "
                         "the default), or all")  # fmt: skip
-    parser.add_argument("--pull", choices=PULL_POLICIES, default="missing",
-                        help="registry images: missing (the default) mounts what the reference resolved to when "
-                        "last mounted with this cache, asking the registry nothing before ready if the image is "
-                        "cached; always looks the reference up again")  # fmt: skip
     parser.add_argument("--log-file", type=Path, default=None, metavar="FILE",
                         help="the background server's log (default: $XDG_STATE_HOME/crfs-merge/"
                         "crfs-merge.log)")  # fmt: skip
@@ -193,6 +189,10 @@ def add_source_options(parser: argparse.ArgumentParser) -> None:
                         help="registries.conf(5) for mirrors, remapping, blocking and short names (default: "
                         "podman's: $CONTAINERS_REGISTRIES_CONF, ~/.config/containers/registries.conf or "
                         "/etc/containers/registries.conf, with their registries.conf.d)")  # fmt: skip
+    parser.add_argument("--pull", choices=PULL_POLICIES, default="missing",
+                        help="registry images: missing (the default) takes what the reference resolved to when "
+                        "last used with this cache, asking the registry nothing if the image is all cached; "
+                        "always looks the reference up again")  # fmt: skip
     parser.add_argument("--cache-max-size", type=_size, default=None, metavar="SIZE",
                         help="prune unused cache files, oldest first, above SIZE (default 20G)")  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true", help="log every step")

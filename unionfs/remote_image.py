@@ -21,7 +21,7 @@ from registry.deferred_client import BlobReader, DeferredClient
 from registry.digest import Digest
 from registry.errors import ImageError, LayerFormatError
 from registry.media_types import Compression
-from registry.pull import ResolvedManifest, fetch_blobs, resolve_manifest, resolve_remote
+from registry.pull import ResolvedManifest, fetch_blobs, resolve_manifest
 from registry.remote_reference import RemoteReference
 from registry.source import FileWindow, Image, Layer
 from unionfs.aio import EventLoopThread
@@ -65,16 +65,16 @@ def open_remote(reference: RemoteReference, settings: Settings, store: LayerStor
 
 
 def pull_whole(reference: RemoteReference, settings: Settings, store: LayerStore) -> tuple[Image, list[FileWindow]]:
-    """Resolves a registry image, fetches whatever of it the cache lacks, whole, and returns
-    it with the uncompressed tar of each layer."""
+    """Resolves a registry image (from its record, with --pull missing and every tar cached),
+    fetches whatever of it the cache lacks, whole, and returns it with the uncompressed tar of
+    each layer."""
     with EventLoopThread() as loop:
-        client = _new_client(reference, settings)
-        loop.run(client.__aenter__())
+        client = DeferredClient(partial(_new_client, reference, settings))
         try:
-            image, _ = loop.run(_resolve_and_fetch(client, settings, store, lazy=False))
+            image = loop.run(_resolve_whole(client, reference, settings, store))
             return image, refetching(lambda: layer_tars(image, store), partial(_refetch, loop, client))
         finally:
-            loop.run(client.__aexit__(None, None, None))
+            loop.run(client.close())
 
 
 def refetching(attempt: Callable[[], T], refetch: Callable[[Layer], None]) -> T:
@@ -102,17 +102,18 @@ def _refetch(loop: EventLoopThread, client: BlobReader, layer: Layer) -> None:
     loop.run(fetch_blobs(client, [layer], terminal_progress(sys.stderr, "pulling layers")))
 
 
-async def _resolve_and_fetch(
-    client: RegistryClient, settings: Settings, store: LayerStore, lazy: bool
-) -> tuple[Image, dict[int, LayerToc]]:
-    """Resolves the client's image; with `lazy`, learns which layers are eStargz (their TOCs);
-    fetches every other layer that the cache lacks whole."""
-    image = await _resolve(client, settings)
-    return image, await _fetch(client, image, settings, store, lazy)
-
-
-async def _resolve(client: RegistryClient, settings: Settings) -> Image:
-    return _resolved(await resolve_remote(client, settings.platform, settings.cache_dir / "blobs"), settings)
+async def _resolve_whole(client: DeferredClient, asked: RemoteReference, settings: Settings,
+                         store: LayerStore) -> Image:  # fmt: skip
+    """The image, every layer fetched whole into the cache: the recorded one (--pull missing)
+    if every layer's tar is cached, else resolved anew and recorded."""
+    recorded = _recorded_and_cached(asked, settings, lambda image: not any(map(store.needs_blob, image.layers)) or None)
+    if recorded is not None:
+        return recorded[0]
+    registry = await client.client()
+    resolved = await resolve_manifest(registry, settings.platform, settings.cache_dir / "blobs")
+    image = _recorded(asked, resolved, await registry.small_blob(resolved.config_digest), settings)
+    await _fetch_whole(client, image, {}, store)
+    return image
 
 
 async def _fetch(
@@ -130,20 +131,36 @@ async def _resolve_for_mount(
 ) -> tuple[Image, tuple[MergedTree, dict[int, FileWindow]] | None, dict[int, LayerToc]]:
     """_resolve_lazily's answer; with --pull missing, the image an earlier mount recorded, if
     the cache holds all the mount needs before it is ready (the merged tree, or each layer's
-    tar or TOC): then the registry is asked nothing. As podman's "missing", an image not all
-    there is resolved anew (its tag may have moved, and the old blobs be gone)."""
-    recorded = resolutions.load(settings.cache_dir, asked, settings.platform) if settings.pull == "missing" else None
-    if recorded is not None:
-        image, age = recorded
-        note_in_use(settings.cache_dir, image_keys(image))  # before any cache file is looked for
+    tar or TOC): then the registry is asked nothing."""
+    def cached(image: Image) -> tuple[tuple[MergedTree, dict[int, FileWindow]] | None] | None:
         saved = _saved_lazy_tree(image, store)
-        if saved is not None or _all_cached(image, store, settings.cache_dir / "toc"):
-            log.info("%s: taken from the cache, as resolved %s ago (--pull always asks the registry again)",
-                     asked, age)  # fmt: skip
-            log_resolved(image)
-            return image, saved, {} if saved is not None else await _fetch(client, image, settings, store, lazy=True)
+        return (saved,) if saved is not None or _all_cached(image, store, settings.cache_dir / "toc") else None
+
+    recorded = _recorded_and_cached(asked, settings, cached)
+    if recorded is None:
+        return await _resolve_lazily(await client.client(), asked, settings, store)
+    image, (saved,) = recorded
+    return image, saved, {} if saved is not None else await _fetch(client, image, settings, store, lazy=True)
+
+
+def _recorded_and_cached(asked: RemoteReference, settings: Settings,
+                         cached: Callable[[Image], T | None]) -> tuple[Image, T] | None:  # fmt: skip
+    """With --pull missing, the image an earlier mount recorded for `asked`, with what `cached`
+    finds of it in the cache, if that is all the caller needs (not None); else None, to
+    resolve `asked` anew, as podman's "missing" pulls an image that is not all there (its tag
+    may have moved, and the old blobs be gone)."""
+    recorded = resolutions.load(settings.cache_dir, asked, settings.platform) if settings.pull == "missing" else None
+    if recorded is None:
+        return None
+    image, age = recorded
+    note_in_use(settings.cache_dir, image_keys(image))  # before any cache file is looked for
+    found = cached(image)
+    if found is None:
         log.info("%s: recorded, but not all in the cache: asking the registry", asked)
-    return await _resolve_lazily(await client.client(), asked, settings, store)
+        return None
+    log.info("%s: taken from the cache, as resolved %s ago (--pull always asks the registry again)", asked, age)
+    log_resolved(image)
+    return image, found
 
 
 def _all_cached(image: Image, store: LayerStore, toc_dir: Path) -> bool:

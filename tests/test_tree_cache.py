@@ -20,6 +20,7 @@ from tests.test_sources import oci_layout
 from unionfs import build as build_module
 from unionfs.build import build
 from unionfs.storage.layer_store import LayerStore
+from unionfs.storage.sealed import DamagedCacheFile, seal, unsealed
 from unionfs.tree import FORMAT, INODE_ARRAYS, ROOT, CorruptTreeError, MergedTree, listing_block_size
 
 RICH = [d("etc"), f("etc/hosts", b"h"), sym("etc/mtab", "/proc/mounts"), dev("dev/null", "c", 1, 3),
@@ -50,18 +51,39 @@ def test_a_second_build_loads_the_saved_tree_and_merges_nothing(tmp_path: Path, 
     assert second.content.read(entry, 0, entry.size) == first.content.read(entry, 0, entry.size)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty", "last-byte-flipped"])
 def test_a_damaged_saved_tree_is_merged_again_with_a_warning(tmp_path: Path, damage: str) -> None:
     image = resolve_image(ImageReference.parse(oci_layout(tmp_path)), Platform.host())
     first = build(image, LayerStore(tmp_path / "cache", print))
     saved = tree_files(tmp_path)[0]
     data = saved.read_bytes()
-    saved.write_bytes({"truncate": data[: len(data) // 2], "garbage": os.urandom(len(data)), "empty": b""}[damage])
+    flipped = data[:-1] + bytes([data[-1] ^ 0x01])  # in the names: the tree still parses, its digest fails
+    saved.write_bytes({"truncate": data[: len(data) // 2], "garbage": os.urandom(len(data)), "empty": b"",
+                       "last-byte-flipped": flipped}[damage])  # fmt: skip
     warnings: list[str] = []
     again = build(image, LayerStore(tmp_path / "cache", warnings.append))
     assert snapshot(again.tree) == snapshot(first.tree)
     assert any("merging again" in w for w in warnings)
     assert saved.read_bytes() == data  # and saved whole again
+
+
+def test_unsealed_throws_away_what_was_made_of_a_damaged_payload() -> None:
+    """The digest is computed beside the parse: a payload that fails it is refused whether
+    the parse of it succeeded or failed; an intact one's parse error is the parse's."""
+    sealed = seal("tree x", b"payload bytes")
+    flipped = sealed[:-1] + bytes([sealed[-1] ^ 0x01])
+
+    def fails(_: memoryview) -> bytes:
+        raise ValueError("cannot parse")
+
+    assert unsealed("tree x", sealed, bytes) == b"payload bytes"
+    for use in (bytes, fails):
+        with pytest.raises(DamagedCacheFile, match="digest"):
+            unsealed("tree x", flipped, use)
+    with pytest.raises(ValueError, match="cannot parse"):
+        unsealed("tree x", sealed, fails)
+    with pytest.raises(DamagedCacheFile, match="not the file of tree y"):
+        unsealed("tree y", sealed, bytes)
 
 
 def test_out_of_range_numbers_in_saved_bytes_are_refused() -> None:

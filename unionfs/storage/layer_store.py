@@ -45,7 +45,7 @@ from registry.errors import DigestMismatchError, ImageError, LayerFormatError
 from registry.media_types import Compression
 from registry.source import FileWindow, Layer
 from unionfs.entry import NO_XATTRS, Entry, sharer
-from unionfs.storage.sealed import DamagedCacheFile, drop_damaged, seal, seal_parts, unseal
+from unionfs.storage.sealed import DamagedCacheFile, drop_damaged, seal, seal_parts, unseal, unsealed
 from unionfs.storage.tar_index import index_tar
 from unionfs.tree import CorruptTreeError, MergedTree
 
@@ -142,7 +142,7 @@ class LayerStore:
         it is removed, with a warning)."""
         path = self._trees / f"{name}.tree"
         try:
-            return MergedTree.from_bytes(unseal(name, path.read_bytes()))
+            return unsealed(name, path.read_bytes(), MergedTree.from_bytes)
         except FileNotFoundError:
             return None
         except OSError as exc:

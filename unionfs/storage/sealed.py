@@ -10,8 +10,12 @@ rebuilt, never served.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 MAGIC = b"crfs-merge sealed sha256\n"
 DIGEST_SIZE = 32  # SHA-256 runs at about 1.7 GB/s where the CPU has SHA extensions (blake2b: 0.7)
@@ -40,18 +44,44 @@ def seal_parts(label: str, parts: Sequence[bytes | memoryview]) -> list[bytes | 
 def unseal(label: str, data: bytes) -> memoryview:
     """Returns the payload of `data` (without copying it); DamagedCacheFile unless `data` is
     what seal(label, payload) returned."""
+    head = _checked_head(label, data)
+    payload = memoryview(data)[len(head) + DIGEST_SIZE :]
+    _check_digest(data, head, _digest(head, payload))
+    return payload
+
+
+def unsealed(label: str, data: bytes, use: Callable[[memoryview], T]) -> T:
+    """use(unseal(label, data)), with the digest computed on another thread meanwhile (hashlib
+    lets the GIL go): a 200,000-file tree's 30 MB take 20 ms to hash and 60 ms to parse. What
+    `use` made of a payload whose digest fails is thrown away, its error too: DamagedCacheFile."""
+    head = _checked_head(label, data)
+    payload = memoryview(data)[len(head) + DIGEST_SIZE :]
+    digest: list[bytes] = []
+    hasher = threading.Thread(target=lambda: digest.append(_digest(head, payload)), name="crfs-merge-unseal")
+    hasher.start()
+    try:
+        result = use(payload)
+    except BaseException:
+        hasher.join()
+        _check_digest(data, head, digest[0])  # damage explains the failure better than the failure
+        raise
+    hasher.join()
+    _check_digest(data, head, digest[0])
+    return result
+
+
+def _checked_head(label: str, data: bytes) -> bytes:
     head = _head(label)
     if not data.startswith(MAGIC):
         raise DamagedCacheFile("not a sealed cache file")
     if not data.startswith(head):
         raise DamagedCacheFile(f"it is not the file of {label}")
-    stored = data[len(head) : len(head) + DIGEST_SIZE]
-    payload = memoryview(data)[len(head) + DIGEST_SIZE :]
-    if _digest(head, payload) != stored:
+    return head
+
+
+def _check_digest(data: bytes, head: bytes, digest: bytes) -> None:
+    if digest != data[len(head) : len(head) + DIGEST_SIZE]:
         raise DamagedCacheFile("its digest does not match its contents")
-    return payload
-
-
 
 
 def drop_damaged(path: Path, damage: Exception, then: str, warn: Callable[[str], None], must_go: bool = False) -> None:

@@ -87,6 +87,21 @@ def test_mfusepy_and_lowlevel_map_one_libfuse_3() -> None:
     assert len(mapped) == 1 and "libfuse3" in mapped.pop()
 
 
+def test_a_loadable_soname_is_found_without_running_ldconfig() -> None:
+    """find_library forks `ldconfig -p`, 10 ms of each mount's start (twice: the command's check
+    and the server's load); it is for a libfuse 3 that no known soname names."""
+    require(libfuse.locate() is not None, libfuse.INSTALL_HINT)
+    probe = ("import ctypes.util\n"
+             "def refuse(name): raise AssertionError(f'find_library({name!r}) was called')\n"
+             "ctypes.util.find_library = refuse\n"
+             "from unionfs.fuse import libfuse\n"
+             "print(libfuse.locate())")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != libfuse.LIBRARY_VARIABLE}
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() in libfuse.SONAMES
+
+
 def libfuse2_installed() -> bool:
     patterns = ("/usr/lib/*/libfuse.so.2", "/usr/lib/libfuse.so.2", "/lib*/libfuse.so.2")
     return any(glob.glob(pattern) for pattern in patterns)

@@ -17,6 +17,7 @@ import ctypes.util
 import functools
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -85,12 +86,18 @@ def library_version(lib: ctypes.CDLL) -> Version:
     return (number // 100, number % 100, 0) if number >= 100 else (number // 10, number % 10, 0)
 
 
-def candidates() -> list[str]:
-    """Returns the names to try to dlopen, best first: the user's FUSE_LIBRARY_PATH, then the
-    libfuse 3 sonames, then whatever ldconfig calls "fuse3"."""
-    names = [os.environ.get(LIBRARY_VARIABLE, ""), *SONAMES]
-    names.append(ctypes.util.find_library("fuse3") or "")
-    return list(dict.fromkeys(name for name in names if name))
+def candidates() -> Iterator[str]:
+    """Yields the names to try to dlopen, best first: the user's FUSE_LIBRARY_PATH, then the
+    libfuse 3 sonames, then whatever ldconfig calls "fuse3". ldconfig is asked last and only
+    then: find_library runs `ldconfig -p` in a child process, 10 ms of every mount's start."""
+    tried: set[str] = set()
+    for name in (os.environ.get(LIBRARY_VARIABLE, ""), *SONAMES):
+        if name and name not in tried:
+            tried.add(name)
+            yield name
+    found = ctypes.util.find_library("fuse3")
+    if found and found not in tried:
+        yield found
 
 
 def _open_libfuse3(name: str) -> ctypes.CDLL | None:

@@ -8,6 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from unionfs.storage import chunk_cache
 from unionfs.storage.chunk_cache import ChunkCache
 
 
@@ -70,14 +71,14 @@ def test_concurrent_readers_of_a_chunk_on_disk_read_and_verify_it_once(tmp_path:
     key, data = _chunk(1)
     ChunkCache(tmp_path).put(key, data)
     reads: list[str] = []
-    read_bytes = Path.read_bytes
+    read_file = chunk_cache._read_file
 
     def slow_counted_read(path: Path) -> bytes:
         reads.append(path.name)
         time.sleep(0.2)  # long enough for every reader below to arrive while it is under way
-        return read_bytes(path)
+        return read_file(path)
 
-    monkeypatch.setattr(Path, "read_bytes", slow_counted_read)
+    monkeypatch.setattr(chunk_cache, "_read_file", slow_counted_read)
     cache = ChunkCache(tmp_path)  # a new mount: the chunk is on disk only
     with ThreadPoolExecutor(8) as readers:
         got = list(readers.map(lambda _: cache.get(key), range(8)))

@@ -13,6 +13,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
@@ -141,6 +142,30 @@ def test_a_read_from_a_hung_registry_ends_within_twice_the_timeout_and_succeeds_
     errors = [line for line in log.read_text().splitlines() if "read(" in line]
     assert len(errors) == 1 and "no answer before the deadline" in errors[0], errors  # one line per failed read
     assert "Traceback" not in log.read_text()
+
+
+def test_reads_waiting_on_a_hung_registry_hold_no_server_thread(
+    registry: tuple[Registry, dict[str, str]], foreground_mount: Callable[..., tuple[Path, Path]]
+) -> None:
+    """A lazy mount serves with a thread per core (a 16-thread server spent its CPU handing the
+    interpreter lock around): a read that must fetch is answered from the event loop, so more
+    reads than threads may wait on a hung registry while the mount goes on listing."""
+    server, images = registry
+    root, _ = foreground_mount(f"{server.host}/{images['esgz']}", "--timeout", f"{TIMEOUT:g}", "--prefetch", "none")
+    names = sorted(STALLED)  # more files than a 2- or 3-core machine's threads; no chunk of them cached
+    server.pause()
+    try:
+        with ThreadPoolExecutor(len(names)) as readers:
+            reads = [readers.submit(_pread, root / name, 4096, 0) for name in names]
+            time.sleep(0.5)  # for the reads to reach the server (if they have not, this passes anyway)
+            listed = os.listdir(root / "data")  # a READDIR: it needs a thread of its own
+            still_waiting = [not read.done() for read in reads]
+            failures = [read.exception(READ_DEADLINE_TIMEOUTS * TIMEOUT + 30) for read in reads]
+    finally:
+        server.resume()
+    assert sorted(listed) == sorted(name.split("/")[1] for name in names)
+    assert all(still_waiting), still_waiting  # listed while every read still waited
+    assert all(isinstance(exc, OSError) and exc.errno == 5 for exc in failures), failures  # EIO at the deadline
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ number of FUSE worker threads read at once); an eStargz layer's are fetched lazi
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from registry.source import FileWindow
@@ -59,6 +59,19 @@ class ContentReader:
         """Returns up to `size` bytes of `entry` from `offset`; b'' at or past its end."""
         size = _within(entry, offset, size)
         return self._layers[entry.layer].read(entry, offset, size) if size else b""
+
+    def read_then(self, entry: Entry, offset: int, size: int, reply: Callable[[bytes], None],
+                  fail: Callable[[BaseException], None]) -> None:  # fmt: skip
+        """Answers up to `size` bytes of `entry` from `offset` through `reply` (or an error
+        through `fail`): at once, or later from another thread for a layer that must fetch
+        them (a lazy layer's read_then), so that the caller does not wait on the network."""
+        size = _within(entry, offset, size)
+        layer = self._layers[entry.layer]
+        read_then = getattr(layer, "read_then", None) if size else None
+        if read_then is not None:
+            read_then(entry, offset, size, reply, fail)
+        else:
+            reply(layer.read(entry, offset, size) if size else b"")
 
     def span(self, entry: Entry, offset: int, size: int) -> tuple[int, int, int] | None:
         """(fd, position, size) of up to `size` bytes of `entry` from `offset` where they lie

@@ -431,7 +431,7 @@ def _import_registry_client(args: argparse.Namespace, image_text: str) -> thread
     the image recorded: then the mount may need no registry before it is ready, and aiohttp's
     import, on the same GIL, would only hold up the rest."""
     reference = ImageReference.parse(image_text)
-    if reference.transport != REGISTRY or _recorded(args, reference):
+    if reference.transport != REGISTRY or _has_record(args, reference):
         return None
 
     def load() -> None:
@@ -443,7 +443,8 @@ def _import_registry_client(args: argparse.Namespace, image_text: str) -> thread
     return thread
 
 
-def _recorded(args: argparse.Namespace, reference: ImageReference) -> bool:
+def _has_record(args: argparse.Namespace, reference: ImageReference) -> bool:
+    """--pull missing and a record of the reference: the mount may need no registry before ready."""
     from unionfs.storage.resolutions import record_path
 
     return args.pull == "missing" and record_path(_cache_dir(args), reference.remote(), _platform_of(args)).exists()

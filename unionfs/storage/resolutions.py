@@ -19,14 +19,17 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from registry.cache_files import write_atomically
 from registry.errors import ImageError
 from registry.manifest import Manifest, Platform, decode
-from registry.pull import ResolvedManifest, resolved_from
 from registry.remote_reference import RemoteReference
 from registry.source import Image
 from unionfs.storage.sealed import DamagedCacheFile, drop_damaged, seal, unseal
+
+if TYPE_CHECKING:  # registry.pull imports asyncio: not for the command's check of a record
+    from registry.pull import ResolvedManifest
 
 log = logging.getLogger("crfs-merge")
 RECORDS = Path("refs") / "v1"
@@ -70,6 +73,8 @@ def load(cache_dir: Path, asked: RemoteReference, platform: Platform) -> tuple[I
 
 
 def _image(payload: memoryview, platform: Platform, blob_dir: Path, asked: str) -> tuple[Image, str]:
+    from registry.pull import resolved_from
+
     newline = bytes(payload[:65536]).index(b"\n")
     header = json.loads(bytes(payload[:newline]))
     body = bytes(payload[newline + 1 :])

@@ -2,9 +2,9 @@
 
 A mount made ready from the cache alone (`--pull missing`, the image's manifest, config and
 merged tree all cached) needs the registry only when a lazy read misses the chunk cache.
-Importing aiohttp costs 0.1-0.15 s of CPU, more than the rest of such a mount's start: it is
-imported, and the client made, on a worker thread once the mount is ready, or by the first
-read that needs it, whichever comes first.
+Importing aiohttp costs 0.15-0.2 s of CPU, more than the rest of such a mount's start: it is
+imported, and the client made, on a worker thread when a read first needs the registry (a
+mount whose reads all hit the chunk cache never imports it).
 """
 
 from __future__ import annotations

@@ -151,22 +151,30 @@ def skopeo_copy(source: str, dest: str, *flags: str) -> None:
 @contextmanager
 def estargz_in_registry(root: Path, layers: list[bytes], repository: str,
                        history: list[dict[str, object]] | None = None) -> Iterator[Registry]:  # fmt: skip
-    """A loopback registry holding the tars `layers` as an OCI layout (`root/source`, tag v1)
-    converted to eStargz by `crfs-merge convert` (`root/esgz`, tag v1) and pushed as
+    """A loopback registry holding the tars `layers` as estargz_layout makes them, pushed as
     `repository`; stopped on exit."""
-    from registry.layout_writer import write_layout
-    from tests.conftest import COMMAND
-
-    write_layout(root / "source", layers, tag="v1", history=history)
-    subprocess.run([*COMMAND, "convert", "--cache-dir", str(root / "convert-cache"), f"oci:{root / 'source'}:v1",
-                    f"oci:{root / 'esgz'}:v1"], check=True, capture_output=True, timeout=300)  # fmt: skip
+    converted = estargz_layout(root, layers, history)
     (root / "registry").mkdir()
     registry = Registry(root / "registry")
     try:
-        skopeo_copy(f"oci:{root / 'esgz'}:v1", f"docker://{registry.host}/{repository}")
+        skopeo_copy(f"oci:{converted}:v1", f"docker://{registry.host}/{repository}")
         yield registry
     finally:
         registry.stop()
+
+
+def estargz_layout(root: Path, layers: list[bytes], history: list[dict[str, object]] | None = None,
+                   name: str = "") -> Path:  # fmt: skip
+    """The tars `layers` as an OCI layout (`root/sourceNAME`, tag v1) converted to eStargz by
+    `crfs-merge convert`; returns the converted layout (`root/esgzNAME`, tag v1)."""
+    from registry.layout_writer import write_layout
+    from tests.conftest import COMMAND
+
+    source, converted = root / f"source{name}", root / f"esgz{name}"
+    write_layout(source, layers, tag="v1", history=history)
+    subprocess.run([*COMMAND, "convert", "--cache-dir", str(root / "convert-cache"), f"oci:{source}:v1",
+                    f"oci:{converted}:v1"], check=True, capture_output=True, timeout=300)  # fmt: skip
+    return converted
 
 
 def htpasswd_auth(root: Path, users: dict[str, str]) -> dict[str, object]:

@@ -16,7 +16,7 @@ import pytest
 
 from registry.layout_writer import write_layout
 from tests.conftest import COMMAND, MOUNT_TIMEOUT, Mounter, require, unmount
-from tests.registry_servers import REGISTRY_BINARY, Registry, skopeo_copy
+from tests.registry_servers import REGISTRY_BINARY, Registry, estargz_layout, skopeo_copy
 from tests.tarvocab import d, f, tar_of, wh
 
 BIG = os.urandom(3 * 1024 * 1024)  # chunks of its own: read only when asked for
@@ -36,13 +36,11 @@ def registry(tmp_path: Path) -> Iterator[Registry]:
 
 def _push(tmp_path: Path, registry: Registry, layers: list[bytes], name: str, estargz: bool) -> str:
     """Pushes `layers` (eStargz-converted, or plain gzip) as IMAGE:latest; returns IMAGE:latest."""
-    layout = tmp_path / f"layout-{name}"
-    write_layout(layout, layers, tag="v1")
     if estargz:
-        converted = tmp_path / f"esgz-{name}"
-        subprocess.run([*COMMAND, "convert", "--cache-dir", str(tmp_path / "convert-cache"), f"oci:{layout}:v1",
-                        f"oci:{converted}:v1"], check=True, capture_output=True, timeout=300)  # fmt: skip
-        layout = converted
+        layout = estargz_layout(tmp_path, layers, name=f"-{name}")
+    else:
+        layout = tmp_path / f"layout-{name}"
+        write_layout(layout, layers, tag="v1")
     image = f"{registry.host}/pull/{'esgz' if estargz else 'gzip'}:latest"
     skopeo_copy(f"oci:{layout}:v1", f"docker://{image}")
     return image

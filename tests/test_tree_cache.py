@@ -98,6 +98,19 @@ def test_out_of_range_numbers_in_saved_bytes_are_refused() -> None:
             MergedTree.from_bytes(damaged)
 
 
+def test_a_tree_loaded_from_bytes_that_can_change_does_not_change_with_them() -> None:
+    """A loaded tree reads its arrays in place in the saved bytes (no second copy of them in
+    memory): from a bytearray, which can change after, it must read a copy instead."""
+    tree = merge_tars(RICH)[0]
+    buffer = bytearray(tree.to_bytes())
+    loaded = MergedTree.from_bytes(buffer)
+    before = snapshot(loaded)
+    buffer[len(FORMAT) :] = bytes(len(buffer) - len(FORMAT))  # every array and name zeroed
+    assert snapshot(loaded) == before == snapshot(tree)
+    in_place = MergedTree.from_bytes(bytes(tree.to_bytes()))
+    assert snapshot(in_place) == before
+
+
 @pytest.mark.parametrize("lazy", [{0}, {0, 1}])
 def test_a_saved_tree_whose_lazy_files_are_not_in_its_chunk_table_is_refused(lazy: set[int]) -> None:
     """Marked lazy, the layers' files name chunk-table files by their offsets (tar offsets

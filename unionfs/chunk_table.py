@@ -13,27 +13,38 @@ import bisect
 import itertools
 import operator
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
-from typing import overload
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Literal, overload
 
 from unionfs.entry import Chunk
 
-CHUNK_ARRAYS = {"file_offset": "Q", "size": "Q", "blob_offset": "Q", "blob_end": "Q", "inner_offset": "Q"}
+TypeCode = Literal["I", "Q", "q"]  # of the arrays of numbers kept (array and memoryview share them)
+CHUNK_ARRAYS: dict[str, TypeCode] = {
+    "file_offset": "Q", "size": "Q", "blob_offset": "Q", "blob_end": "Q", "inner_offset": "Q",
+}  # fmt: skip
 DIGEST_SIZE = 32
 NO_DIGEST = bytes(DIGEST_SIZE)
 SHA256 = "sha256:"
 GATHER_BATCH = 8192  # rows whose digests RowGatherer joins at once
+# A column of numbers: an array while it is built, a read-only view of the file's bytes once a
+# saved tree is loaded (indexed, sliced and bisected alike, at the same speed).
+Column = array | memoryview
 
 
 class ChunkTable:
     """Rows of chunks, grouped by file; built with add_file, read with file(k) or chunk(i)."""
 
-    def __init__(self, arrays: dict[str, array] | None = None, digests: bytes | bytearray = b"",
-                 other_digests: dict[int, str] | None = None, file_first: array | None = None) -> None:  # fmt: skip
-        self.arrays = arrays or {name: array(code) for name, code in CHUNK_ARRAYS.items()}
+    def __init__(self, arrays: Mapping[str, Column] | None = None, digests: bytes | bytearray | memoryview = b"",
+                 other_digests: dict[int, str] | None = None, file_first: Column | None = None) -> None:  # fmt: skip
+        growing = [array(code) for code in CHUNK_ARRAYS.values()] if arrays is None else []
+        self.arrays: Mapping[str, Column] = arrays or dict(zip(CHUNK_ARRAYS, growing, strict=True))
         self.digests = digests if arrays is not None else bytearray()
         self.other_digests = other_digests or {}
-        self.file_first = file_first if file_first is not None else array("Q", [0])
+        first = file_first if file_first is not None else array("Q", [0])
+        self.file_first = first
+        # The appends of a table being built, bound once (the rows of a TOC); none for a loaded one.
+        self._appends = tuple(values.append for values in growing)
+        self._end_file = first.append if isinstance(first, array) else None
         a = self.arrays
         self._file_offset, self._size = a["file_offset"], a["size"]
         self._blob_offset, self._blob_end, self._inner = a["blob_offset"], a["blob_end"], a["inner_offset"]
@@ -55,18 +66,20 @@ class ChunkTable:
     def add_chunk(self, file_offset: int, size: int, blob_offset: int, blob_end: int, inner_offset: int,
                   digest: str) -> None:  # fmt: skip
         """Appends one chunk of the file being added; end_file() closes that file."""
-        assert isinstance(self.digests, bytearray), "a loaded table is read-only"
+        assert isinstance(self.digests, bytearray) and self._appends, "a loaded table is read-only"
         row = len(self._file_offset)
-        self._file_offset.append(file_offset)
-        self._size.append(size)
-        self._blob_offset.append(blob_offset)
-        self._blob_end.append(blob_end)
-        self._inner.append(inner_offset)
+        add_file_offset, add_size, add_blob_offset, add_blob_end, add_inner = self._appends
+        add_file_offset(file_offset)
+        add_size(size)
+        add_blob_offset(blob_offset)
+        add_blob_end(blob_end)
+        add_inner(inner_offset)
         self.digests += _raw(digest, row, self.other_digests)
 
     def end_file(self) -> int:
         """Closes the file whose chunks were added since the last one; returns its number."""
-        self.file_first.append(len(self._file_offset))
+        assert self._end_file is not None, "a loaded table is read-only"
+        self._end_file(len(self._file_offset))
         return len(self.file_first) - 2
 
     def chunk(self, row: int) -> Chunk:

@@ -21,13 +21,15 @@ from pathlib import Path
 import pytest
 
 from registry.cache_files import SWEEP_GRACE_SECONDS, atomic_file, sweep_partials, write_atomically
+from registry.digest import Digest
 from registry.layout_writer import write_layout
 from tests.conftest import COMMAND, ImageWriter, Mounter, require, unmount
 from tests.registry_servers import REGISTRY_BINARY, FaultProxy, Registry, skopeo_copy
 from tests.tarvocab import f, tar_of
 from unionfs.aio import EventLoopThread
+from unionfs.entry import Chunk
 from unionfs.storage.cache_admin import CacheFile, choose_evictions, parse_size
-from unionfs.storage.chunk_cache import ChunkCache
+from unionfs.storage.chunk_cache import LAYOUT, SUFFIX, ChunkCache
 
 KB = 1000
 
@@ -48,9 +50,14 @@ def partials_under(root: Path) -> list[Path]:
     return [p for p in root.rglob(".partial-*") if p.is_file()]
 
 
-def _chunk(number: int, size: int = 1000) -> tuple[str, bytes]:
-    data = random.randbytes(size) + bytes([number % 256])
-    return f"sha256:{hashlib.sha256(data).hexdigest()}", data
+def _chunk(number: int, size: int = 1000) -> tuple[Chunk, bytes]:
+    """Chunk `number` of a layer of chunks of `size` bytes, one after the other."""
+    data = random.randbytes(size - 1) + bytes([number % 256])
+    return Chunk(0, size, number * 10, number * 10 + 10, 0, f"sha256:{hashlib.sha256(data).hexdigest()}",
+                 number * size), data  # fmt: skip
+
+
+LAYER = Digest.parse("sha256:" + "ab" * 32)
 
 
 # --- the chunk cache ---------------------------------------------------------------------
@@ -63,12 +70,11 @@ def test_chunk_files_vanishing_during_the_first_size_scan_do_not_fail_a_write(tm
     the scan has looked at its first file, every other file goes, as a concurrent evicter
     would remove them (a profile hook on this thread runs the removal there and then)."""
     directory = tmp_path / "chunks"
-    directory.mkdir()
+    (directory / LAYOUT).mkdir(parents=True)
     others = []
     for number in range(20):
-        key, data = _chunk(number, 10)
-        others.append(directory / key.replace(":", "-"))
-        others[-1].write_bytes(data)
+        others.append(directory / LAYOUT / f"sha256-{number:064x}{SUFFIX}")
+        others[-1].write_bytes(_chunk(number, 10)[1])
     cache = ChunkCache(directory, memory_bytes=0)
     evicted = False
 
@@ -79,26 +85,26 @@ def test_chunk_files_vanishing_during_the_first_size_scan_do_not_fail_a_write(tm
             for path in others:
                 path.unlink()
 
-    key, data = _chunk(10**6)
+    chunk, data = _chunk(10**6)
     sys.setprofile(evict_after_the_first_look)
     try:
-        cache.put(key, data)  # raised FileNotFoundError before the fix
+        cache.layer(LAYER).put(chunk, data)  # raised FileNotFoundError before the fix
     finally:
         sys.setprofile(None)
     assert evicted
-    assert ChunkCache(directory, memory_bytes=0).get(key) == data
+    assert ChunkCache(directory, memory_bytes=0).layer(LAYER).get(chunk) == data
 
 
 def test_a_full_disk_under_the_chunk_cache_is_logged_once_and_reads_go_on(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     with small_tmpfs(tmp_path / "small", "256k") as directory:
-        cache = ChunkCache(directory / "chunks")
+        cache = ChunkCache(directory / "chunks").layer(LAYER)
         chunks = [_chunk(n, 20 * KB) for n in range(40)]  # 800 kB into 256 kB
         with caplog.at_level(logging.INFO, logger="crfs-merge"):
-            for key, data in chunks:
-                cache.put(key, data)
-        assert all(cache.get(key) == data for key, data in chunks)  # from memory
+            for chunk, data in chunks:
+                cache.put(chunk, data)
+        assert all(cache.get(chunk) == data for chunk, data in chunks)  # from memory
         lines = [r for r in caplog.records if r.levelno >= logging.INFO]
         assert len(lines) == 1, [r.getMessage() for r in lines]
         assert "No space left on device" in lines[0].getMessage() and str(directory) in lines[0].getMessage()

@@ -281,10 +281,10 @@ def test_landmark_prefetch_and_a_damaged_disk_cache(
     before = proxy.served_bytes
     assert (root / PRIORITIZED).read_bytes() == BIG[PRIORITIZED]
     assert proxy.served_bytes == before, "the prefetched file was fetched again"
-    chunk_files = sorted((cache / "chunks").iterdir())
-    assert chunk_files
-    for chunk in chunk_files:  # damage every cached chunk: a new mount must notice and refetch
-        chunk.write_bytes(b"garbage")
+    layer_files = sorted((cache / "chunks").rglob("*.chunks"))
+    assert layer_files
+    for layer_file in layer_files:  # damage every cached chunk: a new mount must notice and refetch
+        layer_file.write_bytes(b"garbage" * (layer_file.stat().st_size // 7))
     again = mount(f"{proxy.host}/{images[name]}", "--prefetch", "none", cache=cache)
     assert (again / PRIORITIZED).read_bytes() == BIG[PRIORITIZED]
     assert proxy.served_bytes > before

@@ -20,7 +20,7 @@ from unionfs.entry import Chunk
 
 TypeCode = Literal["I", "Q", "q"]  # of the arrays of numbers kept (array and memoryview share them)
 CHUNK_ARRAYS: dict[str, TypeCode] = {
-    "file_offset": "Q", "size": "Q", "blob_offset": "Q", "blob_end": "Q", "inner_offset": "Q",
+    "file_offset": "Q", "size": "Q", "blob_offset": "Q", "blob_end": "Q", "inner_offset": "Q", "cache_offset": "Q",
 }  # fmt: skip
 DIGEST_SIZE = 32
 NO_DIGEST = bytes(DIGEST_SIZE)
@@ -48,6 +48,7 @@ class ChunkTable:
         a = self.arrays
         self._file_offset, self._size = a["file_offset"], a["size"]
         self._blob_offset, self._blob_end, self._inner = a["blob_offset"], a["blob_end"], a["inner_offset"]
+        self._cache_offset = a["cache_offset"]
 
     @property
     def files(self) -> int:
@@ -60,21 +61,41 @@ class ChunkTable:
         """Appends a file's chunks (in file order); returns its file number."""
         for chunk in chunks:
             self.add_chunk(chunk.file_offset, chunk.size, chunk.blob_offset, chunk.blob_end, chunk.inner_offset,
-                           chunk.digest)  # fmt: skip
+                           chunk.digest, chunk.cache_offset)  # fmt: skip
         return self.end_file()
 
     def add_chunk(self, file_offset: int, size: int, blob_offset: int, blob_end: int, inner_offset: int,
-                  digest: str) -> None:  # fmt: skip
-        """Appends one chunk of the file being added; end_file() closes that file."""
+                  digest: str, cache_offset: int = 0) -> None:  # fmt: skip
+        """Appends one chunk of the file being added; end_file() closes that file. A TOC's
+        table gives its chunks their cache offsets at the end (place_in_cache)."""
         assert isinstance(self.digests, bytearray) and self._appends, "a loaded table is read-only"
         row = len(self._file_offset)
-        add_file_offset, add_size, add_blob_offset, add_blob_end, add_inner = self._appends
+        add_file_offset, add_size, add_blob_offset, add_blob_end, add_inner, add_cache_offset = self._appends
         add_file_offset(file_offset)
         add_size(size)
         add_blob_offset(blob_offset)
         add_blob_end(blob_end)
         add_inner(inner_offset)
+        add_cache_offset(cache_offset)
         self.digests += _raw(digest, row, self.other_digests)
+
+    def place_in_cache(self) -> None:
+        """Gives each chunk of a whole layer's table its place in the layer's cache file: the
+        sum of the sizes of the chunks before it in the blob. It depends on the layer alone (not
+        on which of its files an image shows), so every image with the layer shares the file."""
+        rows: Sequence[int] = range(len(self))
+        blob = self._blob_offset
+        in_blob_order = all(map(operator.le, blob, itertools.islice(blob, 1, None)))  # as TOCs list files
+        if not in_blob_order:
+            rows = sorted(rows, key=blob.__getitem__)  # stable: a member's rows keep their order
+        places = array("Q", itertools.accumulate(map(self._size.__getitem__, rows), initial=0))
+        del places[-1]  # the total
+        cache_offset = places
+        if not in_blob_order:
+            cache_offset = array("Q", bytes(places.itemsize * len(places)))
+            for row, place in zip(rows, places, strict=True):
+                cache_offset[row] = place
+        self.arrays["cache_offset"][:] = cache_offset  # type: ignore[index]
 
     def end_file(self) -> int:
         """Closes the file whose chunks were added since the last one; returns its number."""
@@ -86,7 +107,7 @@ class ChunkTable:
         raw = self.digests[row * DIGEST_SIZE : (row + 1) * DIGEST_SIZE]
         digest = self.other_digests.get(row, "") if raw == NO_DIGEST else SHA256 + raw.hex()
         return Chunk(self._file_offset[row], self._size[row], self._blob_offset[row], self._blob_end[row],
-                     self._inner[row], digest)  # fmt: skip
+                     self._inner[row], digest, self._cache_offset[row])  # fmt: skip
 
     def file(self, number: int) -> FileChunks:
         return FileChunks(self, self.file_first[number], self.file_first[number + 1])

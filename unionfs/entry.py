@@ -26,7 +26,8 @@ def sharer() -> Callable[[Any], Any]:
 class Chunk:
     """`size` bytes of a file, from `file_offset`, stored compressed in a lazily read layer:
     the gzip member at blob bytes [blob_offset, blob_end) decompresses to them from
-    `inner_offset`. `digest` is their eStargz chunkDigest ('' in legacy stargz)."""
+    `inner_offset`. `digest` is their eStargz chunkDigest ('' in legacy stargz). The disk
+    cache keeps them at `cache_offset` of the layer's file (unionfs/storage/chunk_cache.py)."""
 
     file_offset: int
     size: int
@@ -34,9 +35,11 @@ class Chunk:
     blob_end: int
     inner_offset: int = 0
     digest: str = ""
+    cache_offset: int = 0
 
     def with_size(self, size: int) -> Chunk:
-        return Chunk(self.file_offset, size, self.blob_offset, self.blob_end, self.inner_offset, self.digest)
+        return Chunk(self.file_offset, size, self.blob_offset, self.blob_end, self.inner_offset, self.digest,
+                     self.cache_offset)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True, eq=False)

@@ -36,7 +36,7 @@ from unionfs.entry import IMPLIED_DIRECTORY, NO_XATTRS, Attributes, AttributeVal
 from whiteout.apply import Node
 
 ROOT = 1
-FORMAT = b"crfs-merge tree 2\n"
+FORMAT = b"crfs-merge tree 3\n"
 # Per inode (index ino - 1). first_slot and slot_count describe a directory's children.
 INODE_ARRAYS: dict[str, TypeCode] = {
     "mode": "I", "uid": "I", "gid": "I", "size": "Q", "mtime_ns": "q", "nlink": "I", "layer": "I",

@@ -50,7 +50,7 @@ from unionfs.estargz.toc import (
     plan_fetches,
     read_toc_member,
 )
-from unionfs.storage.chunk_cache import ChunkCache
+from unionfs.storage.chunk_cache import ChunkCache, LayerChunks
 from unionfs.storage.sealed import DamagedCacheFile, drop_damaged, seal_parts, unseal
 
 log = logging.getLogger("crfs-merge")
@@ -182,7 +182,8 @@ class LazyLayer:
     def __init__(self, loop: EventLoopThread, client: BlobReader, blob: Digest, cache: ChunkCache,
                  deadline: float, files: SmallFiles | None = None,
                  decode: ChunkDecoder = chunk_data) -> None:  # fmt: skip
-        self._loop, self._client, self._blob, self._cache = loop, client, blob, cache
+        self._loop, self._client, self._blob = loop, client, blob
+        self._cache: LayerChunks = cache.layer(blob)
         self._decode = decode  # a chunk's bytes out of its fetched range: gzip, or zstd:chunked's zstd
         self._deadline = deadline  # seconds a read may take, fetching included
         self._inflight: dict[Chunk, asyncio.Future[bytes]] = {}
@@ -224,7 +225,7 @@ class LazyLayer:
         """The chunks of a read, those the cache has, and the fetch of the others (None if
         none is missing); starts the read-ahead and the small neighbours' fetch too."""
         wanted = chunks_for(entry, offset, size)
-        pieces = {c: self._cache.get(self._key(c)) for c in wanted}
+        pieces = {c: self._cache.get(c) for c in wanted}
         missing = [c for c, data in pieces.items() if data is None]
         if not missing:
             if any(offset <= c.file_offset for c in wanted):
@@ -262,7 +263,7 @@ class LazyLayer:
     def prefetch(self, chunks: Iterable[Chunk]) -> Future[None]:
         """Starts fetching `chunks` in the background, one bounded range at a time so that
         reads, which run concurrently, are not queued behind it."""
-        wanted = [c for c in chunks if not self._cache.contains(self._key(c))]
+        wanted = [c for c in chunks if not self._cache.contains(c)]
         return self._loop.submit(self._prefetch(wanted))
 
     async def _prefetch(self, chunks: list[Chunk]) -> None:
@@ -281,8 +282,7 @@ class LazyLayer:
         after = [c for n, c in enumerate(following) if n < READAHEAD_CHUNKS or c.file_offset + c.size <= reach]
         # Chunks on disk are read and verified on the worker pool meanwhile, as fetched ones are
         # inflated there: the reader then finds them in memory.
-        absent = set(self._cache.load_ahead([self._key(c) for c in after], _inflate_pool()))
-        wanted = [c for c in after if self._key(c) in absent]
+        wanted = self._cache.load_ahead(after, _inflate_pool())
         if wanted:
             self._loop.submit(self._readahead_fetch(wanted))
 
@@ -308,7 +308,7 @@ class LazyLayer:
         # A fetch (a readahead) may have finished since the reader missed the cache; it left
         # its chunks in memory, and this runs on the loop, which must not read files.
         recent = self._cache.get_recent
-        cached = {c: data for c in chunks if c not in waiting and (data := recent(self._key(c))) is not None}
+        cached = {c: data for c in chunks if c not in waiting and (data := recent(c)) is not None}
         mine = [c for c in chunks if c not in waiting and c not in cached]
         for chunk in mine:
             self._inflight[chunk] = loop.create_future()
@@ -362,13 +362,9 @@ class LazyLayer:
             data = self._decode(compressed, start, chunk)
             if chunk.digest and _hex(chunk.digest, data) != chunk.digest.partition(":")[2]:
                 raise DigestMismatchError(f"layer {self._blob}: chunk at {chunk.blob_offset} fails its chunkDigest")
-            self._cache.put_behind(self._key(chunk), data)  # on disk soon: the reader need not wait
+            self._cache.put_behind(chunk, data)  # on disk soon: the reader need not wait
             got[chunk] = data
         return got
-
-    def _key(self, chunk: Chunk) -> str:
-        # Legacy stargz chunks carry no digest: keep them by position, in memory only.
-        return chunk.digest or f"{self._blob}@{chunk.blob_offset}+{chunk.inner_offset}"
 
 
 def _joined(wanted: list[Chunk], pieces: dict[Chunk, bytes | None], offset: int, size: int) -> bytes:

@@ -319,6 +319,7 @@ class _OnePass:
         ends = dict(zip(starts, [*starts[1:], toc_offset], strict=True))
         end_at_end_offsets(ends, zip(self.last_starts, self.last_ends, strict=True))
         self.table.arrays["blob_end"][:] = array("Q", map(ends.__getitem__, self.table.arrays["blob_offset"]))
+        self.table.place_in_cache()
         return LayerToc(self.entries, self.prefetch_end)
 
 
@@ -371,8 +372,10 @@ def _entries(rows: list[dict[str, Any]], layer: int, ends: dict[int, int]) -> La
             kept.append((row, name))
     # then each entry, built once with its chunks
     table = ChunkTable()
-    return LayerToc([_entry(row, name, layer, attributes, _tiled(name, row, chunks.get(name), ends, table))
-                     for row, name in kept], prefetch_end)  # fmt: skip
+    entries = [_entry(row, name, layer, attributes, _tiled(name, row, chunks.get(name), ends, table))
+               for row, name in kept]  # fmt: skip
+    table.place_in_cache()
+    return LayerToc(entries, prefetch_end)
 
 
 def member_ends(rows: list[dict[str, Any]], toc_offset: int) -> dict[int, int]:

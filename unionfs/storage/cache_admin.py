@@ -230,9 +230,15 @@ def scan(cache_dir: Path, reap: bool = False) -> list[CacheFile]:
                 continue  # a lock belongs to whoever may wait on it: never removed
             partial = is_partial(name)
             used = has_live_writer(path) if partial else cache_key(name) in in_use and kind != "chunks"
-            files.append(CacheFile(path, "partials" if partial else kind, info.st_size,
+            files.append(CacheFile(path, "partials" if partial else kind, _size(kind, info),
                                    max(info.st_atime, info.st_mtime), used))  # fmt: skip
     return files
+
+
+def _size(kind: str, info: os.stat_result) -> int:
+    """The bytes a cache file takes: a layer's chunk file is sparse (holes where no chunk was
+    read), so its allocated bytes, not its length."""
+    return min(info.st_size, info.st_blocks * 512) if kind == "chunks" else info.st_size
 
 
 def _walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:
@@ -300,7 +306,7 @@ def tidy(cache_dir: Path, max_bytes: int) -> None:
                 if is_partial(name) and not is_resumable(name) and remove_if_abandoned(path):
                     _log_swept([(name, info.st_size)])
                 else:
-                    total += info.st_size
+                    total += _size(kind, info)
         if total > max_bytes:
             result = prune(cache_dir, max_bytes)
             log.info("cache: over its %s bound; removed %d unused files (%s)", human_size(max_bytes),

@@ -1,14 +1,21 @@
-"""Decompressed eStargz chunks, kept in memory (an LRU) and on disk (content-addressed).
+"""Decompressed chunks of lazily read layers, kept in memory (an LRU) and on disk.
 
-On disk a chunk is CACHE/chunks/ALGO-HEX, named by its chunkDigest: any mount may write
-it, and every mount verifies it when reading, so two mounts can share the directory and a
-damaged file is noticed, removed and fetched again. The directory is held under a size
-bound: when a write takes it over, the least recently written chunks go first. A lazy read
-does not wait for the disk: its chunks are written by one writer thread after they are served
-(put_behind; close waits for them), as creating a file per chunk costs 20-750 us of CPU on
-ext4 and was a quarter of a lazy `tar`'s server time. A chunk is written through a temporary
-file that its writer locks (registry/cache_files.py), so one that a killed mount left is
-swept; a full disk is logged once, and reads go on without the disk.
+On disk, each layer has one sparse file, CACHE/chunks/v2/ALGO-HEX.chunks (named by the layer's
+blob digest), and each chunk its own place in it: its `cache_offset`, where the sizes of the
+layer's chunks before it in the blob add up to (unionfs.chunk_table.ChunkTable.place_in_cache),
+the same in every image that has the layer. A chunk file per chunk cost an open of a cold file
+per small file read (46% of a lazy server's time under 8 parallel readers, a quarter of the
+machine waiting on the disk); a layer file is opened once per mount, and a tree read in blob
+order reads it in order, with the kernel's readahead.
+
+A chunk is written with one pwrite, by one writer thread after it is served (put_behind; close
+waits for them), and read back with one pread, then verified against its chunkDigest: a hole
+(never written), a chunk half written by a killed mount, a damaged block or a chunk another
+mount is writing at that moment all fail it, and are fetched again (which writes them anew).
+So any mount may write a layer file at any time: each writes the same bytes at the same places.
+Chunks without a digest (legacy stargz) are kept in memory only. The directory is held under a
+size bound (bytes allocated): when a write takes it over, the least recently written layer files
+are emptied first. A full disk is logged once, and reads go on without the disk.
 """
 
 from __future__ import annotations
@@ -23,12 +30,13 @@ from pathlib import Path
 
 from cachetools import LRUCache
 
-from registry.cache_files import write_atomically
 from registry.digest import Digest
 from registry.errors import ManifestError
-from unionfs.storage.sealed import DamagedCacheFile, drop_damaged
+from unionfs.entry import Chunk
 
 log = logging.getLogger("crfs-merge")
+LAYOUT = "v2"  # CACHE/chunks/v2/: layer files (v1 was a file per chunk, CACHE/chunks/ALGO-HEX)
+SUFFIX = ".chunks"
 # Small on purpose: the kernel keeps the pages of files read (kernel_cache), so this only
 # has to hold chunks between fetch and read, and the readahead.
 DEFAULT_MEMORY_BYTES = 64 * 1024 * 1024
@@ -40,63 +48,99 @@ EVICT_TO = 0.9  # evict down to this share of the bound, so eviction is not run 
 
 
 class ChunkCache:
-    """Thread-safe get/put of verified chunk bytes by key (a chunkDigest, or an opaque key
-    for legacy stargz chunks that carry no digest: those are kept in memory only)."""
+    """A mount's chunks, all layers: the memory LRU, the open layer files, the writer thread and
+    the disk bound. Lazy layers use it through `layer(blob)`. Thread-safe."""
 
     def __init__(self, directory: Path, disk_bytes: int = DEFAULT_DISK_BYTES,
                  memory_bytes: int = DEFAULT_MEMORY_BYTES) -> None:  # fmt: skip
-        self._directory = directory
+        self._directory = directory / LAYOUT
         self._directory.mkdir(parents=True, exist_ok=True)
         self._disk_bytes = disk_bytes
         self._memory: LRUCache[str, bytes] = LRUCache(maxsize=memory_bytes, getsizeof=len)
         self._lock = threading.Lock()
+        self._files: dict[str, int] = {}  # layer file name -> its descriptor, opened on first use
         self._disk_used: int | None = None  # measured on the first write, not at mount time
         self._store_failed = False  # a write failed (a full disk): logged once
         self._pending: dict[str, bytes] = {}  # handed to the writer thread, not yet on disk
         self._pending_bytes = 0
         self._writer: ThreadPoolExecutor | None = None  # made on the first put_behind
         # Chunks being read from disk and verified: a reader of one waits for that load rather
-        # than reading and hashing the file again (the kernel sends several READs of a chunk at
-        # once: each read every chunk file about 4 times).
+        # than reading and hashing it again (the kernel sends several READs of a chunk at once).
         self._loading: dict[str, Future[bytes | None]] = {}
 
-    def get(self, key: str) -> bytes | None:
-        """Returns the chunk, or None if it is in neither cache (or was found damaged)."""
+    def layer(self, blob: Digest) -> LayerChunks:
+        """The chunks of the layer whose blob is `blob`."""
+        return LayerChunks(self, blob)
+
+    def close(self) -> None:
+        """Waits until the chunks handed to the writer thread are on disk, then closes the files."""
         with self._lock:
-            data = self._held(key)
-            if data is not None:
-                return data
-            loading = self._loading.get(key)
-            mine = loading is None
-            if loading is None:
-                loading = self._loading[key] = Future()
-        if mine:
-            self._load(key, loading)
-        return loading.result()
+            writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.shutdown(wait=True)
+        with self._lock:
+            files, self._files = self._files, {}
+        for fd in files.values():
+            os.close(fd)
 
-    def load_ahead(self, keys: list[str], pool: Executor) -> list[str]:
-        """Starts reading and verifying, on `pool`, those of `keys` that are on disk but not
-        in memory, so that a sequential reader finds them there; returns the keys that are
-        in neither (to be fetched)."""
-        absent = []
-        for key in keys:
-            with self._lock:
-                if key in self._memory or key in self._pending or key in self._loading:
-                    continue
-            if _digest_of(key) is None or not self._path(key).exists():
-                absent.append(key)
-                continue
-            with self._lock:
-                if key in self._loading:
-                    continue
-                loading = self._loading[key] = Future()
-            pool.submit(self._load, key, loading)
-        return absent
+    # ------------------------------------------------------------ by key (memory)
 
-    def _load(self, key: str, loading: Future[bytes | None]) -> None:
-        """Reads and verifies `key` from disk into memory, and tells its waiters."""
+    def _held(self, key: str) -> bytes | None:
+        """The chunk if memory holds it (the LRU, or waiting for the writer); the lock is held."""
+        data = self._memory.get(key)
+        return self._pending.get(key) if data is None else data
+
+    def _remember(self, key: str, data: bytes) -> None:
+        with self._lock, contextlib.suppress(ValueError):  # larger than the whole LRU: disk only
+            self._memory[key] = data
+
+    # ------------------------------------------------------------ layer files (disk)
+
+    def _fd(self, name: str, create: bool) -> int | None:
+        """The open layer file `name` (made if `create`), or None if there is none."""
+        with self._lock:
+            fd = self._files.get(name)
+        if fd is not None:
+            return fd
         try:
-            data = self._read_disk(key)
+            fd = os.open(self._directory / name, os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0), 0o644)
+        except FileNotFoundError:
+            return None
+        with self._lock:
+            kept = self._files.setdefault(name, fd)
+        if kept != fd:  # another thread opened it meanwhile
+            os.close(fd)
+        return kept
+
+    def _on_disk(self, name: str, chunk: Chunk) -> bool:
+        """True if the layer file may hold `chunk`: its span is not all hole (no read, no hash)."""
+        fd = self._fd(name, create=False)
+        if fd is None:
+            return False
+        try:
+            return os.lseek(fd, chunk.cache_offset, os.SEEK_DATA) < chunk.cache_offset + max(1, chunk.size)
+        except OSError:  # ENXIO: no data from there on
+            return False
+
+    def _read_disk(self, name: str, chunk: Chunk) -> bytes | None:
+        """The chunk out of its layer file, if it is there and verifies; None otherwise."""
+        algorithm_hex = _digest_of(chunk.digest)
+        if algorithm_hex is None or not self._on_disk(name, chunk):
+            return None
+        fd = self._fd(name, create=False)
+        if fd is None:
+            return None
+        data = os.pread(fd, chunk.size, chunk.cache_offset)
+        if len(data) != chunk.size or hashlib.new(algorithm_hex[0], data).hexdigest() != algorithm_hex[1]:
+            # A hole, a chunk half written, or damage: fetched again, which writes it anew.
+            log.debug("chunk cache: %s at %d of %s does not verify", chunk.digest, chunk.cache_offset, name)
+            return None
+        return data
+
+    def _load(self, name: str, chunk: Chunk, key: str, loading: Future[bytes | None]) -> None:
+        """Reads and verifies `chunk` from disk into memory, and tells its waiters."""
+        try:
+            data = self._read_disk(name, chunk)
             if data is not None:
                 self._remember(key, data)
             loading.set_result(data)
@@ -106,61 +150,9 @@ class ChunkCache:
             with self._lock:
                 del self._loading[key]
 
-    def get_recent(self, key: str) -> bytes | None:
-        """Returns the chunk if it is in the memory cache; never reads the disk (for the event
-        loop, which must not wait on files)."""
-        with self._lock:
-            return self._held(key)
-
-    def _held(self, key: str) -> bytes | None:
-        """The chunk if memory holds it (the LRU, or waiting for the writer); the lock is held."""
-        data = self._memory.get(key)
-        return self._pending.get(key) if data is None else data
-
-    def contains(self, key: str) -> bool:
-        """True if the chunk is probably cached (for prefetch: no read, no hashing)."""
-        with self._lock:
-            if key in self._memory or key in self._pending:
-                return True
-        return _digest_of(key) is not None and self._path(key).exists()
-
-    def put(self, key: str, data: bytes) -> None:
-        """Stores a verified chunk."""
-        self._remember(key, data)
-        if _digest_of(key) is not None:
-            self._write_disk(key, data)
-
-    def put_behind(self, key: str, data: bytes) -> None:
-        """Stores a verified chunk: in memory now, on disk soon, by the writer thread (at once,
-        in this thread, when PENDING_BYTES are already waiting)."""
-        self._remember(key, data)
-        if _digest_of(key) is None:
-            return
-        with self._lock:
-            if key in self._pending:
-                return  # two readers fetched the same chunk: it is on its way to disk already
-            behind = self._pending_bytes + len(data) <= PENDING_BYTES
-            if behind:
-                self._pending[key] = data
-                self._pending_bytes += len(data)
-                if self._writer is None:
-                    self._writer = ThreadPoolExecutor(1, thread_name_prefix="crfs-chunk-writer")
-                writer = self._writer
-        if behind:
-            writer.submit(self._write_pending, key, data)
-        else:
-            self._write_disk(key, data)
-
-    def close(self) -> None:
-        """Waits until the chunks handed to the writer thread are on disk."""
-        with self._lock:
-            writer, self._writer = self._writer, None
-        if writer is not None:
-            writer.shutdown(wait=True)
-
-    def _write_pending(self, key: str, data: bytes) -> None:
+    def _write_pending(self, name: str, chunk: Chunk, key: str, data: bytes) -> None:
         try:
-            self._write_disk(key, data)
+            self._write_disk(name, chunk, data)
         except Exception:  # a bug here must not pass silently in a thread nobody waits for
             log.exception("chunk cache: writing %s", key)
         finally:
@@ -168,40 +160,18 @@ class ChunkCache:
                 del self._pending[key]
                 self._pending_bytes -= len(data)
 
-    def _remember(self, key: str, data: bytes) -> None:
-        with self._lock, contextlib.suppress(ValueError):  # larger than the whole LRU: disk only
-            self._memory[key] = data
-
-    def _path(self, key: str) -> Path:
-        return self._directory / key.replace(":", "-")
-
-    def _read_disk(self, key: str) -> bytes | None:
-        algorithm_hex = _digest_of(key)
-        if algorithm_hex is None:
-            return None
+    def _write_disk(self, name: str, chunk: Chunk, data: bytes) -> None:
         try:
-            data = _read_file(self._path(key))
-        except FileNotFoundError:
-            return None
-        if hashlib.new(algorithm_hex[0], data).hexdigest() != algorithm_hex[1]:
-            damage = DamagedCacheFile("its digest does not match its contents")
-            drop_damaged(self._path(key), damage, "fetching it again", log.warning)
-            return None
-        return data
-
-    def _write_disk(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        if path.exists():
-            return
-        try:
-            write_atomically(path, data, "a chunk of an eStargz layer")
+            fd = self._fd(name, create=True)
+            assert fd is not None
+            os.pwrite(fd, data, chunk.cache_offset)
         except OSError as exc:  # a full disk costs the cache, never the read
-            self._cannot_store(path, exc)
+            self._cannot_store(exc)
             return
         with self._lock:
             measured = self._disk_used is not None
         if not measured:
-            used = _bytes_under(self._directory)  # outside the lock: a big directory takes a while
+            used = sum(size for _, size, _ in _layer_files(self._directory))  # outside the lock
             with self._lock:
                 self._disk_used = used if self._disk_used is None else self._disk_used
         with self._lock:
@@ -211,7 +181,7 @@ class ChunkCache:
         if over:
             self._evict()
 
-    def _cannot_store(self, path: Path, exc: OSError) -> None:
+    def _cannot_store(self, exc: OSError) -> None:
         """Logs a failed write once per cache: a full disk fails every chunk after the first,
         and each would log a line of its own."""
         with self._lock:
@@ -220,59 +190,135 @@ class ChunkCache:
             log.warning("chunk cache: cannot store chunks in %s (%s); reads go on from memory and the "
                         "registry, and further failures are not logged", self._directory, exc.strerror)  # fmt: skip
         else:
-            log.debug("chunk cache: cannot store %s: %s", path.name, exc)
+            log.debug("chunk cache: cannot store a chunk: %s", exc)
 
     def _evict(self) -> None:
-        files = sorted(_finished_files(self._directory), key=lambda f: f[2])
+        """Empties the least recently written layer files until the directory is under the
+        bound; a file this mount has open is emptied but kept, so its descriptor stays the file."""
+        files = sorted(_layer_files(self._directory), key=lambda f: f[2])
         used = sum(size for _, size, _ in files)
         for path, size, _ in files:
             if used <= self._disk_bytes * EVICT_TO:
                 break
+            with self._lock:
+                held = os.path.basename(path) in self._files
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+                os.truncate(path, 0)
+                if not held:
+                    os.unlink(path)
                 used -= size
         with self._lock:
             self._disk_used = used
 
 
-def _read_file(path: Path) -> bytes:
-    """The bytes of the file at `path`, in four system calls (open, fstat, read, close), where
-    Path.read_bytes makes nine (a tty check, a second fstat, two lseeks, a read past the end).
-    Each lets go of the interpreter lock, which the server's other threads then contend for:
-    8 threads reading 20,000 cold chunk files took 280 us of CPU per chunk, 210 with this."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        size = os.fstat(fd).st_size
-        data = os.read(fd, size)
-        while len(data) < size and (more := os.read(fd, size - len(data))):
-            data += more
-        return data
-    finally:
-        os.close(fd)
+class LayerChunks:
+    """get/put of one layer's verified chunks by Chunk (its digest names it in memory; legacy
+    stargz chunks, which carry none, are named by their place in the blob)."""
+
+    def __init__(self, cache: ChunkCache, blob: Digest) -> None:
+        self._cache, self._blob = cache, blob
+        self._name = f"{blob.algorithm}-{blob.hex}{SUFFIX}"
+
+    def key(self, chunk: Chunk) -> str:
+        return chunk.digest or f"{self._blob}@{chunk.blob_offset}+{chunk.inner_offset}"
+
+    def get(self, chunk: Chunk) -> bytes | None:
+        """Returns the chunk, or None if it is in neither cache (or does not verify on disk)."""
+        cache, key = self._cache, self.key(chunk)
+        with cache._lock:
+            data = cache._held(key)
+            if data is not None:
+                return data
+            loading = cache._loading.get(key)
+            mine = loading is None
+            if loading is None:
+                loading = cache._loading[key] = Future()
+        if mine:
+            cache._load(self._name, chunk, key, loading)
+        return loading.result()
+
+    def get_recent(self, chunk: Chunk) -> bytes | None:
+        """Returns the chunk if the memory cache has it; never reads the disk (for the event
+        loop, which must not wait on files)."""
+        with self._cache._lock:
+            return self._cache._held(self.key(chunk))
+
+    def contains(self, chunk: Chunk) -> bool:
+        """True if the chunk is probably cached (for prefetch: no read, no hashing)."""
+        cache, key = self._cache, self.key(chunk)
+        with cache._lock:
+            if key in cache._memory or key in cache._pending:
+                return True
+        return bool(chunk.digest) and cache._on_disk(self._name, chunk)
+
+    def load_ahead(self, chunks: list[Chunk], pool: Executor) -> list[Chunk]:
+        """Starts reading and verifying, on `pool`, those of `chunks` that are on disk but not
+        in memory, so that a sequential reader finds them there; returns the chunks that are
+        in neither (to be fetched)."""
+        cache, absent = self._cache, []
+        for chunk in chunks:
+            key = self.key(chunk)
+            with cache._lock:
+                if key in cache._memory or key in cache._pending or key in cache._loading:
+                    continue
+            if not chunk.digest or not cache._on_disk(self._name, chunk):
+                absent.append(chunk)
+                continue
+            with cache._lock:
+                if key in cache._loading:
+                    continue
+                loading = cache._loading[key] = Future()
+            pool.submit(cache._load, self._name, chunk, key, loading)
+        return absent
+
+    def put(self, chunk: Chunk, data: bytes) -> None:
+        """Stores a verified chunk."""
+        self._cache._remember(self.key(chunk), data)
+        if chunk.digest:
+            self._cache._write_disk(self._name, chunk, data)
+
+    def put_behind(self, chunk: Chunk, data: bytes) -> None:
+        """Stores a verified chunk: in memory now, on disk soon, by the writer thread (at once,
+        in this thread, when PENDING_BYTES are already waiting)."""
+        cache, key = self._cache, self.key(chunk)
+        cache._remember(key, data)
+        if not chunk.digest:
+            return
+        with cache._lock:
+            if key in cache._pending:
+                return  # two readers fetched the same chunk: it is on its way to disk already
+            behind = cache._pending_bytes + len(data) <= PENDING_BYTES
+            if behind:
+                cache._pending[key] = data
+                cache._pending_bytes += len(data)
+                if cache._writer is None:
+                    cache._writer = ThreadPoolExecutor(1, thread_name_prefix="crfs-chunk-writer")
+                writer = cache._writer
+        if behind:
+            writer.submit(cache._write_pending, self._name, chunk, key, data)
+        else:
+            cache._write_disk(self._name, chunk, data)
 
 
-def _finished_files(directory: Path) -> list[tuple[str, int, int]]:
-    """Returns (path, size, mtime_ns) of each chunk file; a file that goes between the listing
-    and its stat (another mount evicts, or a writer renames its temporary file) is skipped."""
+def _layer_files(directory: Path) -> list[tuple[str, int, int]]:
+    """Returns (path, bytes allocated, mtime_ns) of each layer file (sparse: its size says
+    little); a file that goes between the listing and its stat (another mount evicts) is skipped."""
     found = []
     for entry in os.scandir(directory):
-        if entry.name.startswith("."):
+        if not entry.name.endswith(SUFFIX):
             continue
         try:
             info = entry.stat(follow_symlinks=False)
         except FileNotFoundError:
             continue
-        found.append((entry.path, info.st_size, info.st_mtime_ns))
+        found.append((entry.path, info.st_blocks * 512, info.st_mtime_ns))
     return found
-
-
-def _bytes_under(directory: Path) -> int:
-    """Returns the size of the chunk files of `directory` (see _finished_files)."""
-    return sum(size for _, size, _ in _finished_files(directory))
 
 
 def _digest_of(key: str) -> tuple[str, str] | None:
     """Returns (algorithm, hex) if `key` is a chunk digest, None for any other key."""
+    if not key:
+        return None
     try:
         digest = Digest.parse(key)
     except ManifestError:

@@ -4,7 +4,7 @@ Cache layout (content-addressed, safe to share between concurrent mounts):
     CACHE/blobs/ALGO-HEX         a registry layer blob, kept only until its tar is made
     CACHE/tars/ALGO-HEX.tar      uncompressed tar of a compressed layer blob ALGO:HEX
     CACHE/index/v2/ALGO-HEX.json the layer's entries, so a second mount skips the scan
-    CACHE/trees/v3/HEX.tree      the merged tree of a stack of layers (unionfs/tree.py's bytes),
+    CACHE/trees/v4/HEX.tree      the merged tree of a stack of layers (unionfs/tree.py's bytes),
                                  named by a hash of the layers' names and their tars' stamps (a
                                  lazily read layer: its blob and TOC digests), so a mount of an
                                  image already seen loads arrays and merges (or parses) nothing
@@ -52,7 +52,7 @@ from unionfs.tree import CorruptTreeError, MergedTree
 log = logging.getLogger("crfs-merge")
 
 INDEX_FORMAT = 2
-TREE_FORMAT = 3
+TREE_FORMAT = 4
 COPY_BLOCK = 1 << 20
 TAR_BLOCK = 512
 TAR_RECORD_BLOCKS = 20  # tar's default blocking factor: a record of 10240 bytes

@@ -83,6 +83,70 @@ class ChunkCache:
         for fd in files.values():
             os.close(fd)
 
+    # ------------------------------------------------------------ what LayerChunks asks
+
+    def get(self, name: str, chunk: Chunk, key: str) -> bytes | None:
+        with self._lock:
+            data = self._held(key)
+            if data is not None:
+                return data
+            loading = self._loading.get(key)
+            mine = loading is None
+            if loading is None:
+                loading = self._loading[key] = Future()
+        if mine:
+            self._load(name, chunk, key, loading)
+        return loading.result()
+
+    def get_recent(self, key: str) -> bytes | None:
+        with self._lock:
+            return self._held(key)
+
+    def contains(self, name: str, chunk: Chunk, key: str) -> bool:
+        with self._lock:
+            if key in self._memory or key in self._pending:
+                return True
+        return bool(chunk.digest) and self._on_disk(name, chunk)
+
+    def load_ahead(self, name: str, chunk: Chunk, key: str, pool: Executor) -> bool:
+        """Starts loading `chunk` from disk on `pool` if it is there and not in memory; False
+        if it is in neither (to be fetched)."""
+        with self._lock:
+            if key in self._memory or key in self._pending or key in self._loading:
+                return True
+        if not chunk.digest or not self._on_disk(name, chunk):
+            return False
+        with self._lock:
+            if key in self._loading:
+                return True
+            loading = self._loading[key] = Future()
+        pool.submit(self._load, name, chunk, key, loading)
+        return True
+
+    def put(self, name: str, chunk: Chunk, key: str, data: bytes) -> None:
+        self._remember(key, data)
+        if chunk.digest:
+            self._write_disk(name, chunk, data)
+
+    def put_behind(self, name: str, chunk: Chunk, key: str, data: bytes) -> None:
+        self._remember(key, data)
+        if not chunk.digest:
+            return
+        with self._lock:
+            if key in self._pending:
+                return  # two readers fetched the same chunk: it is on its way to disk already
+            behind = self._pending_bytes + len(data) <= PENDING_BYTES
+            if behind:
+                self._pending[key] = data
+                self._pending_bytes += len(data)
+                if self._writer is None:
+                    self._writer = ThreadPoolExecutor(1, thread_name_prefix="crfs-chunk-writer")
+                writer = self._writer
+        if behind:
+            writer.submit(self._write_pending, name, chunk, key, data)
+        else:
+            self._write_disk(name, chunk, data)
+
     # ------------------------------------------------------------ by key (memory)
 
     def _held(self, key: str) -> bytes | None:
@@ -224,80 +288,31 @@ class LayerChunks:
 
     def get(self, chunk: Chunk) -> bytes | None:
         """Returns the chunk, or None if it is in neither cache (or does not verify on disk)."""
-        cache, key = self._cache, self.key(chunk)
-        with cache._lock:
-            data = cache._held(key)
-            if data is not None:
-                return data
-            loading = cache._loading.get(key)
-            mine = loading is None
-            if loading is None:
-                loading = cache._loading[key] = Future()
-        if mine:
-            cache._load(self._name, chunk, key, loading)
-        return loading.result()
+        return self._cache.get(self._name, chunk, self.key(chunk))
 
     def get_recent(self, chunk: Chunk) -> bytes | None:
         """Returns the chunk if the memory cache has it; never reads the disk (for the event
         loop, which must not wait on files)."""
-        with self._cache._lock:
-            return self._cache._held(self.key(chunk))
+        return self._cache.get_recent(self.key(chunk))
 
     def contains(self, chunk: Chunk) -> bool:
         """True if the chunk is probably cached (for prefetch: no read, no hashing)."""
-        cache, key = self._cache, self.key(chunk)
-        with cache._lock:
-            if key in cache._memory or key in cache._pending:
-                return True
-        return bool(chunk.digest) and cache._on_disk(self._name, chunk)
+        return self._cache.contains(self._name, chunk, self.key(chunk))
 
     def load_ahead(self, chunks: list[Chunk], pool: Executor) -> list[Chunk]:
         """Starts reading and verifying, on `pool`, those of `chunks` that are on disk but not
         in memory, so that a sequential reader finds them there; returns the chunks that are
         in neither (to be fetched)."""
-        cache, absent = self._cache, []
-        for chunk in chunks:
-            key = self.key(chunk)
-            with cache._lock:
-                if key in cache._memory or key in cache._pending or key in cache._loading:
-                    continue
-            if not chunk.digest or not cache._on_disk(self._name, chunk):
-                absent.append(chunk)
-                continue
-            with cache._lock:
-                if key in cache._loading:
-                    continue
-                loading = cache._loading[key] = Future()
-            pool.submit(cache._load, self._name, chunk, key, loading)
-        return absent
+        return [c for c in chunks if not self._cache.load_ahead(self._name, c, self.key(c), pool)]
 
     def put(self, chunk: Chunk, data: bytes) -> None:
         """Stores a verified chunk."""
-        self._cache._remember(self.key(chunk), data)
-        if chunk.digest:
-            self._cache._write_disk(self._name, chunk, data)
+        self._cache.put(self._name, chunk, self.key(chunk), data)
 
     def put_behind(self, chunk: Chunk, data: bytes) -> None:
         """Stores a verified chunk: in memory now, on disk soon, by the writer thread (at once,
         in this thread, when PENDING_BYTES are already waiting)."""
-        cache, key = self._cache, self.key(chunk)
-        cache._remember(key, data)
-        if not chunk.digest:
-            return
-        with cache._lock:
-            if key in cache._pending:
-                return  # two readers fetched the same chunk: it is on its way to disk already
-            behind = cache._pending_bytes + len(data) <= PENDING_BYTES
-            if behind:
-                cache._pending[key] = data
-                cache._pending_bytes += len(data)
-                if cache._writer is None:
-                    cache._writer = ThreadPoolExecutor(1, thread_name_prefix="crfs-chunk-writer")
-                writer = cache._writer
-        if behind:
-            writer.submit(cache._write_pending, self._name, chunk, key, data)
-        else:
-            cache._write_disk(self._name, chunk, data)
+        self._cache.put_behind(self._name, chunk, self.key(chunk), data)
 
 
 def _layer_files(directory: Path) -> list[tuple[str, int, int]]:

@@ -4,7 +4,9 @@ bounded on disk (least recently written layers out first), damage and holes neve
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from registry.digest import Digest
+from tests.conftest import require
 from unionfs.chunk_table import ChunkTable
 from unionfs.entry import Chunk
 from unionfs.storage.chunk_cache import LAYOUT, ChunkCache
@@ -171,3 +174,27 @@ def test_a_layers_chunks_take_their_places_by_blob_order_whatever_the_rows_order
     table.place_in_cache()
     places = {table.chunk(row).blob_offset: table.chunk(row).cache_offset for row in range(len(table))}
     assert places == {0: 0, 1000: 500, 2000: 507, 3000: 4603}
+
+
+def test_a_read_only_cache_serves_its_chunks_and_logs_once_that_it_stores_none(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    require(os.geteuid() == 0, "a read-only bind mount needs root (who may write anywhere else)")
+    (kept, data), (new, new_data) = _chunks(2)
+    ChunkCache(tmp_path).layer(_layer(1)).put(kept, data)
+    directory = tmp_path / LAYOUT
+    subprocess.run(["mount", "--bind", str(directory), str(directory)], check=True)
+    cache = ChunkCache(tmp_path, memory_bytes=0)
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(directory)], check=True)
+        layer = cache.layer(_layer(1))
+        with caplog.at_level(logging.WARNING, logger="crfs-merge"):
+            assert layer.get(kept) == data
+            layer.put(new, new_data)
+            layer.put(new, new_data)
+        assert layer.get(new) is None  # neither kept in memory (none) nor on disk
+        [line] = [r.getMessage() for r in caplog.records]
+        assert "cannot store chunks" in line and "Read-only file system" in line, line
+    finally:
+        cache.close()  # its layer file, open, would keep the mount busy
+        subprocess.run(["umount", str(directory)], check=True)

@@ -21,6 +21,7 @@ are emptied first. A full disk is logged once, and reads go on without the disk.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -59,6 +60,7 @@ class ChunkCache:
         self._memory: LRUCache[str, bytes] = LRUCache(maxsize=memory_bytes, getsizeof=len)
         self._lock = threading.Lock()
         self._files: dict[str, int] = {}  # layer file name -> its descriptor, opened on first use
+        self._unwritable: dict[str, OSError] = {}  # layer files opened for reading only, and why
         self._disk_used: int | None = None  # measured on the first write, not at mount time
         self._store_failed = False  # a write failed (a full disk): logged once
         self._pending: dict[str, bytes] = {}  # handed to the writer thread, not yet on disk
@@ -161,15 +163,26 @@ class ChunkCache:
     # ------------------------------------------------------------ layer files (disk)
 
     def _fd(self, name: str, create: bool) -> int | None:
-        """The open layer file `name` (made if `create`), or None if there is none."""
+        """The open layer file `name` (made if `create`, else None if there is none). A cache
+        that cannot be written (read-only, another user's) is opened for reading: its chunks are
+        served, and the first write that fails is logged."""
         with self._lock:
             fd = self._files.get(name)
         if fd is not None:
             return fd
+        path = self._directory / name
         try:
-            fd = os.open(self._directory / name, os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0), 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0), 0o644)
         except FileNotFoundError:
+            if create:
+                raise
             return None
+        except OSError as exc:
+            if create or exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            with self._lock:
+                self._unwritable[name] = exc  # what a write to it says, rather than EBADF
         with self._lock:
             kept = self._files.setdefault(name, fd)
         if kept != fd:  # another thread opened it meanwhile
@@ -194,7 +207,11 @@ class ChunkCache:
         fd = self._fd(name, create=False)
         if fd is None:
             return None
-        data = os.pread(fd, chunk.size, chunk.cache_offset)
+        try:
+            data = os.pread(fd, chunk.size, chunk.cache_offset)
+        except OSError as exc:  # a disk that fails a read costs the cache, never the read
+            log.warning("chunk cache: cannot read %s: %s; fetching the chunk", self._directory / name, exc.strerror)
+            return None
         if len(data) != chunk.size or hashlib.new(algorithm_hex[0], data).hexdigest() != algorithm_hex[1]:
             # A hole, a chunk half written, or damage: fetched again, which writes it anew.
             log.debug("chunk cache: %s at %d of %s does not verify", chunk.digest, chunk.cache_offset, name)
@@ -228,6 +245,10 @@ class ChunkCache:
         try:
             fd = self._fd(name, create=True)
             assert fd is not None
+            with self._lock:
+                unwritable = self._unwritable.get(name)
+            if unwritable is not None:
+                raise unwritable
             os.pwrite(fd, data, chunk.cache_offset)
         except OSError as exc:  # a full disk costs the cache, never the read
             self._cannot_store(exc)

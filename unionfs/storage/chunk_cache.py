@@ -82,6 +82,7 @@ class ChunkCache:
             writer.shutdown(wait=True)
         with self._lock:
             files, self._files = self._files, {}
+            self._unwritable.clear()
         for fd in files.values():
             os.close(fd)
 
@@ -287,11 +288,14 @@ class ChunkCache:
                 break
             with self._lock:
                 held = os.path.basename(path) in self._files
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 os.truncate(path, 0)
                 if not held:
                     os.unlink(path)
-                used -= size
+            except OSError as exc:  # gone already, or not ours to empty: the next one, then
+                log.debug("chunk cache: cannot evict %s: %s", path, exc)
+                continue
+            used -= size
         with self._lock:
             self._disk_used = used
 

@@ -15,7 +15,7 @@ import pytest
 
 from registry.digest import Digest
 from tests.conftest import require
-from unionfs.chunk_table import ChunkTable
+from unionfs.chunk_table import LAST_PLACE, ChunkTable
 from unionfs.entry import Chunk
 from unionfs.storage.chunk_cache import LAYOUT, ChunkCache
 
@@ -198,3 +198,14 @@ def test_a_read_only_cache_serves_its_chunks_and_logs_once_that_it_stores_none(
     finally:
         cache.close()  # its layer file, open, would keep the mount busy
         subprocess.run(["umount", str(directory)], check=True)
+
+
+def test_a_layer_past_what_a_file_can_hold_puts_the_rest_at_the_end_not_a_crash() -> None:
+    """A hostile TOC whose chunks add up past 2**63: places stop at the last one a file can
+    have (where nothing is stored, and what is read fails its digest)."""
+    table = ChunkTable()
+    for number in range(3):
+        table.add_chunk(0, 2**63 - 1, number * 10, number * 10 + 10, 0, "")
+        table.end_file()
+    table.place_in_cache()
+    assert [table.chunk(row).cache_offset for row in range(3)] == [0, LAST_PLACE, LAST_PLACE]

@@ -154,8 +154,11 @@ def test_upstream_toc_shapes_and_inner_offsets() -> None:
             }
         ).encode(),
         json.dumps({"version": 1, "entries": [{"name": "a", "type": "dir", "modtime": "yesterday"}]}).encode(),
+        json.dumps({"version": 1, "entries": [{"name": "a", "type": "reg", "size": 2**70, "offset": 1}]}).encode(),
+        json.dumps({"version": 1, "entries": [{"name": "a", "type": "reg", "size": -5, "offset": 1}]}).encode(),
     ],
-    ids=["not-json", "version-2", "unknown-type", "chunks-do-not-tile", "bad-modtime"],
+    ids=["not-json", "version-2", "unknown-type", "chunks-do-not-tile", "bad-modtime", "size-past-64-bits",
+         "negative-size"],
 )
 def test_malformed_tocs_are_refused(toc: bytes) -> None:
     with pytest.raises(LayerFormatError):

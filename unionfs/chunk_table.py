@@ -26,6 +26,7 @@ DIGEST_SIZE = 32
 NO_DIGEST = bytes(DIGEST_SIZE)
 SHA256 = "sha256:"
 GATHER_BATCH = 8192  # rows whose digests RowGatherer joins at once
+LAST_PLACE = 2**63 - 1  # of a chunk in its layer's cache file (an off_t)
 # A column of numbers: an array while it is built, a read-only view of the file's bytes once a
 # saved tree is loaded (indexed, sliced and bisected alike, at the same speed).
 Column = array | memoryview
@@ -88,7 +89,10 @@ class ChunkTable:
         in_blob_order = all(map(operator.le, blob, itertools.islice(blob, 1, None)))  # as TOCs list files
         if not in_blob_order:
             rows = sorted(rows, key=blob.__getitem__)  # stable: a member's rows keep their order
-        places = array("Q", itertools.accumulate(map(self._size.__getitem__, rows), initial=0))
+        sums = itertools.accumulate(map(self._size.__getitem__, rows), initial=0)
+        # A layer of more than 8 EiB (a hostile TOC) puts the rest at the end, where no file
+        # can hold it: those chunks are never stored, and never read from there (they fail their digest).
+        places = array("Q", map(min, sums, itertools.repeat(LAST_PLACE)))
         del places[-1]  # the total
         cache_offset = places
         if not in_blob_order:

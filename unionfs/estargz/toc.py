@@ -341,7 +341,7 @@ def toc_entries(rows: list[dict[str, Any]], layer: int, ends: Callable[[], dict[
     frame's) start to the end of the bytes to fetch for it."""
     try:
         return _entries(rows, layer, ends())
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:  # a number no array holds
         raise LayerFormatError(f"malformed {kind} TOC: {exc!r}") from exc
 
 

@@ -37,10 +37,6 @@ class Chunk:
     digest: str = ""
     cache_offset: int = 0
 
-    def with_size(self, size: int) -> Chunk:
-        return Chunk(self.file_offset, size, self.blob_offset, self.blob_end, self.inner_offset, self.digest,
-                     self.cache_offset)  # fmt: skip
-
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Entry:

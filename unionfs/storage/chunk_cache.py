@@ -191,22 +191,15 @@ class ChunkCache:
         return kept
 
     def _on_disk(self, name: str, chunk: Chunk) -> bool:
-        """True if the layer file may hold `chunk`: its span is not all hole (no read, no hash)."""
+        """True if the layer file may hold `chunk` (no read, no hash)."""
         fd = self._fd(name, create=False)
-        if fd is None:
-            return False
-        try:
-            return os.lseek(fd, chunk.cache_offset, os.SEEK_DATA) < chunk.cache_offset + max(1, chunk.size)
-        except OSError:  # ENXIO: no data from there on
-            return False
+        return fd is not None and _has_data(fd, chunk)
 
     def _read_disk(self, name: str, chunk: Chunk) -> bytes | None:
         """The chunk out of its layer file, if it is there and verifies; None otherwise."""
         algorithm_hex = _digest_of(chunk.digest)
-        if algorithm_hex is None or not self._on_disk(name, chunk):
-            return None
-        fd = self._fd(name, create=False)
-        if fd is None:
+        fd = self._fd(name, create=False) if algorithm_hex is not None else None
+        if algorithm_hex is None or fd is None or not _has_data(fd, chunk):
             return None
         try:
             data = os.pread(fd, chunk.size, chunk.cache_offset)
@@ -338,6 +331,14 @@ class LayerChunks:
         """Stores a verified chunk: in memory now, on disk soon, by the writer thread (at once,
         in this thread, when PENDING_BYTES are already waiting)."""
         self._cache.put_behind(self._name, chunk, self.key(chunk), data)
+
+
+def _has_data(fd: int, chunk: Chunk) -> bool:
+    """False if `chunk`'s span of the layer file `fd` is all hole (never written)."""
+    try:
+        return os.lseek(fd, chunk.cache_offset, os.SEEK_DATA) < chunk.cache_offset + max(1, chunk.size)
+    except OSError:  # ENXIO: no data from there on
+        return False
 
 
 def _layer_files(directory: Path) -> list[tuple[str, int, int]]:
